@@ -1,0 +1,381 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "fedsilo.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name. Kept to 40 characters: the longest name built from it,
+"<fullname>-silo-<rank>" plus the pod suffix the Job controller adds, must stay a valid
+DNS label (63), and the Indexed Job's pod hostnames are "<fullname>-silos-<index>".
+*/}}
+{{- define "fedsilo.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fedsilo.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fedsilo.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fedsilo.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "fedsilo.labels" -}}
+helm.sh/chart: {{ include "fedsilo.chart" . }}
+{{ include "fedsilo.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+The pods of the federation itself (aggregator and silos, not MLflow): what the headless Service
+and the NetworkPolicy select.
+*/}}
+{{- define "fedsilo.memberLabels" -}}
+{{ include "fedsilo.selectorLabels" . }}
+fedsilo.dev/member: "true"
+{{- end }}
+
+{{/*
+Wiring shared by several templates.
+*/}}
+{{- define "fedsilo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "fedsilo.tokenSecretName" -}}
+{{- default (printf "%s-token" (include "fedsilo.fullname" .)) .Values.joinToken.existingSecret }}
+{{- end }}
+
+{{- define "fedsilo.mlflowName" -}}
+{{- printf "%s-mlflow" (include "fedsilo.fullname" .) }}
+{{- end }}
+
+{{/* The aggregator's stable DNS name: hostname "aggregator" under the headless Service. */}}
+{{- define "fedsilo.aggregatorHost" -}}
+{{- printf "aggregator.%s.%s.svc.%s" (include "fedsilo.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{- define "fedsilo.trackingUri" -}}
+{{- if .Values.mlflow.server.enabled }}
+{{- printf "http://%s.%s.svc.%s:%d" (include "fedsilo.mlflowName" .) .Release.Namespace .Values.clusterDomain (int .Values.mlflow.server.service.port) }}
+{{- else }}
+{{- .Values.mlflow.trackingUri }}
+{{- end }}
+{{- end }}
+
+{{/* backend "auto" is resolved here so that render-time checks see the real choice. */}}
+{{- define "fedsilo.backend" -}}
+{{- if eq .Values.backend "auto" }}
+{{- if and .Values.gpu.enabled .Values.gpu.aggregator }}nccl{{ else }}gloo{{ end }}
+{{- else }}
+{{- .Values.backend }}
+{{- end }}
+{{- end }}
+
+{{/*
+Illegal combinations. Included by every template, so `helm template` and `helm install` stop
+with one of these messages before anything is applied. values.schema.json catches type and
+range errors first; these are the checks a schema cannot express.
+*/}}
+{{- define "fedsilo.validate" -}}
+{{- $silos := int .Values.silos }}
+{{- if lt $silos 1 }}
+{{- fail (printf "silos must be at least 1 (got %v): a federation needs a silo besides the aggregator" .Values.silos) }}
+{{- end }}
+{{- range $rank, $_ := .Values.siloOverrides }}
+{{- if not (regexMatch "^[1-9][0-9]*$" $rank) }}
+{{- fail (printf "siloOverrides: key %q is not a silo rank (1..%d)" $rank $silos) }}
+{{- end }}
+{{- if gt (atoi $rank) $silos }}
+{{- fail (printf "siloOverrides: rank %s is outside 1..%d (silos=%d)" $rank $silos $silos) }}
+{{- end }}
+{{- end }}
+{{- $backend := include "fedsilo.backend" . }}
+{{- if and (eq $backend "nccl") (not .Values.gpu.enabled) }}
+{{- fail "backend=nccl needs GPUs: set gpu.enabled=true or use backend=gloo" }}
+{{- end }}
+{{- if and (eq $backend "nccl") (not .Values.gpu.aggregator) }}
+{{- fail "backend=nccl needs a GPU on every rank, the aggregator included: set gpu.aggregator=true or use backend=gloo" }}
+{{- end }}
+{{- if and .Values.mlflow.server.enabled .Values.mlflow.trackingUri }}
+{{- fail "set either mlflow.trackingUri (an external server) or mlflow.server.enabled=true (the bundled one), not both" }}
+{{- end }}
+{{- if not (or .Values.mlflow.server.enabled .Values.mlflow.trackingUri) }}
+{{- fail "no MLflow: set mlflow.trackingUri or mlflow.server.enabled=true (fedsilo's default sqlite file would vanish with the aggregator's pod)" }}
+{{- end }}
+{{- if and .Values.joinToken.existingSecret .Values.joinToken.value }}
+{{- fail "set either joinToken.existingSecret or joinToken.value, not both" }}
+{{- end }}
+{{- if and (not .Values.checkpoints.enabled) (gt (int .Values.restart.maxFederationRestarts) 0) }}
+{{- fail "restart.maxFederationRestarts > 0 needs checkpoints.enabled=true: a restarted aggregator resumes from its checkpoint volume, without it every restart begins again at round 1" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment shared by the aggregator and every silo. The experiment itself comes from the
+ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod runs.
+*/}}
+{{- define "fedsilo.commonEnv" -}}
+- name: FEDSILO_CONFIG
+  value: /etc/fedsilo/fedsilo.yaml
+- name: FEDSILO_AGGREGATOR
+  value: {{ printf "%s:%d" (include "fedsilo.aggregatorHost" .) (int .Values.comm.rendezvousPort) | quote }}
+- name: FEDSILO_TOKEN_FILE
+  value: /var/run/secrets/fedsilo/{{ .Values.joinToken.key }}
+{{- with .Values.comm.socketIfname }}
+# gloo and NCCL bind their collective sockets to this interface (the pod network).
+- name: GLOO_SOCKET_IFNAME
+  value: {{ . | quote }}
+- name: NCCL_SOCKET_IFNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- if eq (include "fedsilo.backend" .) "nccl" }}
+- name: NCCL_DEBUG
+  value: {{ .Values.comm.nccl.debug | quote }}
+- name: NCCL_IB_DISABLE
+  value: {{ ternary "1" "0" .Values.comm.nccl.ibDisable | quote }}
+# A stalled collective becomes an error (and the pod fails) instead of a hang.
+- name: TORCH_NCCL_ASYNC_ERROR_HANDLING
+  value: "1"
+{{- end }}
+# Caches on the writable emptyDir: the root filesystem is read-only.
+- name: HF_HOME
+  value: /tmp/huggingface
+- name: MPLCONFIGDIR
+  value: /tmp/matplotlib
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- with .Values.comm.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+fedsilo settings given to one pod only (aggregator.config, silo.config, siloOverrides.N.config)
+become FEDSILO_* env vars, which win over the ConfigMap's file.
+*/}}
+{{- define "fedsilo.configEnv" -}}
+{{- range $key, $value := . }}
+- name: {{ printf "FEDSILO_%s" (upper $key) }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-level settings shared by every pod of the chart.
+*/}}
+{{- define "fedsilo.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/*
+The pod template of a federation member (aggregator or silo).
+Called with a dict:
+  root       the chart's top context
+  component  "aggregator" or "silo"
+  rank       the rank as a string; "" for the Indexed Job (rank = JOB_COMPLETION_INDEX + 1,
+             which fedsilo derives itself)
+  spec       the merged per-pod settings: nodeSelector, affinity, tolerations, dataVolume,
+             config, env, resources
+*/}}
+{{- define "fedsilo.memberPod" -}}
+{{- $root := .root }}
+{{- $spec := .spec }}
+{{- $gpu := and $root.Values.gpu.enabled (or (eq .component "silo") $root.Values.gpu.aggregator) }}
+metadata:
+  labels:
+    {{- include "fedsilo.memberLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    {{- with .rank }}
+    fedsilo.dev/rank: {{ . | quote }}
+    {{- end }}
+    {{- with $root.Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+    {{- with $root.Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  # Never: the Job controller replaces a failed pod (counted by backoffLimit, filtered by the
+  # podFailurePolicy); a kubelet restart in place would hide failures from both.
+  restartPolicy: Never
+  {{- if eq .component "aggregator" }}
+  hostname: aggregator
+  {{- else if .rank }}
+  hostname: {{ printf "silo-%s" .rank }}
+  {{- end }}
+  # With the headless Service as subdomain every member gets a DNS name, the aggregator
+  # "aggregator.<service>.<namespace>.svc.<clusterDomain>".
+  subdomain: {{ include "fedsilo.fullname" $root }}
+  {{- include "fedsilo.podCommon" $root | nindent 2 }}
+  {{- if and $gpu $root.Values.gpu.runtimeClassName }}
+  runtimeClassName: {{ $root.Values.gpu.runtimeClassName }}
+  {{- end }}
+  {{- with $spec.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: fedsilo
+      image: {{ include "fedsilo.image" $root | quote }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      command: ["fedsilo"]
+      args: [{{ .component | quote }}]
+      {{- if eq .component "aggregator" }}
+      ports:
+        - name: rendezvous
+          containerPort: {{ $root.Values.comm.rendezvousPort }}
+          protocol: TCP
+      {{- end }}
+      env:
+        {{- include "fedsilo.commonEnv" $root | nindent 8 }}
+        {{- if .rank }}
+        - name: FEDSILO_RANK
+          value: {{ .rank | quote }}
+        {{- end }}
+        - name: FEDSILO_DEVICE
+          value: {{ ternary "cuda" "cpu" $gpu | quote }}
+        {{- if eq .component "aggregator" }}
+        - name: FEDSILO_TRACKING_URI
+          value: {{ include "fedsilo.trackingUri" $root | quote }}
+        - name: FEDSILO_CHECKPOINT_DIR
+          value: /var/lib/fedsilo/checkpoints
+        {{- end }}
+        {{- include "fedsilo.configEnv" $spec.config | nindent 8 }}
+        {{- with $spec.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- $resources := deepCopy (default dict $spec.resources) }}
+      {{- if $gpu }}
+      {{- $limits := merge (dict "nvidia.com/gpu" (int $root.Values.gpu.perPod)) (default dict $resources.limits) }}
+      {{- $_ := set $resources "limits" $limits }}
+      {{- end }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/fedsilo
+          readOnly: true
+        - name: token
+          mountPath: /var/run/secrets/fedsilo
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        - name: shm
+          mountPath: /dev/shm
+        {{- if eq .component "aggregator" }}
+        - name: checkpoints
+          mountPath: /var/lib/fedsilo/checkpoints
+        {{- end }}
+        {{- if $spec.dataVolume }}
+        - name: data
+          mountPath: {{ $root.Values.dataMountPath }}
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "fedsilo.fullname" $root }}-config
+    - name: token
+      secret:
+        secretName: {{ include "fedsilo.tokenSecretName" $root }}
+        items:
+          - key: {{ $root.Values.joinToken.key }}
+            path: {{ $root.Values.joinToken.key }}
+        # Readable by the pod's fsGroup only.
+        defaultMode: 0440
+    - name: tmp
+      emptyDir: {}
+    # PyTorch's DataLoader workers pass batches through shared memory; the runtime's default
+    # /dev/shm is 64 MiB.
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $root.Values.sharedMemorySize }}
+    {{- if eq .component "aggregator" }}
+    - name: checkpoints
+      {{- if $root.Values.checkpoints.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ default (printf "%s-checkpoints" (include "fedsilo.fullname" $root)) $root.Values.checkpoints.existingClaim }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    {{- end }}
+    {{- with $spec.dataVolume }}
+    - name: data
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+Job-level restart behaviour shared by the aggregator's and the silos' Jobs.
+Called with a dict: root, pods (how many pods the Job runs).
+
+A torch.distributed group cannot lose a member: when any rank fails, every other rank fails
+too (connection reset, or a timeout), and each Job replaces its pods. The new pods form a new
+group and the aggregator resumes from its last checkpoint. One federation restart therefore
+costs every Job one failure per pod, hence backoffLimit = restarts x pods.
+*/}}
+{{- define "fedsilo.jobRestart" -}}
+{{- $r := .root.Values.restart }}
+backoffLimit: {{ mul (int $r.maxFederationRestarts) (int .pods) }}
+{{- if or $r.failFastExitCodes $r.ignoreDisruptions }}
+podFailurePolicy:
+  rules:
+    {{- if $r.failFastExitCodes }}
+    # Errors a retry cannot fix (bad flags or settings): fail the Job at once.
+    - action: FailJob
+      onExitCodes:
+        containerName: fedsilo
+        operator: In
+        values: {{ toJson $r.failFastExitCodes }}
+    {{- end }}
+    {{- if $r.ignoreDisruptions }}
+    # Evictions, preemption and node drains are not the run's fault: replace the pod without
+    # spending a restart.
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+    {{- end }}
+{{- end }}
+{{- with $r.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ . }}
+{{- end }}
+{{- with $r.ttlSecondsAfterFinished }}
+ttlSecondsAfterFinished: {{ . }}
+{{- end }}
+{{- end }}

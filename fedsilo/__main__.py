@@ -1,0 +1,3 @@
+from fedsilo.cli import app
+
+app(prog_name="fedsilo")

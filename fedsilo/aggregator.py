@@ -1,0 +1,207 @@
+"""Rank 0: admits the silos, runs the rounds, averages, evaluates, logs and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsilo import checkpoint, comm, join
+from fedsilo.averaging import Report, UpdateRejected, finish_average, validate_updates
+from fedsilo.config import Settings
+from fedsilo.data import Encoded
+from fedsilo.errors import FederationError
+from fedsilo.model import architecture_fingerprint, build_model, flatten, load_flat, load_tokenizer
+from fedsilo.tracking import Tracker
+from fedsilo.train import EvalResult, evaluate, resolve_device
+from fedsilo.workload import agreed_settings, aggregator_test_data, settings_fingerprint
+
+Log = Callable[[str], None]
+
+# Layout of the small rows silos send each round (see silo.py).
+REPORT_FIELDS = ("examples", "train_loss", "update_norm")
+EVAL_FIELDS = ("examples", "loss_sum", "correct")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    final_accuracy: float
+    weights: torch.Tensor
+
+
+def _agree_on_labels(mine: list[str] | None, hellos: dict[int, join.Hello]) -> tuple[list[str], dict[int, str]]:
+    """The federation's label set, and a refusal reason for each silo that disagrees."""
+    if mine is None:
+        votes = {tuple(h.labels or []) for h in hellos.values()}
+        if len(votes) != 1:
+            sets = "; ".join(f"silo {r}: [{', '.join(h.labels or [])}]" for r, h in sorted(hellos.items()))
+            raise FederationError(f"silos disagree on the label set ({sets}); set --labels on every rank")
+        mine = list(votes.pop())
+    wrong = {r: f"its label set [{', '.join(h.labels or [])}] differs from the federation's [{', '.join(mine)}]"
+             for r, h in hellos.items() if h.labels != mine}
+    return mine, wrong
+
+
+def _admit(
+    settings: Settings, store: Any, token: str | None, labels: list[str] | None, log: Log
+) -> tuple[dict[int, join.Hello], list[str]]:
+    hellos = join.admit_silos(store, settings.federation.silos, token, settings.federation.join_timeout, log)
+    try:
+        labels, refusals = _agree_on_labels(labels, hellos)
+    except FederationError as exc:
+        for hello in hellos.values():
+            join.refuse(store, hello, str(exc))
+        raise
+    mine = agreed_settings(settings)
+    for rank, hello in hellos.items():
+        diff = join.settings_difference(mine, hello.settings)
+        if diff:
+            refusals.setdefault(rank, f"its settings differ: {diff}")
+    if refusals:
+        summary = "; ".join(f"silo {r}: {why}" for r, why in sorted(refusals.items()))
+        for rank, hello in hellos.items():
+            join.refuse(store, hello, refusals.get(rank, f"the federation could not form ({summary})"))
+        raise FederationError(f"refused {summary}")
+    return hellos, labels
+
+
+def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
+    """Parse is done; build, run, close. The group is destroyed on every path out."""
+    fed = settings.federation
+    device = resolve_device(settings.train.device)
+    backend = comm.pick_backend(fed.backend, device)
+    address = comm.resolve_address(fed.aggregator)
+    checkpoint.ensure_writable(settings.checkpoint.checkpoint_dir)
+    tokenizer = load_tokenizer(settings.model.model)
+    test, labels = aggregator_test_data(settings, tokenizer)
+    if token is None:
+        log("warning: no join token set (FEDSILO_TOKEN or --token-file): any process that reaches the port can join")
+
+    # admit the silos: authenticate, then check they agree on settings, labels and model
+    store = comm.open_store(0, address[0], address[1], fed.join_timeout)
+    log(f"waiting for {fed.silos} silo(s) on {address[0]}:{address[1]} ({backend})")
+    hellos, labels = _admit(settings, store, token, labels, log)
+    model = build_model(settings.model.model, labels, settings.train.seed).to(device)
+    arch = architecture_fingerprint(model)
+    mismatched = [r for r, h in hellos.items() if h.architecture != arch]
+    if mismatched:
+        reason = f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})"
+        for hello in hellos.values():
+            join.refuse(store, hello, reason)
+        raise FederationError(reason)
+
+    fingerprint = settings_fingerprint(settings)
+    resumed = checkpoint.load(settings.checkpoint.checkpoint_dir, fingerprint)
+    if resumed is not None and resumed.round >= fed.rounds:
+        resumed = None  # that federation finished: start a new one
+    start = resumed.round + 1 if resumed else 1
+    if resumed:
+        load_flat(model, resumed.weights.to(device))
+        log(f"resuming after round {resumed.round} from {checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, fingerprint)}")
+    eval_on_silos = test is None
+    for hello in hellos.values():
+        join.welcome(store, hello, token, join.Welcome(labels, start, eval_on_silos))
+
+    group = comm.form_group(store, 0, fed.silos + 1, backend, device, fed.round_timeout, address)
+    tracker: Tracker | None = None
+    try:
+        tracker = Tracker(settings, labels, resumed.run_id if resumed else None)
+        log(tracker.ui_hint())
+        weights = flatten(model).to(group.device)
+        final = run_rounds(settings, group, model, weights, test, tracker, start, fingerprint, labels, log)
+        tracker.log_model(model, tokenizer)
+        tracker.finish()
+        log(f"done: {tracker.ui_hint()}")
+        return Outcome(tracker.run_id, final, weights.cpu())
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        group.close()
+
+
+def run_rounds(
+    settings: Settings,
+    group: comm.Group,
+    model: torch.nn.Module,
+    weights: torch.Tensor,
+    test: Encoded | None,
+    tracker: Tracker,
+    start: int,
+    fingerprint: str,
+    labels: list[str],
+    log: Log,
+) -> float:
+    """The FedAvg round loop; ``weights`` is the global model, updated in place.
+
+    Returns the test accuracy after the last round.
+    """
+    fed, silos = settings.federation, range(1, settings.federation.silos + 1)
+    summed = torch.zeros_like(weights)
+    accuracy = float("nan")
+    bytes_per_silo = 2 * weights.numel() * weights.element_size()
+    with comm.collective_phase(group, f"round {start}: sending the global model"):
+        group.broadcast_(weights)
+    for round_ in range(start, fed.rounds + 1):
+        started = time.perf_counter()
+        # local training happens on the silos; each reports its example count, loss, update norm
+        with comm.collective_phase(group, f"round {round_}: local training"):
+            rows = group.gather_rows(torch.zeros(len(REPORT_FIELDS), dtype=torch.float64))
+        reports = [Report(r, int(rows[r, 0]), float(rows[r, 1]), float(rows[r, 2])) for r in silos]
+
+        # validate the updates before any of them is summed
+        try:
+            accepted, skipped = validate_updates(reports, round_, fed.norm_factor, fed.update_policy)
+        except UpdateRejected as exc:
+            group.announce_abort(str(exc))
+            raise FederationError(str(exc)) from None
+        for reason in skipped:
+            log(f"skipping an update: {reason}")
+        mask = torch.tensor([0.0] + [float(r in accepted) for r in silos], dtype=torch.float64, device=group.device)
+
+        # aggregate: one reduce brings sum_k n_k (theta_k - theta) from the accepted silos
+        with comm.collective_phase(group, f"round {round_}: receiving updates"):
+            group.broadcast_(mask)
+            summed.zero_()
+            group.reduce_sum_(summed)
+        total = sum(r.examples for r in reports if r.rank in accepted)
+        finish_average(weights, summed, total)
+
+        # send the new global model: silos start the next round from it (and evaluate it)
+        with comm.collective_phase(group, f"round {round_}: sending the global model"):
+            group.broadcast_(weights)
+        load_flat(model, weights)
+
+        # evaluate, here or on the silos' held-out data
+        if test is not None:
+            result = evaluate(model, test, batch_size=settings.train.eval_batch_size,
+                              attention_mask=settings.model.attention_mask)
+        else:
+            with comm.collective_phase(group, f"round {round_}: evaluation on the silos"):
+                rows = group.gather_rows(torch.zeros(len(EVAL_FIELDS), dtype=torch.float64))
+            result = EvalResult(int(rows[1:, 0].sum()), float(rows[1:, 1].sum()), int(rows[1:, 2].sum()))
+        accuracy = result.accuracy
+
+        # log and checkpoint
+        metrics = {
+            "test_accuracy": result.accuracy,
+            "test_loss": result.loss,
+            "train_loss": sum(r.train_loss * r.examples for r in reports if r.rank in accepted) / total,
+            "round_seconds": time.perf_counter() - started,
+            "bytes_per_silo": float(bytes_per_silo),
+            "silos_skipped": float(len(skipped)),
+        }
+        for r in reports:
+            metrics[f"silo_{r.rank}/train_loss"] = r.train_loss
+            metrics[f"silo_{r.rank}/examples"] = float(r.examples)
+        tracker.log_round(round_, metrics)
+        checkpoint.save(settings.checkpoint.checkpoint_dir,
+                        checkpoint.Checkpoint(round_, weights, tracker.run_id, labels, fingerprint))
+        log(f"round {round_}/{fed.rounds}: test_accuracy={result.accuracy:.4f} test_loss={result.loss:.4f} "
+            f"train_loss={metrics['train_loss']:.4f} ({metrics['round_seconds']:.1f}s)")
+    return accuracy

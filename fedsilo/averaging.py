@@ -1,0 +1,94 @@
+"""Federated Averaging as pure functions, shared by the distributed roles and the simulation.
+
+Weights are example counts (``len(dataset)``), never batch counts. The wire carries
+``n_k * (theta_k - theta_global)``: summing those over silos (a reduce, or a running sum in the
+simulation) and dividing by ``sum n_k`` gives the FedAvg step. Deltas keep precision when the
+sum is carried in a narrow dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class UpdateRejected(ValueError):
+    """An update failed validation; the message names the silo and round."""
+
+
+def add_contribution(
+    running: torch.Tensor, local: torch.Tensor, reference: torch.Tensor, examples: int
+) -> torch.Tensor:
+    """``running += examples * (local - reference)``, in place; returns ``running``."""
+    running.add_(local, alpha=examples).sub_(reference, alpha=examples)
+    return running
+
+
+def finish_average(reference: torch.Tensor, summed: torch.Tensor, total_examples: int) -> torch.Tensor:
+    """The new global model: ``reference + summed / total_examples``, in place on ``reference``."""
+    if total_examples <= 0:
+        raise ValueError("no examples were contributed this round")
+    return reference.add_(summed.to(reference.dtype), alpha=1.0 / total_examples)
+
+
+def weighted_average(models: Sequence[torch.Tensor], examples: Sequence[int]) -> torch.Tensor:
+    """Example-weighted mean of flat model vectors (the FedAvg reference definition)."""
+    if not models or len(models) != len(examples):
+        raise ValueError(f"need one example count per model, got {len(models)} and {len(examples)}")
+    shapes = {tuple(m.shape) for m in models}
+    if len(shapes) != 1:
+        raise ValueError(f"models differ in shape: {sorted(shapes)}")
+    if any(n <= 0 for n in examples):
+        raise ValueError(f"example counts must be positive, got {list(examples)}")
+    total = sum(examples)
+    out = torch.zeros_like(models[0], dtype=torch.float64)
+    for model, n in zip(models, examples):
+        out.add_(model.to(torch.float64), alpha=n / total)
+    return out.to(models[0].dtype)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a silo says about its update, before the update itself travels."""
+
+    rank: int
+    examples: int
+    train_loss: float
+    update_norm: float
+
+
+def validate_updates(
+    reports: Sequence[Report], round_: int, norm_factor: float, policy: str
+) -> tuple[list[int], list[str]]:
+    """Accepted ranks and one reason per rejected update.
+
+    An update is rejected when its norm is not finite, it has no examples, or its norm exceeds
+    ``norm_factor`` times the median norm of the round. With ``policy="fail"`` the first
+    rejection raises :class:`UpdateRejected`; with ``"skip"`` rejected silos sit the round out.
+    """
+    finite = [r.update_norm for r in reports if math.isfinite(r.update_norm)]
+    median = statistics.median(finite) if finite else 0.0
+    accepted, reasons = [], []
+    for r in reports:
+        if not math.isfinite(r.update_norm) or not math.isfinite(r.train_loss):
+            reason = f"silo {r.rank} sent a non-finite update in round {round_}"
+        elif r.examples <= 0:
+            reason = f"silo {r.rank} trained on no examples in round {round_}"
+        elif len(finite) > 2 and median > 0 and r.update_norm > norm_factor * median:
+            reason = (
+                f"silo {r.rank}'s update norm {r.update_norm:.3g} in round {round_} is over "
+                f"{norm_factor:g}x the median {median:.3g}"
+            )
+        else:
+            accepted.append(r.rank)
+            continue
+        if policy == "fail":
+            raise UpdateRejected(reason)
+        reasons.append(reason)
+    if not accepted:
+        raise UpdateRejected(f"every update was rejected in round {round_}: {'; '.join(reasons)}")
+    return accepted, reasons

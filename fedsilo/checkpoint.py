@@ -1,0 +1,73 @@
+"""Atomic per-round checkpoints of the aggregator's state, and resume.
+
+Silos keep no state between rounds (plain SGD has none, and each round's data order and
+dropout are seeded by (seed, rank, round)), so the global weights, the round and the MLflow run
+id are all it takes to continue a federation exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsilo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    weights: torch.Tensor
+    run_id: str | None
+    labels: list[str]
+    fingerprint: str
+
+
+def checkpoint_path(directory: Path, fingerprint: str) -> Path:
+    """One file per settings fingerprint: changed settings never resume someone else's run."""
+    return directory / fingerprint / "latest.pt"
+
+
+def ensure_writable(directory: Path) -> None:
+    """Fail before round 1, not after an hour of training."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"checkpoint directory {directory} is not writable: {exc.strerror}") from None
+
+
+def save(directory: Path, state: Checkpoint) -> Path:
+    """Write to a temporary file in the same directory, fsync, then rename over the old one."""
+    path = checkpoint_path(directory, state.fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".latest-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(
+                {"round": state.round, "weights": state.weights.detach().cpu(), "run_id": state.run_id,
+                 "labels": state.labels, "fingerprint": state.fingerprint},
+                handle,
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(directory: Path, fingerprint: str) -> Checkpoint | None:
+    path = checkpoint_path(directory, fingerprint)
+    if not path.exists():
+        return None
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}); move it away to start over") from None
+    return Checkpoint(raw["round"], raw["weights"], raw["run_id"], list(raw["labels"]), raw["fingerprint"])

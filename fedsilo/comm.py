@@ -1,0 +1,212 @@
+"""The only module that touches torch.distributed: rendezvous store, group, collectives, teardown.
+
+Ranks: 0 is the aggregator, 1..K the silos. Per round the model crosses the wire as one flat
+contiguous buffer in each direction (one broadcast down, one reduce up); a few scalars per silo
+travel in a small all-gather. The group is always destroyed, also after an error, because a
+torch.distributed group is unusable after any failed collective.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fedsilo.errors import FederationError
+
+DEFAULT_PORT = 29500
+HEARTBEAT_SECONDS = 1.0
+# A rank whose heartbeat is older than this is reported as the one that was lost.
+STALE_SECONDS = 3 * HEARTBEAT_SECONDS
+
+
+def resolve_address(aggregator: str | None) -> tuple[str, int]:
+    """``--aggregator HOST:PORT``, else ``MASTER_ADDR``/``MASTER_PORT``, else loopback."""
+    if aggregator:
+        host, _, port = aggregator.rpartition(":")
+        return host.strip("[]"), int(port)
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT", str(DEFAULT_PORT))
+    if not port.isdigit():
+        raise FederationError(f"MASTER_PORT must be a port number, got {port!r}")
+    return host, int(port)
+
+
+def pick_backend(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if choice == "nccl" and device.type != "cuda":
+        raise FederationError("backend 'nccl' needs a GPU; this process trains on the CPU (use gloo)")
+    return choice
+
+
+def open_store(rank: int, host: str, port: int, timeout: float) -> dist.TCPStore:
+    """The aggregator hosts the rendezvous key-value store; silos connect to it.
+
+    ``timeout`` is the join timeout: how long a silo keeps trying to reach the aggregator, and
+    how long any ``wait`` on the store blocks.
+    """
+    delta = timedelta(seconds=timeout)
+    if rank == 0:
+        try:
+            return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=delta)
+        except (RuntimeError, OSError) as exc:
+            if "in use" in str(exc).lower():
+                raise FederationError(
+                    f"cannot listen on port {port}: it is in use (another aggregator running? "
+                    "pick another with --aggregator HOST:PORT)"
+                ) from None
+            raise FederationError(f"cannot listen on {host}:{port}: {_first_line(exc)}") from None
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=delta)
+    except (RuntimeError, OSError) as exc:
+        raise FederationError(
+            f"cannot reach the aggregator at {host}:{port} within {timeout:g}s ({_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+@dataclass
+class Group:
+    """A formed federation: K + 1 ranks, a backend, the rendezvous store."""
+
+    rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+    store: dist.TCPStore
+    address: tuple[str, int]
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    # -- collectives -----------------------------------------------------------------------------
+    def broadcast_(self, flat: torch.Tensor) -> None:
+        """Rank 0's ``flat`` overwrites everyone's (the global model going down)."""
+        dist.broadcast(flat, src=0)
+
+    def reduce_sum_(self, flat: torch.Tensor) -> None:
+        """Everyone's ``flat`` summed into rank 0's (weighted updates coming up)."""
+        dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)
+
+    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """Every rank's small fp64 ``row``, stacked by rank (all-gather: works on gloo and NCCL)."""
+        row = row.to(self.device, torch.float64)
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        dist.all_gather(rows, row)
+        return torch.stack(rows).cpu()
+
+    # -- liveness ---------------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        """Write a timestamp to the store every second from a thread with its own connection.
+
+        Collective errors say which socket broke, not which rank; the heartbeats let the
+        survivors name the rank that stopped.
+        """
+        host, port = self.address
+        beat = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    beat.set(f"fedsilo/alive/{self.rank}", repr(time.time()))
+                except Exception:  # the store is gone: the aggregator ended; nothing to report
+                    return
+                self._stop.wait(HEARTBEAT_SECONDS)
+
+        threading.Thread(target=loop, name="fedsilo-heartbeat", daemon=True).start()
+
+    def lost_ranks(self) -> list[int]:
+        """Ranks whose heartbeat went stale, waiting long enough for a fresh death to show."""
+        deadline = time.time() + STALE_SECONDS + HEARTBEAT_SECONDS
+        while True:
+            now, stale = time.time(), []
+            for rank in range(self.world_size):
+                if rank == self.rank:
+                    continue
+                try:
+                    last = float(self.store.get(f"fedsilo/alive/{rank}").decode())
+                except Exception:
+                    return [0]  # the store lives in the aggregator: unreachable means it is gone
+                if now - last > STALE_SECONDS:
+                    stale.append(rank)
+            if stale or time.time() > deadline:
+                return stale
+            time.sleep(0.25)
+
+    def announce_abort(self, reason: str) -> None:
+        """Leave the reason where silos look when their collective fails (aggregator only)."""
+        try:
+            self.store.set("fedsilo/abort", reason)
+        except Exception:
+            pass
+
+    def abort_reason(self) -> str | None:
+        try:
+            if self.store.check(["fedsilo/abort"]):
+                return self.store.get("fedsilo/abort").decode()
+        except Exception:
+            return None
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def form_group(
+    store: dist.TCPStore,
+    rank: int,
+    world_size: int,
+    backend: str,
+    device: torch.device,
+    round_timeout: float,
+    address: tuple[str, int],
+) -> Group:
+    """Join the process group on the already-authenticated store.
+
+    The group's timeout is the round timeout: the longest any rank may wait inside one
+    collective, which includes waiting for the slowest silo's local training.
+    """
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    comm_device = device if backend == "nccl" else torch.device("cpu")
+    try:
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore("pg", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=round_timeout),
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise FederationError(f"cannot form the {backend} group: {_first_line(exc)}") from None
+    group = Group(rank, world_size, backend, comm_device, store, address)
+    group.start_heartbeat()
+    return group
+
+
+@contextmanager
+def collective_phase(group: Group, what: str) -> Iterator[None]:
+    """Turn a failed collective into one line that names the lost rank and the phase."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError and friends derive from RuntimeError
+        reason = group.abort_reason() if group.rank != 0 else None
+        if reason:
+            raise FederationError(f"the aggregator stopped the federation: {reason}") from None
+        lost = group.lost_ranks()
+        who = ", ".join("the aggregator" if r == 0 else f"silo {r}" for r in lost) or "a peer"
+        message = f"lost {who} during {what} ({_first_line(exc)})"
+        if group.rank == 0:
+            group.announce_abort(message)
+        raise FederationError(message) from None

@@ -1,0 +1,17 @@
+"""``fedsilo aggregator``: rank 0 of a federation."""
+
+from __future__ import annotations
+
+from fedsilo import aggregator
+from fedsilo.config import Settings
+from fedsilo.join import read_token
+from fedsilo.options import with_settings
+
+
+@with_settings
+def command(settings: Settings) -> None:
+    """Run the aggregator (rank 0): admit K silos, run the rounds, average, evaluate, log to MLflow.
+
+    Start it first, then one `fedsilo silo --rank R` per silo (R = 1..K) with the same settings and --aggregator HOST:PORT pointing here.
+    """
+    aggregator.serve(settings, read_token(settings.federation.token_file))

@@ -1,0 +1,40 @@
+"""``fedsilo silo``: one of ranks 1..K."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from fedsilo import silo
+from fedsilo.config import Settings
+from fedsilo.errors import ConfigError
+from fedsilo.join import read_token
+from fedsilo.options import with_settings
+
+
+def resolve_rank(rank: int | None) -> int:
+    """``--rank``, else a Kubernetes Indexed Job's completion index + 1."""
+    if rank is not None:
+        return rank
+    index = os.environ.get("JOB_COMPLETION_INDEX")
+    if index is None:
+        raise ConfigError("silo needs --rank R (1..K), or JOB_COMPLETION_INDEX from an Indexed Job")
+    if not index.isdigit():
+        raise ConfigError(f"JOB_COMPLETION_INDEX must be a number, got {index!r}")
+    return int(index) + 1
+
+
+@with_settings
+def command(
+    settings: Settings,
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", envvar="FEDSILO_RANK",
+        help="This silo's rank, 1..K. Default: JOB_COMPLETION_INDEX + 1 (Kubernetes Indexed Job).")] = None,
+) -> None:
+    """Run one silo: train on local data each round and send only the weighted model update.
+
+    With --partition none the silo trains on all of its own --dataset; its rows never leave this process.
+    """
+    silo.serve(settings, resolve_rank(rank), read_token(settings.federation.token_file))

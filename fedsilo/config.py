@@ -1,0 +1,242 @@
+"""Settings, one pydantic model per concern.
+
+Users see one flat namespace: a YAML key, a CLI flag and a ``FEDSILO_*`` variable share a name
+(``local_epochs`` / ``--local-epochs`` / ``FEDSILO_LOCAL_EPOCHS``). Each flat key belongs to exactly
+one section below; :func:`load_settings` routes keys to sections and rejects unknown ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedsilo.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    model: str = Field(
+        "bert-base-cased",
+        description="Hugging Face hub id or local directory of a pretrained model and tokenizer.",
+    )
+    max_length: int = Field(128, gt=0, description="Truncate texts to this many tokens (paper: 128).")
+    attention_mask: bool = Field(
+        True,
+        description="Feed the attention mask. False reproduces the authors' code, which fed only "
+        "input_ids so that padding was attended to.",
+    )
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        ..., description="Hub id, or a local CSV / JSONL / Parquet file or a directory of them."
+    )
+    test_dataset: str | None = Field(
+        None,
+        description="Test data (same kinds). Default: the dataset's test split, else a seeded "
+        "held-out part of the data.",
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the label (string or integer).")
+    labels: list[str] | None = Field(
+        None,
+        description="The federation's label set, in order. Default: the sorted labels found in "
+        "the training data.",
+    )
+    partition: Literal["iid", "none", "label-sorted", "dirichlet"] = Field(
+        "iid",
+        description="How a shared dataset is split into silo shards: iid (seeded equal shards, as "
+        "the paper), label-sorted (contiguous shards of label-sorted data), dirichlet (label "
+        "proportions drawn with concentration dirichlet_alpha), or none (each silo trains on "
+        "all of its own --dataset).",
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Concentration for partition=dirichlet.")
+    eval_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Fraction held out for testing when no test split or test_dataset exists.",
+    )
+    max_examples: int | None = Field(
+        None, gt=0, description="Use at most this many training examples (seeded sample)."
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        """Accept ``a,b,c`` from a flag or an environment variable."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class TrainConfig(_Section):
+    local_epochs: int = Field(2, gt=0, description="Local epochs per round (paper: 2).")
+    batch_size: int = Field(32, gt=0, description="Local batch size (paper: 32).")
+    lr: float = Field(2e-5, gt=0, description="Plain SGD learning rate (paper: 2e-5).")
+    seed: int = Field(0, ge=0, description="Seed for model initialisation, splits and data order.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train: auto picks cuda when a GPU is visible."
+    )
+    eval_batch_size: int = Field(128, gt=0, description="Batch size for evaluation.")
+    group_by_length: bool = Field(
+        False,
+        description="Batch texts of similar length together (less padding, faster; changes the "
+        "data order).",
+    )
+
+
+class FederationConfig(_Section):
+    silos: int = Field(2, ge=1, description="Number of silos K (the group has K + 1 ranks).")
+    rounds: int = Field(10, ge=1, description="Communication rounds.")
+    aggregator: str | None = Field(
+        None,
+        description="HOST:PORT of the aggregator's rendezvous. Default: MASTER_ADDR:MASTER_PORT, "
+        "else 127.0.0.1:29500.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto is nccl with a GPU, gloo without."
+    )
+    join_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for all ranks to join."
+    )
+    round_timeout: float = Field(
+        7200.0,
+        gt=0,
+        description="Seconds any rank waits in one collective; must cover a silo's local "
+        "training of one round.",
+    )
+    token_file: Path | None = Field(
+        None, description="File holding the join token (else FEDSILO_TOKEN; never logged)."
+    )
+    update_policy: Literal["fail", "skip"] = Field(
+        "fail",
+        description="What to do with a non-finite or outlying update: stop the federation, or "
+        "leave that silo out of the round.",
+    )
+    norm_factor: float = Field(
+        10.0,
+        gt=1,
+        description="An update whose norm exceeds this factor times the median norm is an outlier.",
+    )
+
+    @field_validator("aggregator")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow tracking URI (written by the aggregator only)."
+    )
+    experiment: str = Field("fedsilo", description="MLflow experiment name.")
+
+
+class CheckpointConfig(_Section):
+    checkpoint_dir: Path = Field(
+        Path("checkpoints"),
+        description="Where the aggregator writes a checkpoint after every round; a restart with "
+        "the same settings resumes from it.",
+    )
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "tracking": TrackingConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+# Keys that may differ between ranks: where a rank finds things, not what the federation computes.
+LOCAL_KEYS = frozenset(
+    {"aggregator", "backend", "device", "join_timeout", "round_timeout", "token_file",
+     "tracking_uri", "experiment", "checkpoint_dir", "eval_batch_size"}
+)
+
+
+class Settings(BaseModel):
+    """The resolved configuration of one process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig = Field(description="The model and its inputs.")
+    data: DataConfig = Field(description="Where the data comes from and how it is split.")
+    train: TrainConfig = Field(description="Local training.")
+    federation: FederationConfig = Field(description="The group and its rounds.")
+    tracking: TrackingConfig = Field(description="MLflow.")
+    checkpoint: CheckpointConfig = Field(description="Checkpoints and resume.")
+
+    def flat(self) -> dict[str, Any]:
+        """All settings as one flat mapping, the shape users write and MLflow records."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(getattr(self, name).model_dump(mode="json"))
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some flat keys changed (validated like user input)."""
+        return build_settings({**self.flat(), **changes})
+
+
+def _key_to_section() -> dict[str, str]:
+    return {key: name for name, section in SECTIONS.items() for key in section.model_fields}
+
+
+def build_settings(flat: dict[str, Any]) -> Settings:
+    """Route flat keys to their sections and validate; errors name the offending key."""
+    routes = _key_to_section()
+    unknown = sorted(set(flat) - set(routes))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(routes))})"
+        )
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in flat.items():
+        grouped[routes[key]][key] = value
+    try:
+        return Settings(**{name: SECTIONS[name](**values) for name, values in grouped.items()})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "settings"
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        raise ConfigError(f"invalid setting '{key}': {first['msg']}{shown}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of settings."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
+    """File values first, then flags and environment variables (``overrides``) on top."""
+    flat = read_config_file(config_file) if config_file else {}
+    flat.update({k: v for k, v in overrides.items() if v is not None})
+    return build_settings(flat)

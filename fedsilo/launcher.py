@@ -1,0 +1,119 @@
+"""``fedsilo run``: the whole federation on this machine, as the same commands a cluster runs.
+
+Each role is a child process running ``fedsilo aggregator`` or ``fedsilo silo --rank R`` with
+the resolved settings in a temporary config file; there is no second code path.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedsilo.config import Settings
+from fedsilo.errors import FederationError
+
+# How long a child gets to exit after SIGTERM before it is killed.
+TERMINATE_GRACE_SECONDS = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Child:
+    role: str
+    process: subprocess.Popen[str]
+    reader: threading.Thread
+
+
+def _pump(role: str, stream: object) -> None:
+    prefix = f"[{role}] "
+    for line in stream:  # type: ignore[attr-defined]
+        sys.stdout.write(prefix + line)
+        sys.stdout.flush()
+
+
+def _threads_per_process(silos: int) -> str:
+    """Share the cores among silos; the aggregator mostly waits, so it takes one."""
+    return str(max(1, (os.cpu_count() or 1) // silos))
+
+
+def _start(role: str, argv: list[str], env: dict[str, str]) -> Child:
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,
+    )
+    reader = threading.Thread(target=_pump, args=(role, process.stdout), daemon=True)
+    reader.start()
+    return Child(role, process, reader)
+
+
+def _stop_all(children: list[Child]) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + TERMINATE_GRACE_SECONDS
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+    for child in children:
+        child.reader.join(timeout=2)
+
+
+def launch_once(config_path: Path, silos: int, env: dict[str, str]) -> None:
+    """Start the aggregator and K silos; return when all succeed, raise naming the first failure."""
+    base = [sys.executable, "-m", "fedsilo"]
+    silo_env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", _threads_per_process(silos))}
+    children = [_start("aggregator", [*base, "aggregator", "--config", str(config_path)],
+                       {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})]
+    try:
+        for rank in range(1, silos + 1):
+            children.append(_start(f"silo {rank}", [*base, "silo", "--rank", str(rank), "--config", str(config_path)], silo_env))
+        while True:
+            for child in children:
+                code = child.process.poll()
+                if code not in (None, 0):
+                    raise FederationError(f"{child.role} failed (exit code {code}); stopped the others")
+            if all(child.process.poll() == 0 for child in children):
+                return
+            time.sleep(0.2)
+    finally:
+        _stop_all(children)
+
+
+def run_local(settings: Settings, restarts: int) -> None:
+    """Run the federation locally, restarting it up to ``restarts`` times (it resumes)."""
+    flat = settings.flat()
+    if settings.federation.aggregator is None:
+        flat["aggregator"] = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # children's lines must reach us as they happen
+    if not env.get("FEDSILO_TOKEN") and settings.federation.token_file is None:
+        env["FEDSILO_TOKEN"] = secrets.token_hex(16)  # private to this run's processes
+    with tempfile.TemporaryDirectory(prefix="fedsilo-run-") as tmp:
+        config_path = Path(tmp) / "settings.yaml"
+        config_path.write_text(yaml.safe_dump(flat, sort_keys=False))
+        for attempt in range(restarts + 1):
+            try:
+                launch_once(config_path, settings.federation.silos, env)
+                return
+            except FederationError as exc:
+                if attempt == restarts:
+                    raise
+                print(f"fedsilo: {exc}; restarting the federation ({attempt + 1}/{restarts})", flush=True)

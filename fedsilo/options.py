@@ -1,0 +1,114 @@
+"""CLI options generated from the settings models, so a flag, its ``FEDSILO_*`` variable, its
+help text and its YAML key can never drift apart.
+
+Every generated option defaults to ``None``: a value counts only when the user gave it (by flag
+or environment variable), and then it wins over the ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic.fields import FieldInfo
+
+from fedsilo.config import SECTIONS, Settings, load_settings
+from fedsilo.errors import FedsiloError
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The scalar type Typer parses; Literal choices and lists arrive as text for pydantic."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal or (args and typing.get_origin(args[0]) in (list, typing.Literal)):
+        return str
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return _cli_type(args[0])
+    return annotation
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    annotation = field.annotation
+    choices = [a for a in typing.get_args(annotation)] if typing.get_origin(annotation) is typing.Literal else []
+    if choices:
+        text += f" [choices: {', '.join(choices)}]"
+    if not field.is_required():
+        default = field.default
+        text += f" [default: {'none' if default is None else default}]"
+    return text
+
+
+def settings_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per settings field, plus ``--config``."""
+    params = [
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[Path], typer.Option(
+                "--config", envvar="FEDSILO_CONFIG", rich_help_panel="Settings",
+                help="YAML file of settings (keys as the options below, with underscores); "
+                     "flags and FEDSILO_* variables win over it.")],
+        )
+    ]
+    for section_name, section in SECTIONS.items():
+        for key, field in section.model_fields.items():
+            flag = "--" + key.replace("_", "-")
+            cli_type = _cli_type(field.annotation)
+            decls = [f"{flag}/--no-{key.replace('_', '-')}"] if cli_type is bool else [flag]
+            option = typer.Option(
+                *decls, envvar=f"FEDSILO_{key.upper()}", help=_help(field), show_default=False,
+                rich_help_panel=section_name.capitalize(),
+            )
+            params.append(inspect.Parameter(
+                key, inspect.Parameter.KEYWORD_ONLY, default=None,
+                annotation=Annotated[Optional[cli_type], option],
+            ))
+    return params
+
+
+def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command(settings, **own)`` every settings option; resolve them into ``Settings``."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints[name])
+           for name, p in inspect.signature(command).parameters.items() if name != "settings"]
+    generated = settings_parameters()
+    keys = [p.name for p in generated if p.name != "config"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        config = kwargs.pop("config")
+        overrides = {key: kwargs.pop(key) for key in keys}
+        return command(load_settings(config, overrides), **kwargs)
+
+    # Typer reads the signature and the annotations: give it the generated ones.
+    signature = inspect.Signature([*own, *generated])
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    del wrapper.__wrapped__
+    return user_errors(wrapper)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors a user can fix become one line on stderr and exit code 1; bugs keep a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FedsiloError as exc:
+            typer.echo(f"fedsilo: error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("fedsilo: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    del wrapper.__wrapped__
+    return wrapper
+
+
+__all__ = ["Settings", "settings_parameters", "user_errors", "with_settings"]

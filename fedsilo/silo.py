@@ -1,0 +1,110 @@
+"""Ranks 1..K: train on local data, send the weighted update, evaluate when asked.
+
+Only model tensors and a few scalars leave this process; the rows never do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedsilo import comm, join
+from fedsilo.config import Settings
+from fedsilo.errors import ConfigError
+from fedsilo.model import architecture_fingerprint, build_model, flat_size, flatten_into, load_flat, load_tokenizer
+from fedsilo.train import evaluate, local_train, resolve_device
+from fedsilo.workload import SiloData, agreed_settings, silo_data
+
+Log = Callable[[str], None]
+PROGRESS_SECONDS = 15.0
+
+
+def check_rank(rank: int, silos: int) -> None:
+    if not 1 <= rank <= silos:
+        raise ConfigError(f"rank {rank} is outside 1..{silos} (the federation has {silos} silo(s); rank 0 is the aggregator)")
+
+
+def serve(settings: Settings, rank: int, token: str | None, log: Log = print) -> None:
+    """Parse is done; build, run, close. The group is destroyed on every path out."""
+    fed = settings.federation
+    check_rank(rank, fed.silos)
+    device = resolve_device(settings.train.device)
+    backend = comm.pick_backend(fed.backend, device)
+    address = comm.resolve_address(fed.aggregator)
+    tokenizer = load_tokenizer(settings.model.model)
+    data = silo_data(settings, rank, tokenizer)
+    model = build_model(settings.model.model, data.labels, settings.train.seed).to(device)
+    log(f"silo {rank}: {len(data.train)} training examples; joining {address[0]}:{address[1]}")
+
+    store = comm.open_store(rank, address[0], address[1], fed.join_timeout)
+    welcome = join.request_admission(store, rank, token, {
+        "settings": agreed_settings(settings),
+        "labels": data.labels,
+        "architecture": architecture_fingerprint(model),
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval) if data.eval is not None else 0,
+    })
+    if welcome.eval_on_silos and data.eval is None:
+        raise ConfigError(f"silo {rank} has no held-out data to evaluate on")
+    group = comm.form_group(store, rank, fed.silos + 1, backend, device, fed.round_timeout, address)
+    try:
+        run_rounds(settings, group, model, data, rank, welcome, log)
+    finally:
+        group.close()
+
+
+def run_rounds(
+    settings: Settings,
+    group: comm.Group,
+    model: torch.nn.Module,
+    data: SiloData,
+    rank: int,
+    welcome: join.Welcome,
+    log: Log,
+) -> None:
+    """A silo's side of each round, in the same order as the aggregator's loop."""
+    fed, train = settings.federation, settings.train
+    weights = torch.empty(flat_size(model), dtype=torch.float32, device=group.device)
+    update = torch.empty_like(weights)
+    n = len(data.train)
+    with comm.collective_phase(group, f"round {welcome.start_round}: receiving the global model"):
+        group.broadcast_(weights)
+    for round_ in range(welcome.start_round, fed.rounds + 1):
+        # start from the global model and train locally
+        load_flat(model, weights)
+        last = [time.monotonic()]
+
+        def progress(done: int, total: int, loss: float, round_: int = round_) -> None:
+            if time.monotonic() - last[0] > PROGRESS_SECONDS or done == total:
+                last[0] = time.monotonic()
+                log(f"round {round_}: batch {done}/{total} loss {loss:.4f}")
+
+        result = local_train(
+            model, data.train, epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
+            seed=(train.seed, rank, round_), attention_mask=settings.model.attention_mask,
+            group_by_length=train.group_by_length, progress=progress,
+        )
+
+        # report, then send n * (theta_local - theta_global) if the aggregator accepts it
+        flatten_into(model, update).sub_(weights)
+        norm = float(update.norm())
+        with comm.collective_phase(group, f"round {round_}: reporting"):
+            group.gather_rows(torch.tensor([n, result.mean_loss, norm], dtype=torch.float64))
+            mask = torch.empty(fed.silos + 1, dtype=torch.float64, device=group.device)
+            group.broadcast_(mask)
+        update.mul_(n if mask[rank] > 0 else 0)
+        with comm.collective_phase(group, f"round {round_}: sending the update"):
+            group.reduce_sum_(update)
+
+        # receive the new global model; evaluate it on held-out rows if the aggregator has none
+        with comm.collective_phase(group, f"round {round_}: receiving the global model"):
+            group.broadcast_(weights)
+        if welcome.eval_on_silos:
+            assert data.eval is not None
+            load_flat(model, weights)
+            scores = evaluate(model, data.eval, batch_size=train.eval_batch_size,
+                              attention_mask=settings.model.attention_mask)
+            with comm.collective_phase(group, f"round {round_}: reporting evaluation"):
+                group.gather_rows(torch.tensor([scores.examples, scores.loss_sum, scores.correct], dtype=torch.float64))

@@ -1,0 +1,116 @@
+"""Local training and evaluation in plain PyTorch. Nothing here knows about federation."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsilo.data import Encoded, iterate_batches
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    examples: int
+    mean_loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    examples: int
+    loss_sum: float
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples if self.examples else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.examples if self.examples else float("nan")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        from fedsilo.errors import ConfigError
+
+        raise ConfigError("device 'cuda' was asked for, but no GPU is visible to this process")
+    return torch.device(choice)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    # bf16 autocast on GPU: fp32 master weights, so averaging stays exact in fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def local_train(
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: Sequence[int],
+    attention_mask: bool = True,
+    group_by_length: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """``epochs`` passes of plain SGD (no momentum, no weight decay: the paper's setup).
+
+    ``seed`` fixes dropout and data order, so a round can be replayed exactly after a restart.
+    ``progress(done_batches, total_batches, loss)`` is called now and then for display.
+    """
+    device = next(model.parameters()).device
+    torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    started = time.perf_counter()
+    total_batches = epochs * -(-len(data) // batch_size)
+    loss_sum, seen, done = 0.0, 0, 0
+    for epoch in range(epochs):
+        for batch in iterate_batches(
+            data, batch_size, (*seed, epoch),
+            shuffle=True, group_by_length=group_by_length, attention_mask=attention_mask,
+        ):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with _autocast(device):
+                loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(batch["labels"])
+            loss_sum += loss.item() * n
+            seen += n
+            done += 1
+            if progress is not None:
+                progress(done, total_batches, loss_sum / seen)
+    return TrainResult(seen // epochs, loss_sum / max(seen, 1), time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module, data: Encoded, *, batch_size: int, attention_mask: bool = True
+) -> EvalResult:
+    """Loss and accuracy over ``data``, in length-sorted batches (least padding)."""
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for batch in iterate_batches(
+        data, batch_size, (0,), shuffle=False, group_by_length=True, attention_mask=attention_mask
+    ):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with _autocast(device):
+            out = model(**batch)
+        n = len(batch["labels"])
+        loss_sum += out.loss.float().item() * n
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    return EvalResult(len(data), loss_sum, correct)
