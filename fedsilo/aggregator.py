@@ -142,9 +142,9 @@ def run_rounds(
     Returns the test accuracy after the last round.
     """
     fed, silos = settings.federation, range(1, settings.federation.silos + 1)
-    summed = torch.zeros_like(weights)
+    summed = torch.zeros(weights.numel(), dtype=getattr(torch, fed.transfer_dtype), device=weights.device)
     accuracy = float("nan")
-    bytes_per_silo = 2 * weights.numel() * weights.element_size()
+    bytes_per_silo = weights.numel() * (weights.element_size() + summed.element_size())
     with comm.collective_phase(group, f"round {start}: sending the global model"):
         group.broadcast_(weights)
     for round_ in range(start, fed.rounds + 1):
@@ -164,7 +164,9 @@ def run_rounds(
             log(f"skipping an update: {reason}")
         mask = torch.tensor([0.0] + [float(r in accepted) for r in silos], dtype=torch.float64, device=group.device)
 
-        # aggregate: one reduce brings sum_k n_k (theta_k - theta) from the accepted silos
+        # aggregate: one reduce brings sum_k n_k (theta_k - theta) from the accepted silos.
+        # Every silo has reported, so from here the clock measures the wire, not training.
+        comm_started = time.perf_counter()
         with comm.collective_phase(group, f"round {round_}: receiving updates"):
             group.broadcast_(mask)
             summed.zero_()
@@ -175,6 +177,7 @@ def run_rounds(
         # send the new global model: silos start the next round from it (and evaluate it)
         with comm.collective_phase(group, f"round {round_}: sending the global model"):
             group.broadcast_(weights)
+        comm_seconds = time.perf_counter() - comm_started
         load_flat(model, weights)
 
         # evaluate, here or on the silos' held-out data
@@ -193,6 +196,7 @@ def run_rounds(
             "test_loss": result.loss,
             "train_loss": sum(r.train_loss * r.examples for r in reports if r.rank in accepted) / total,
             "round_seconds": time.perf_counter() - started,
+            "comm_seconds": comm_seconds,
             "bytes_per_silo": float(bytes_per_silo),
             "silos_skipped": float(len(skipped)),
         }

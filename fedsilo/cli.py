@@ -14,6 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # tracebacks must never print a token
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
 )
 app.command("aggregator")(aggregator.command)
 app.command("silo")(silo.command)

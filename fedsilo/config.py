@@ -120,6 +120,11 @@ class FederationConfig(_Section):
         description="What to do with a non-finite or outlying update: stop the federation, or "
         "leave that silo out of the round.",
     )
+    transfer_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the updates sent to the aggregator: bfloat16 halves the upload; the "
+        "global model always travels in float32.",
+    )
     norm_factor: float = Field(
         10.0,
         gt=1,

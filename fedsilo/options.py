@@ -108,6 +108,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     del wrapper.__wrapped__
+    hints = typing.get_type_hints(command, include_extras=True)
+    wrapper.__signature__ = inspect.signature(command).replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(annotation=hints.get(n, p.annotation)) for n, p in inspect.signature(command).parameters.items()]
+    )
+    wrapper.__annotations__ = hints
     return wrapper
 
 

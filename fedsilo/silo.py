@@ -68,6 +68,7 @@ def run_rounds(
     fed, train = settings.federation, settings.train
     weights = torch.empty(flat_size(model), dtype=torch.float32, device=group.device)
     update = torch.empty_like(weights)
+    wire_dtype = getattr(torch, fed.transfer_dtype)
     n = len(data.train)
     with comm.collective_phase(group, f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
@@ -96,7 +97,7 @@ def run_rounds(
             group.broadcast_(mask)
         update.mul_(n if mask[rank] > 0 else 0)
         with comm.collective_phase(group, f"round {round_}: sending the update"):
-            group.reduce_sum_(update)
+            group.reduce_sum_(update if wire_dtype == update.dtype else update.to(wire_dtype))
 
         # receive the new global model; evaluate it on held-out rows if the aggregator has none
         with comm.collective_phase(group, f"round {round_}: receiving the global model"):

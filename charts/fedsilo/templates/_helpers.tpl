@@ -95,12 +95,17 @@ range errors first; these are the checks a schema cannot express.
 {{- if lt $silos 1 }}
 {{- fail (printf "silos must be at least 1 (got %v): a federation needs a silo besides the aggregator" .Values.silos) }}
 {{- end }}
+{{- $external := int .Values.externalSilos }}
+{{- if gt $external $silos }}
+{{- fail (printf "externalSilos (%d) cannot exceed silos (%d)" $external $silos) }}
+{{- end }}
+{{- $inCluster := sub $silos $external }}
 {{- range $rank, $_ := .Values.siloOverrides }}
 {{- if not (regexMatch "^[1-9][0-9]*$" $rank) }}
-{{- fail (printf "siloOverrides: key %q is not a silo rank (1..%d)" $rank $silos) }}
+{{- fail (printf "siloOverrides: key %q is not a silo rank" $rank) }}
 {{- end }}
-{{- if gt (atoi $rank) $silos }}
-{{- fail (printf "siloOverrides: rank %s is outside 1..%d (silos=%d)" $rank $silos $silos) }}
+{{- if gt (atoi $rank) $inCluster }}
+{{- fail (printf "siloOverrides: rank %s has no pod in this cluster (in-cluster silos are ranks 1..%d: silos=%d, externalSilos=%d)" $rank $inCluster $silos $external) }}
 {{- end }}
 {{- end }}
 {{- $backend := include "fedsilo.backend" . }}
@@ -164,28 +169,17 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
 {{- end }}
 
 {{/*
-fedsilo settings given to one pod only (aggregator.config, silo.config, siloOverrides.N.config)
-become FEDSILO_* env vars, which win over the ConfigMap's file.
-*/}}
-{{- define "fedsilo.configEnv" -}}
-{{- range $key, $value := . }}
-- name: {{ printf "FEDSILO_%s" (upper $key) }}
-  value: {{ $value | toString | quote }}
-{{- end }}
-{{- end }}
-
-{{/*
 Pod-level settings shared by every pod of the chart.
 */}}
 {{- define "fedsilo.podCommon" -}}
-{{- with .Values.imagePullSecrets }}
-imagePullSecrets:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
 automountServiceAccountToken: false
 enableServiceLinks: false
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -201,7 +195,7 @@ Called with a dict:
 {{- define "fedsilo.memberPod" -}}
 {{- $root := .root }}
 {{- $spec := .spec }}
-{{- $gpu := and $root.Values.gpu.enabled (or (eq .component "silo") $root.Values.gpu.aggregator) }}
+{{- $gpu := and $root.Values.gpu.enabled (or (eq .component "silo") $root.Values.gpu.aggregator) -}}
 metadata:
   labels:
     {{- include "fedsilo.memberLabels" $root | nindent 4 }}
@@ -271,7 +265,11 @@ spec:
         - name: FEDSILO_CHECKPOINT_DIR
           value: /var/lib/fedsilo/checkpoints
         {{- end }}
-        {{- include "fedsilo.configEnv" $spec.config | nindent 8 }}
+        # fedsilo settings of this pod only; env vars win over the ConfigMap's file.
+        {{- range $key, $value := $spec.config }}
+        - name: {{ printf "FEDSILO_%s" (upper $key) }}
+          value: {{ $value | toString | quote }}
+        {{- end }}
         {{- with $spec.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -351,7 +349,7 @@ group and the aggregator resumes from its last checkpoint. One federation restar
 costs every Job one failure per pod, hence backoffLimit = restarts x pods.
 */}}
 {{- define "fedsilo.jobRestart" -}}
-{{- $r := .root.Values.restart }}
+{{- $r := .root.Values.restart -}}
 backoffLimit: {{ mul (int $r.maxFederationRestarts) (int .pods) }}
 {{- if or $r.failFastExitCodes $r.ignoreDisruptions }}
 podFailurePolicy:
