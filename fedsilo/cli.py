@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedsilo.commands import aggregator, report, run, silo
+from fedsilo.commands import aggregator, report, run, silo, simulate, sweep
 
 app = typer.Typer(
     name="fedsilo",
@@ -19,4 +19,6 @@ app = typer.Typer(
 app.command("aggregator")(aggregator.command)
 app.command("silo")(silo.command)
 app.command("run")(run.command)
+app.command("simulate")(simulate.command)
+app.command("sweep")(sweep.command)
 app.command("report")(report.command)

@@ -34,8 +34,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = Field(
-        ..., description="Hub id, or a local CSV / JSONL / Parquet file or a directory of them."
+    dataset: str | None = Field(
+        None,
+        description="Hub id, or a local CSV / JSONL / Parquet file or a directory of them. An "
+        "aggregator whose silos use private data (partition none) needs none.",
     )
     test_dataset: str | None = Field(
         None,

@@ -1,0 +1,27 @@
+"""``fedsilo simulate``: K clients in one process, one after another, on one device."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from fedsilo.config import Settings
+from fedsilo.options import with_settings
+from fedsilo.simulate import simulate
+
+
+@with_settings
+def command(
+    settings: Settings,
+    clients: Annotated[Optional[int], typer.Option(
+        "--clients", envvar="FEDSILO_CLIENTS", min=1,
+        help="Number of clients K (overrides --silos).")] = None,
+) -> None:
+    """Simulate a federation of K clients in this process: the same local training, seeds, shards and averaging as `fedsilo run`, so the same global model, without the network.
+
+    Memory holds one model whatever K is. Example: fedsilo simulate --clients 8 --model ./minilm --dataset data/rotten_tomatoes.csv --rounds 3
+    """
+    if clients is not None:
+        settings = settings.replace(silos=clients)
+    simulate(settings)

@@ -1,0 +1,25 @@
+"""``fedsilo sweep``: a grid of simulations under one MLflow parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedsilo.options import user_errors
+from fedsilo.sweep import run_sweep
+
+
+@user_errors
+def command(
+    config: Annotated[Path, typer.Option(
+        "--config", envvar="FEDSILO_SWEEP", help="Sweep YAML file (see configs/sweep-example.yaml).")],
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the file and list its cells; train nothing and touch no MLflow store.")] = False,
+) -> None:
+    """Run a grid of simulations (models x datasets x client counts x seeds ...) as nested MLflow runs under one parent.
+
+    Any settings key may be a list under `grid:`; each cell is one `fedsilo simulate` run. Restarting the same sweep reuses its parent run and skips the cells that already finished. Afterwards: fedsilo report --experiment NAME.
+    """
+    run_sweep(config, dry_run=dry_run)

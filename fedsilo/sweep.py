@@ -1,0 +1,257 @@
+"""``fedsilo sweep``: a grid of simulations, one MLflow parent run with a nested run per cell.
+
+A sweep file names fixed ``settings``, a ``grid`` whose keys vary (every combination is a cell,
+in the order written) and ``per_dataset`` overrides such as the paper's round budgets. Each cell
+is one :func:`fedsilo.simulate.simulate` run. A cell is known by a key hashed from the settings
+that decide its result, so a restarted sweep finds its parent run again and skips the cells that
+already finished; a cell interrupted mid-way resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsilo.config import SECTIONS, Settings, build_settings
+from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.report import redact_uri
+from fedsilo.simulate import simulate
+from fedsilo.tracking import CELL_TAG, SweepParent
+from fedsilo.workload import agreed_settings
+
+Log = Callable[[str], None]
+
+SETTING_KEYS = frozenset(key for section in SECTIONS.values() for key in section.model_fields)
+# Sweep-only keys, logged as params of each cell for `fedsilo report`: accuracy is read at the
+# budget round; the run goes on to the threshold (the paper's second threshold) for
+# rounds-to-target.
+EXTRA_KEYS = frozenset({"budget", "threshold"})
+# One parent run holds every cell, so these are set once, at the top of the file.
+TOP_LEVEL_KEYS = frozenset({"experiment", "tracking_uri"})
+CELL_KEYS = (SETTING_KEYS | EXTRA_KEYS) - TOP_LEVEL_KEYS
+
+
+class SweepError(FedsiloError):
+    """Some cells of a sweep failed; the others finished and a rerun retries only the failed."""
+
+
+def _normalise(mapping: dict[str, Any]) -> dict[str, Any]:
+    return {str(key).replace("-", "_"): value for key, value in mapping.items()}
+
+
+def _check_keys(keys: Any, where: str) -> None:
+    for key in keys:
+        if key in TOP_LEVEL_KEYS:
+            raise ValueError(f"{where}.{key}: set '{key}' at the top level of the sweep file (one per sweep)")
+        if key not in CELL_KEYS:
+            raise ValueError(f"{where}.{key}: unknown key (settings keys as in `fedsilo simulate --help`, "
+                             f"with underscores, or {', '.join(sorted(EXTRA_KEYS))})")
+
+
+class SweepSpec(BaseModel):
+    """A sweep file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment: str | None = Field(
+        None, min_length=1,
+        description="MLflow experiment of the parent run and its cells. Default: the file's name.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings every cell shares: flat keys as `fedsilo simulate` takes them, plus "
+        "budget (the round at which accuracy is reported) and threshold (the last round; rounds "
+        "defaults to it).")
+    grid: dict[str, list[Any]] = Field(
+        ..., description="Keys to vary, each with a list of values; every combination is a cell, "
+        "the first key varying slowest.")
+    per_dataset: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Overrides for the cells of one dataset (keyed by its `dataset` value exactly "
+        "as written), e.g. rounds, budget and threshold.")
+
+    @field_validator("settings", "grid", mode="before")
+    @classmethod
+    def _underscores(cls, value: Any) -> Any:
+        return _normalise(value) if isinstance(value, dict) else value
+
+    @field_validator("per_dataset", mode="before")
+    @classmethod
+    def _underscores_per_dataset(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): _normalise(v) if isinstance(v, dict) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        _check_keys(self.settings, "settings")
+        _check_keys(self.grid, "grid")
+        if not self.grid:
+            raise ValueError("grid: empty; name at least one key with a list of values")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key}: empty list")
+            if key in self.settings:
+                raise ValueError(f"grid.{key}: also set under settings; keep one")
+        datasets = {str(v) for v in self.grid.get("dataset", [self.settings.get("dataset")])}
+        for dataset, overrides in self.per_dataset.items():
+            _check_keys(overrides, f"per_dataset.{dataset}")
+            if dataset not in datasets:
+                raise ValueError(f"per_dataset.{dataset}: no such dataset in the sweep "
+                                 f"(datasets: {', '.join(sorted(datasets))})")
+            for key in overrides:
+                if key in self.grid:
+                    raise ValueError(f"per_dataset.{dataset}.{key}: also a grid key; keep one")
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulation of the grid."""
+
+    index: int  # 1-based, in grid order
+    varying: dict[str, Any]  # this cell's grid values
+    settings: Settings
+    budget: int | None
+    threshold: int | None
+    key: str  # identifies the result: the same key is the same run
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.varying.items())
+
+    def params(self) -> dict[str, int]:
+        return {k: v for k, v in (("budget", self.budget), ("threshold", self.threshold)) if v is not None}
+
+
+def read_spec(path: Path) -> SweepSpec:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"sweep file {path} is not valid YAML{where}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping (grid:, settings:, ...)")
+    try:
+        return SweepSpec(**_normalise(loaded))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"sweep file {path}: {where + ': ' if where else ''}{message}") from None
+
+
+def cell_key(settings: Settings, budget: int | None, threshold: int | None) -> str:
+    """Hash of what decides a cell's result; where it runs (device, MLflow, paths) is left out."""
+    blob = json.dumps({"settings": agreed_settings(settings), "budget": budget, "threshold": threshold},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sweep_key(cells: list[Cell]) -> str:
+    """The same set of cells is the same sweep, whatever the file looks like."""
+    return hashlib.sha256(" ".join(sorted(c.key for c in cells)).encode()).hexdigest()[:16]
+
+
+def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
+    """Every cell of the grid, validated before anything runs (a typo in the last cell must not
+    wait for hours of training)."""
+    cells: list[Cell] = []
+    seen: dict[str, int] = {}
+    combos = list(itertools.product(*spec.grid.values()))
+    for index, combo in enumerate(combos, start=1):
+        varying = dict(zip(spec.grid, combo))
+        flat = {**spec.settings, **varying}
+        flat.update(spec.per_dataset.get(str(flat.get("dataset")), {}))
+        where = f"cell {index}/{len(combos)} ({' '.join(f'{k}={v}' for k, v in varying.items())})"
+        budget, threshold = flat.pop("budget", None), flat.pop("threshold", None)
+        for name, value in (("budget", budget), ("threshold", threshold)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{where}: {name} must be a positive whole number of rounds, got {value!r}")
+        if threshold is not None and flat.setdefault("rounds", threshold) != threshold:
+            raise ConfigError(f"{where}: rounds ({flat['rounds']}) and threshold ({threshold}) disagree; "
+                              "a cell runs to its threshold, so set one of them")
+        flat.update(experiment=experiment, tracking_uri=spec.tracking_uri)
+        try:
+            settings = build_settings(flat)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if budget is not None and budget > settings.federation.rounds:
+            raise ConfigError(f"{where}: budget {budget} is after the last round ({settings.federation.rounds})")
+        key = cell_key(settings, budget, threshold)
+        if key in seen:
+            raise ConfigError(f"{where}: the same run as cell {seen[key]}; remove the repeated grid value")
+        seen[key] = index
+        cells.append(Cell(index, varying, settings, budget, threshold, key))
+    return cells
+
+
+def _prefixed(log: Log, prefix: str) -> Log:
+    return lambda line: log(prefix + line)
+
+
+def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Cell]:
+    """Run every cell not finished yet under one parent run; returns the cells."""
+    spec = read_spec(path)
+    experiment = spec.experiment or path.stem
+    cells = expand(spec, experiment)
+    n = len(cells)
+    if dry_run:
+        for cell in cells:
+            log(f"cell {cell.index}/{n}: {cell.label()} (rounds={cell.settings.federation.rounds})")
+        log(f"{n} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
+        return cells
+
+    parent = SweepParent(spec.tracking_uri, experiment, sweep_key(cells), name=path.stem,
+                         spec=spec.model_dump(mode="json"))
+    done = parent.finished_cells()
+    todo = [c for c in cells if c.key not in done]
+    log(f"{'continuing' if parent.resumed else 'starting'} {parent.ui_hint()}: {n} cell(s), "
+        f"{n - len(todo)} finished already, {len(todo)} to run")
+    failures: list[str] = []
+    started = time.perf_counter()
+    try:
+        for cell in cells:
+            head = f"cell {cell.index}/{n}: {cell.label()}"
+            if cell.key in done:
+                log(f"{head}: finished already (run {done[cell.key]}), skipping")
+                continue
+            log(head)
+            cell_started = time.perf_counter()
+            try:
+                outcome = simulate(cell.settings, _prefixed(log, f"  [{cell.index}/{n}] "),
+                                   parent_run_id=parent.run_id, params=cell.params(), tags={CELL_TAG: cell.key})
+            except FedsiloError as exc:
+                # Other cells may still work (another model, another dataset); a rerun retries this one.
+                failures.append(f"cell {cell.index} ({cell.label()}): {exc}")
+                log(f"{head}: failed: {exc}")
+                continue
+            done[cell.key] = outcome.run_id
+            parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
+            log(f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
+                f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
+                f"{len(done)}/{n} cells finished, {time.perf_counter() - started:.0f}s so far)")
+    except BaseException as exc:
+        parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    parent.finish("FAILED" if failures else "FINISHED")
+    default_uri = SweepSpec.model_fields["tracking_uri"].default
+    store = "" if spec.tracking_uri == default_uri else f" --tracking-uri {redact_uri(spec.tracking_uri)}"
+    log(f"summarise it: fedsilo report --experiment {experiment}{store}")
+    if failures:
+        raise SweepError(f"{len(failures)} of {n} cell(s) failed; rerun the sweep to retry them. "
+                         f"First: {failures[0]}")
+    return cells

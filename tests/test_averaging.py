@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from fedsilo.averaging import Report, UpdateRejected, add_contribution, finish_average, validate_updates, weighted_average
+
+
+def test_weighted_average_weights_by_examples() -> None:
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([4.0, 3.0])
+    # 1 example vs 2 examples: (1*a + 2*b) / 3
+    assert torch.allclose(weighted_average([a, b], [1, 2]), torch.tensor([3.0, 2.0]))
+
+
+def test_running_sum_of_deltas_equals_weighted_average() -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(1000)
+    locals_ = [reference + 0.01 * torch.randn(1000) for _ in range(3)]
+    counts = [17, 250, 3]
+    running = torch.zeros(1000)
+    for local, n in zip(locals_, counts):
+        add_contribution(running, local, reference, n)
+    result = finish_average(reference.clone(), running, sum(counts))
+    expected = weighted_average(locals_, counts)
+    assert torch.allclose(result, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "models, counts, message",
+    [([], [], "one example count"), ([torch.zeros(2)], [1, 2], "one example count"),
+     ([torch.zeros(2), torch.zeros(3)], [1, 1], "differ in shape"), ([torch.zeros(2)], [0], "positive")],
+)
+def test_weighted_average_rejects_inconsistent_input(models, counts, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        weighted_average(models, counts)
+
+
+def test_finish_average_needs_examples() -> None:
+    with pytest.raises(ValueError):
+        finish_average(torch.zeros(2), torch.zeros(2), 0)
+
+
+def reports(*norms: float, loss: float = 0.5) -> list[Report]:
+    return [Report(rank, 10, loss, norm) for rank, norm in enumerate(norms, start=1)]
+
+
+def test_validation_accepts_ordinary_updates() -> None:
+    assert validate_updates(reports(1.0, 1.2, 0.9), 3, 10.0, "fail") == ([1, 2, 3], [])
+
+
+def test_non_finite_update_fails_naming_silo_and_round() -> None:
+    with pytest.raises(UpdateRejected, match="silo 2 sent a non-finite update in round 4"):
+        validate_updates(reports(1.0, math.nan, 1.0), 4, 10.0, "fail")
+
+
+def test_outlier_norm_is_skipped_with_skip_policy() -> None:
+    accepted, reasons = validate_updates(reports(1.0, 1.1, 50.0, 0.9), 2, 10.0, "skip")
+    assert accepted == [1, 2, 4]
+    assert len(reasons) == 1 and "silo 3" in reasons[0] and "round 2" in reasons[0]
+
+
+def test_all_rejected_is_an_error_even_when_skipping() -> None:
+    with pytest.raises(UpdateRejected, match="every update"):
+        validate_updates(reports(math.inf, math.nan), 1, 10.0, "skip")
