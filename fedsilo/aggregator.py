@@ -96,8 +96,11 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
 
     fingerprint = settings_fingerprint(settings)
     resumed = checkpoint.load(settings.checkpoint.checkpoint_dir, fingerprint)
+    outbox = checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, fingerprint).parent
     if resumed is not None and resumed.round >= fed.rounds:
-        resumed = None  # that federation finished: start a new one
+        # That federation finished: deliver what MLflow missed of it, then start a new one.
+        Tracker(settings, labels, resumed.run_id, outbox, log).finish()
+        resumed = None
     start = resumed.round + 1 if resumed else 1
     if resumed:
         load_flat(model, resumed.weights.to(device))
@@ -109,7 +112,7 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
     group = comm.form_group(store, 0, fed.silos + 1, backend, device, fed.round_timeout, address)
     tracker: Tracker | None = None
     try:
-        tracker = Tracker(settings, labels, resumed.run_id if resumed else None)
+        tracker = Tracker(settings, labels, resumed.run_id if resumed else None, outbox, log)
         log(tracker.ui_hint())
         weights = flatten(model).to(group.device)
         final = run_rounds(settings, group, model, weights, test, tracker, start, fingerprint, labels, log)

@@ -37,7 +37,7 @@ PROGRESS_SECONDS = 15.0
 
 @dataclass(frozen=True)
 class Outcome:
-    run_id: str
+    run_id: str | None  # None only if MLflow was unreachable throughout (see Tracker)
     final_accuracy: float
     weights: torch.Tensor  # the final global model, flat, on the CPU
 
@@ -78,17 +78,24 @@ def simulate(
 
     key = checkpoint_key(settings, parent_run_id)
     resumed = checkpoint.load(directory, key)
+    outbox = checkpoint.checkpoint_path(directory, key).parent
+
+    def tracker_for(run_id: str | None) -> Tracker:
+        return Tracker(settings, labels, run_id, outbox, log, parent_run_id=parent_run_id,
+                       params=dict(params or {}), tags={"fedsilo.mode": "simulate", **(tags or {})})
+
     if resumed is not None and resumed.round >= settings.federation.rounds:
-        resumed = None  # that simulation finished: start a new one
+        # That simulation finished: deliver what MLflow missed of it, then start a new one.
+        tracker_for(resumed.run_id).finish()
+        resumed = None
     if resumed is not None:
         load_flat(model, resumed.weights.to(device))
         log(f"resuming after round {resumed.round} from {checkpoint.checkpoint_path(directory, key)}")
-    log(f"simulating {len(shards)} client(s) on {device}: "
-        f"{', '.join(str(len(s)) for s in shards)} training examples; {len(test)} test examples")
+    sizes = sorted(len(s) for s in shards)
+    log(f"simulating {len(shards)} client(s) on {device}: {sum(sizes)} training examples "
+        f"({sizes[0]} to {sizes[-1]} per client), {len(test)} test examples")
 
-    tracker = Tracker(settings, labels, resumed.run_id if resumed else None,
-                      parent_run_id=parent_run_id, params=params,
-                      tags={"fedsilo.mode": "simulate", **(tags or {})})
+    tracker = tracker_for(resumed.run_id if resumed else None)
     try:
         log(tracker.ui_hint())
         weights = flatten(model)
@@ -96,12 +103,12 @@ def simulate(
         final = run_rounds(settings, model, weights, shards, test, tracker, start, key, labels, log)
         load_flat(model, weights)
         tracker.log_model(model, tokenizer)
-        tracker.finish()
-        log(f"done: {tracker.ui_hint()}")
-        return Outcome(tracker.run_id, final, weights.cpu())
     except BaseException:
         tracker.finish("FAILED")
         raise
+    tracker.finish()
+    log(f"done: {tracker.ui_hint()}")
+    return Outcome(tracker.run_id, final, weights.cpu())
 
 
 def run_rounds(

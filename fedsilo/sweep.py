@@ -21,14 +21,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedsilo import checkpoint
 from fedsilo.config import SECTIONS, Settings, build_settings
 from fedsilo.errors import ConfigError, FedsiloError
-from fedsilo.report import redact_uri
-from fedsilo.simulate import simulate
-from fedsilo.tracking import CELL_TAG, SweepParent
+from fedsilo.report import PARENT_TAG, redact_uri
+from fedsilo.simulate import checkpoint_key, simulate
 from fedsilo.workload import agreed_settings
 
 Log = Callable[[str], None]
+
+# PARENT_TAG ("fedsilo.sweep" = "parent") marks the parent run; fedsilo.report reads it.
+SWEEP_KEY_TAG = "fedsilo.sweep_key"  # which sweep a parent runs: a restart finds it by this
+CELL_TAG = "fedsilo.cell"  # which cell of its sweep a nested run computes
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the Tracker sets it)
 
 SETTING_KEYS = frozenset(key for section in SECTIONS.values() for key in section.model_fields)
 # Sweep-only keys, logged as params of each cell for `fedsilo report`: accuracy is read at the
@@ -199,6 +204,71 @@ def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
     return cells
 
 
+class SweepParent:
+    """A sweep's parent run, found again by the sweep's key so that a restarted sweep continues it.
+
+    Cells are ordinary :class:`~fedsilo.tracking.Tracker` runs nested with ``parent_run_id`` and
+    tagged with their cell key; :meth:`finished_cells` tells which need no rerun. Unlike a cell's
+    metrics, this needs MLflow reachable: without it there is no telling what is done.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, key: str, *, name: str, spec: dict[str, Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            found = client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+            same_sweep = f"tags.`{PARENT_TAG}` = 'parent' and tags.`{SWEEP_KEY_TAG}` = '{key}'"
+            previous = client.search_runs([self.experiment_id], filter_string=same_sweep,
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+            if previous:
+                self.run_id = previous[0].info.run_id
+                client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.run_id = client.create_run(self.experiment_id, run_name=name,
+                                                tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}).info.run_id
+                client.log_dict(self.run_id, spec, "sweep.yaml")
+        except Exception as exc:  # noqa: BLE001 - transport, server and store errors alike
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"cannot use MLflow at {redact_uri(tracking_uri)}: {first}") from None
+        self.resumed = bool(previous)
+
+    def finished_cells(self) -> dict[str, str]:
+        """Cell key -> run id of this parent's FINISHED children."""
+        mine = f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}' and attributes.status = 'FINISHED'"
+        done: dict[str, str] = {}
+        token: str | None = None
+        while True:
+            page = self._client.search_runs([self.experiment_id], filter_string=mine, max_results=1000,
+                                            page_token=token)
+            done.update({r.data.tags[CELL_TAG]: r.info.run_id for r in page if CELL_TAG in r.data.tags})
+            token = page.token
+            if not token:
+                return done
+
+    def log_progress(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._client.log_metric(self.run_id, key, value, step=step)
+
+    def finish(self, status: str) -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+    def ui_hint(self) -> str:
+        return f"sweep run {self.run_id} (experiment {self.experiment_id})"
+
+
+def discard_checkpoint(settings: Settings, parent_run_id: str) -> None:
+    """Remove a finished cell's checkpoint: its model is in MLflow, and a checkpoint per cell adds
+    up (the paper grid's 54 cells: ~14 GB). Anything else beside it is tracking data waiting for
+    MLflow: then everything stays."""
+    path = checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, checkpoint_key(settings, parent_run_id))
+    if path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]:
+        path.unlink()
+        path.parent.rmdir()
+
+
 def _prefixed(log: Log, prefix: str) -> Log:
     return lambda line: log(prefix + line)
 
@@ -239,7 +309,11 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
                 failures.append(f"cell {cell.index} ({cell.label()}): {exc}")
                 log(f"{head}: failed: {exc}")
                 continue
+            if outcome.run_id is None:  # trained, but MLflow went away: not recorded as done
+                failures.append(f"cell {cell.index} ({cell.label()}): MLflow was unreachable at the end")
+                continue
             done[cell.key] = outcome.run_id
+            discard_checkpoint(cell.settings, parent.run_id)
             parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
             log(f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
                 f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
@@ -250,7 +324,8 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
     parent.finish("FAILED" if failures else "FINISHED")
     default_uri = SweepSpec.model_fields["tracking_uri"].default
     store = "" if spec.tracking_uri == default_uri else f" --tracking-uri {redact_uri(spec.tracking_uri)}"
-    log(f"summarise it: fedsilo report --experiment {experiment}{store}")
+    if done:
+        log(f"summarise it: fedsilo report --experiment {experiment}{store}")
     if failures:
         raise SweepError(f"{len(failures)} of {n} cell(s) failed; rerun the sweep to retry them. "
                          f"First: {failures[0]}")

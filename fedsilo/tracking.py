@@ -1,23 +1,30 @@
-"""MLflow, used by the aggregator (or the simulation) only: silos' metrics reach it through the group.
+"""MLflow, used by the aggregator only: silos' metrics reach it through the group.
 
-A sweep is one parent run (tag ``fedsilo.sweep = "parent"``) with one nested federation run per
-cell (``mlflow.parentRunId``); :class:`SweepParent` finds or starts the parent and tells which
-cells already finished.
+Tracking must never stop training. Every round's metrics are first appended to an outbox file
+beside the checkpoint, then delivered; what MLflow does not accept (server down, network gone)
+stays in the outbox and is delivered at the next round, at the end, or at the next start with
+the same settings. Nothing is lost and, because delivery skips steps MLflow already holds,
+nothing is logged twice after a crash.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Mapping
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fedsilo.config import Settings
-from fedsilo.errors import ConfigError
 
-PARENT_TAG = "fedsilo.sweep"  # "parent" on a sweep's parent run (fedsilo.report reads it)
-SWEEP_KEY_TAG = "fedsilo.sweep_key"  # which sweep a parent runs: restarts find it by this
-CELL_TAG = "fedsilo.cell"  # which cell of its sweep a nested run computes
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+# Fail fast instead of MLflow's default minutes of HTTP retries: the outbox is our retry.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+# The metric whose history tells which rounds MLflow already holds.
+STEP_MARKER = "round_seconds"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -25,116 +32,135 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Tracker:
-    """One MLflow run per federation; a resumed federation continues its run.
-
-    ``parent_run_id`` nests a new run under a sweep's parent; ``params`` are logged beside the
-    settings (a sweep's ``budget`` and ``threshold``); ``tags`` are set on a new run.
-    """
+    """One MLflow run per federation; a resumed federation continues its run."""
 
     def __init__(
         self,
         settings: Settings,
         labels: list[str],
         run_id: str | None,
+        outbox: Path | None = None,
+        log: Callable[[str], None] = print,
         *,
         parent_run_id: str | None = None,
-        params: Mapping[str, Any] | None = None,
-        tags: Mapping[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
-        import mlflow
-
-        self._mlflow = mlflow
-        self.uri = settings.tracking.tracking_uri
-        mlflow.set_tracking_uri(self.uri)
-        new_tags = {**(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
-        try:
-            experiment = mlflow.set_experiment(settings.tracking.experiment)
-            # Open on the runs table rather than the GenAI overview.
-            mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
-            run = mlflow.start_run(run_id=run_id, tags=None if run_id else new_tags)
-        except Exception as exc:
-            raise ConfigError(f"cannot use MLflow at {self.uri}: {_first_line(exc)}") from None
-        self.experiment_id = experiment.experiment_id
-        self.run_id = run.info.run_id
-        if run_id is None:
-            logged: dict[str, Any] = {**settings.flat(), "num_labels": len(labels), **(params or {})}
-            mlflow.log_params({k: "" if v is None else v for k, v in logged.items()})
-            mlflow.log_dict({"labels": labels}, "labels.json")
-
-    def log_round(self, round_: int, metrics: dict[str, float]) -> None:
-        self._mlflow.log_metrics(metrics, step=round_)
-
-    def log_model(self, model: Any, tokenizer: Any) -> None:
-        """The global model as ``model/``, loadable with ``from_pretrained``."""
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            self._mlflow.log_artifacts(tmp, artifact_path="model")
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
-
-    def ui_hint(self) -> str:
-        store = self.uri if self.uri.startswith("sqlite:") else None
-        command = f"mlflow ui --backend-store-uri {store}" if store else f"open {self.uri}"
-        return (f"MLflow run {self.run_id} (experiment {self.experiment_id}); to browse it: "
-                f"{command}, then http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
-
-
-
-class SweepParent:
-    """A sweep's parent run, found again by the sweep's key so that a restarted sweep continues it.
-
-    Children are ordinary :class:`Tracker` runs nested with ``parent_run_id=parent.run_id`` and
-    tagged with their cell key; :meth:`finished_cells` lists the cells that need no rerun.
-    """
-
-    def __init__(self, tracking_uri: str, experiment: str, sweep_key: str, *, name: str,
-                 spec: Mapping[str, Any]) -> None:
+        """``parent_run_id`` nests the run under a sweep's parent; ``params`` and ``tags`` are
+        recorded beside the settings. ``outbox`` defaults to a folder in the checkpoint directory."""
         from mlflow.tracking import MlflowClient
 
-        self.uri = tracking_uri
-        self._client = client = MlflowClient(tracking_uri=tracking_uri)
+        self.uri = settings.tracking.tracking_uri
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.settings, self.labels, self.log = settings, labels, log
+        self.run_id = run_id
+        self.experiment_id: str | None = None
+        self.parent_run_id, self.extra_params, self.tags = parent_run_id, params or {}, tags or {}
+        self.outbox = outbox or settings.checkpoint.checkpoint_dir / "tracking-outbox"
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        self._pending = self.outbox / "outbox.jsonl"
+        self._model_dir = self.outbox / "model-pending"
+        self._warned = False
+        self._open()
+
+    # -- connection ------------------------------------------------------------------------------
+    def _open(self) -> bool:
+        """Find or create the experiment and the run; False while MLflow is unreachable."""
+        if self.experiment_id is not None:
+            return True
         try:
-            found = client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-            client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
-            same_sweep = (f"tags.`{PARENT_TAG}` = 'parent' and tags.`{SWEEP_KEY_TAG}` = '{sweep_key}'")
-            previous = client.search_runs([self.experiment_id], filter_string=same_sweep,
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-            if previous:
-                self.run_id = previous[0].info.run_id
-                client.update_run(self.run_id, status="RUNNING")
+            name = self.settings.tracking.experiment
+            found = self.client.get_experiment_by_name(name)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+            # Open on the runs table rather than the GenAI overview.
+            self.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+            if self.run_id is None:
+                tags = dict(self.tags)
+                if self.parent_run_id:
+                    tags["mlflow.parentRunId"] = self.parent_run_id
+                self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
+                params = {**self.settings.flat(), "num_labels": len(self.labels), **self.extra_params}
+                from mlflow.entities import Param
+
+                self.client.log_batch(self.run_id, params=[Param(k, "" if v is None else str(v)) for k, v in params.items()])
+                self.client.log_dict(self.run_id, {"labels": self.labels}, "labels.json")
             else:
-                run = client.create_run(self.experiment_id, run_name=name,
-                                        tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: sweep_key})
-                self.run_id = run.info.run_id
-                client.log_dict(self.run_id, dict(spec), "sweep.yaml")
+                self.client.update_run(self.run_id, status="RUNNING")
+        except Exception as exc:  # any transport or server error means: try again later
+            self._unreachable(exc)
+            return False
+        self.experiment_id = experiment_id
+        return True
+
+    def _unreachable(self, exc: BaseException) -> None:
+        if not self._warned:
+            self.log(f"warning: MLflow at {self.uri} is unreachable ({_first_line(exc)}); training goes on, "
+                     f"metrics wait in {self._pending} and are delivered when it is back")
+            self._warned = True
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def log_round(self, round_: int, metrics: dict[str, float]) -> None:
+        record = {"step": round_, "timestamp": int(time.time() * 1000), "metrics": metrics}
+        with self._pending.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.flush()
+
+    def flush(self) -> bool:
+        """Deliver everything waiting in the outbox; True when nothing is left."""
+        if not self._open():
+            return False
+        try:
+            self._deliver_metrics()
+            self._deliver_model()
         except Exception as exc:
-            raise ConfigError(f"cannot use MLflow at {self.uri}: {_first_line(exc)}") from None
-        self.resumed = bool(previous)
+            self._unreachable(exc)
+            return False
+        if self._warned:
+            self.log(f"MLflow at {self.uri} is back: delivered the metrics that were waiting")
+            self._warned = False
+        return True
 
-    def finished_cells(self) -> dict[str, str]:
-        """Cell key -> run id of this parent's FINISHED children (the latest one per cell)."""
-        mine = f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}' and attributes.status = 'FINISHED'"
-        done: dict[str, str] = {}
-        token: str | None = None
-        while True:
-            page = self._client.search_runs([self.experiment_id], filter_string=mine, max_results=1000,
-                                            order_by=["attributes.start_time ASC"], page_token=token)
-            for run in page:
-                if CELL_TAG in run.data.tags:
-                    done[run.data.tags[CELL_TAG]] = run.info.run_id
-            token = page.token
-            if not token:
-                return done
+    def _deliver_metrics(self) -> None:
+        from mlflow.entities import Metric
 
-    def log_progress(self, step: int, metrics: Mapping[str, float]) -> None:
-        for key, value in metrics.items():
-            self._client.log_metric(self.run_id, key, value, step=step)
+        if not self._pending.exists():
+            return
+        records = [json.loads(line) for line in self._pending.read_text(encoding="utf-8").splitlines() if line]
+        assert self.run_id is not None
+        held = {m.step for m in self.client.get_metric_history(self.run_id, STEP_MARKER)}
+        batch = [Metric(key, float(value), r["timestamp"], r["step"])
+                 for r in records if r["step"] not in held for key, value in r["metrics"].items()]
+        for start in range(0, len(batch), 500):  # MLflow accepts at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+        self._pending.unlink()
+
+    # -- model -----------------------------------------------------------------------------------
+    def log_model(self, model: Any, tokenizer: Any) -> None:
+        """The global model as artifact ``model/``, loadable with ``from_pretrained``."""
+        shutil.rmtree(self._model_dir, ignore_errors=True)
+        model.save_pretrained(self._model_dir)
+        tokenizer.save_pretrained(self._model_dir)
+        self.flush()
+
+    def _deliver_model(self) -> None:
+        if self._model_dir.exists():
+            assert self.run_id is not None
+            self.client.log_artifacts(self.run_id, str(self._model_dir), artifact_path="model")
+            shutil.rmtree(self._model_dir)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        if self.flush():
+            assert self.run_id is not None
+            self.client.set_terminated(self.run_id, status)
+        else:
+            self.log(f"warning: MLflow is still unreachable; results are kept in {self.outbox} and delivered "
+                     "at the next start with the same settings")
 
     def ui_hint(self) -> str:
-        return f"sweep run {self.run_id} (experiment {self.experiment_id})"
+        if self.run_id is None or self.experiment_id is None:
+            return f"MLflow run not created yet ({self.uri} unreachable)"
+        command = f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite:") else f"open {self.uri}"
+        return (f"MLflow run {self.run_id} (experiment {self.experiment_id}); to browse it: "
+                f"{command}, then http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,7 +14,7 @@ from fedsilo.simulate import simulate
 @with_settings
 def command(
     settings: Settings,
-    clients: Annotated[Optional[int], typer.Option(
+    clients: Annotated[int | None, typer.Option(
         "--clients", envvar="FEDSILO_CLIENTS", min=1,
         help="Number of clients K (overrides --silos).")] = None,
 ) -> None:

@@ -108,6 +108,22 @@ range errors first; these are the checks a schema cannot express.
 {{- fail (printf "siloOverrides: rank %s has no pod in this cluster (in-cluster silos are ranks 1..%d: silos=%d, externalSilos=%d)" $rank $inCluster $silos $external) }}
 {{- end }}
 {{- end }}
+{{- $podConfigs := dict "aggregator.config" .Values.aggregator.config "silo.config" .Values.silo.config }}
+{{- range $rank, $override := .Values.siloOverrides }}
+{{- $_ := set $podConfigs (printf "siloOverrides.%s.config" $rank) (default dict $override.config) }}
+{{- end }}
+{{- if ne (default "iid" .Values.config.partition) "none" }}
+{{- if not .Values.config.dataset }}
+{{- fail (printf "config.dataset is required with config.partition=%s: every rank reads the shared dataset" (default "iid" .Values.config.partition)) }}
+{{- end }}
+{{- range $where, $cfg := $podConfigs }}
+{{- range $key := list "dataset" "test_dataset" }}
+{{- if hasKey (default dict $cfg) $key }}
+{{- fail (printf "%s.%s: with config.partition=%s every rank shares one dataset; per-pod data paths need config.partition=none" $where $key (default "iid" $.Values.config.partition)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $backend := include "fedsilo.backend" . }}
 {{- if and (eq $backend "nccl") (not .Values.gpu.enabled) }}
 {{- fail "backend=nccl needs GPUs: set gpu.enabled=true or use backend=gloo" }}
@@ -245,6 +261,8 @@ spec:
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       command: ["fedsilo"]
       args: [{{ .component | quote }}]
+      # The writable emptyDir: the root filesystem is read-only.
+      workingDir: /tmp
       {{- if eq .component "aggregator" }}
       ports:
         - name: rendezvous
@@ -361,6 +379,8 @@ podFailurePolicy:
         containerName: fedsilo
         operator: In
         values: {{ toJson $r.failFastExitCodes }}
+      # Empty, not absent: the OpenAPI schemas before Kubernetes 1.31 mark it required.
+      onPodConditions: []
     {{- end }}
     {{- if $r.ignoreDisruptions }}
     # Evictions, preemption and node drains are not the run's fault: replace the pod without
@@ -368,6 +388,7 @@ podFailurePolicy:
     - action: Ignore
       onPodConditions:
         - type: DisruptionTarget
+          status: "True"
     {{- end }}
 {{- end }}
 {{- with $r.activeDeadlineSeconds }}

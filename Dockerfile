@@ -1,0 +1,72 @@
+# fedsilo: one image for the aggregator, the silos and the bundled MLflow server.
+#
+#   docker build -t fedsilo:0.1.0 .
+#   docker run --rm fedsilo:0.1.0 --help
+#   docker run --rm --gpus all --network=host -e FEDSILO_TOKEN=... fedsilo:0.1.0 silo --rank 1 ...
+#
+# torch 2.13.0 from PyPI is its CUDA 13.0 build (it pulls cuda-toolkit 13.0.3 and cuDNN 9 as
+# wheels), so the default base is a CUDA 13.0 runtime image; hosts need an NVIDIA driver that
+# supports CUDA 13.0 (>= 580). Change TORCH_VERSION and BASE together. torch brings its own
+# CUDA libraries, so a smaller "-base-" flavour of the same CUDA release works as BASE too.
+# For a CPU-only image: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# BASE only needs a shell, coreutils and useradd; python3 with venv is installed when missing.
+ARG BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
+
+# ---- Python on the base ---------------------------------------------------------------------
+FROM ${BASE} AS python
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# ---- build the fedsilo wheel (its sources do not go into the image) ----------------------------
+FROM python AS wheel
+WORKDIR /src
+# README* (pyproject.toml names README.md as the long description) may be absent in a bare tree.
+COPY pyproject.toml README* ./
+COPY fedsilo/ fedsilo/
+RUN python3 -m venv /opt/build \
+    && /opt/build/bin/pip wheel --no-deps --wheel-dir /dist .
+
+# ---- the image ------------------------------------------------------------------------------
+FROM python
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+
+RUN groupadd --gid 10001 fedsilo \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/fedsilo \
+        --shell /usr/sbin/nologin fedsilo \
+    && python3 -m venv /opt/fedsilo
+ENV PATH=/opt/fedsilo/bin:$PATH \
+    VIRTUAL_ENV=/opt/fedsilo
+
+# Layers from the least to the most often changed: torch (GBs), the other libraries, fedsilo.
+COPY docker/constraints.txt /opt/fedsilo/constraints.txt
+RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
+        --constraint /opt/fedsilo/constraints.txt "torch==${TORCH_VERSION}"
+COPY pyproject.toml /tmp/fedsilo-pyproject.toml
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/fedsilo-pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --constraint /opt/fedsilo/constraints.txt --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt /tmp/fedsilo-pyproject.toml
+COPY --from=wheel /dist/ /tmp/dist/
+RUN pip install --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && pip check \
+    && fedsilo --help >/dev/null
+
+USER 10001:10001
+WORKDIR /home/fedsilo
+ENV HOME=/home/fedsilo \
+    HF_HOME=/home/fedsilo/.cache/huggingface
+# 29500: the aggregator's rendezvous; the collectives use further, ephemeral ports.
+EXPOSE 29500
+ENTRYPOINT ["fedsilo"]
+CMD ["--help"]

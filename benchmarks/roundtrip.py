@@ -1,0 +1,173 @@
+"""One rank of the aggregation round-trip benchmark (benchmarks/run.py starts K + 1 of these).
+
+The K + 1 processes form one gloo group through fedsilo's own ``comm`` module and then, in
+alternating blocks (ABBA order, so drift in a shared machine's load hits both alike), run:
+
+- fedsilo: ``aggregator.run_rounds`` on rank 0 and ``silo.run_rounds`` on ranks 1..K, unmodified.
+  The aggregator's ``comm_seconds`` metric (mask broadcast + reduce + averaging + global
+  broadcast, clocked after every silo has reported) is captured from its tracker.
+- raw floor: the same flat fp32 buffers, synchronised by a barrier, then one ``dist.reduce`` and
+  one ``dist.broadcast`` written directly with torch.distributed, clocked on rank 0 the same way.
+
+Only the model is a stand-in: :class:`ShapeAlike` has exactly the floating-point tensors (names
+aside) of ``BertForSequenceClassification`` at the chosen size, so the flat vector, the copies in
+``load_flat``/``flatten_into`` and the wire are those of the real model, but its forward pass
+touches only the classifier, so "local training" costs milliseconds and each rank holds about
+three copies of the model instead of four plus activations (K = 8 at 110M fits in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fedsilo import aggregator, comm, join, silo
+from fedsilo.config import build_settings
+from fedsilo.data import Encoded
+from fedsilo.model import flatten, float_tensors
+from fedsilo.workload import SiloData
+
+SIZES: dict[str, dict[str, Any]] = {
+    # MiniLM-L6 size (all-MiniLM-L6-v2 has this shape): ~22.7M parameters.
+    "22M": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536},
+    # bert-base size: ~109.5M parameters.
+    "110M": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+}
+
+
+def bert_config(size: str) -> Any:
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30522, **SIZES[size])
+    config.num_labels = 2
+    return config
+
+
+def float_shapes(size: str) -> list[tuple[int, ...]]:
+    """Shapes of the floating-point tensors fedsilo averages for this model size (run.py calls
+    this once and hands the ranks a JSON file, so that they need not import transformers)."""
+    from transformers import BertForSequenceClassification
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(bert_config(size))
+    return [tuple(t.shape) for t in float_tensors(model)]
+
+
+class ShapeAlike(torch.nn.Module):
+    """BERT's floating-point tensors, shape for shape, with a forward pass that uses only the
+    classifier (the last weight and bias): gradients and activations stay tiny."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.tensors = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02) for shape in shapes
+        )
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **_: Any) -> SimpleNamespace:
+        weight, bias = self.tensors[-2], self.tensors[-1]
+        features = torch.ones(len(input_ids), weight.shape[1]) * input_ids[:, :1].float().mean()
+        logits = features @ weight.T + bias
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+
+class Capture:
+    """Stands in for fedsilo's MLflow Tracker: keeps the per-round metrics."""
+
+    run_id = "benchmark"
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, float]] = []
+
+    def log_round(self, round_: int, metrics: dict[str, float]) -> None:
+        self.rounds.append(metrics)
+
+
+def tiny_data(rows: int) -> Encoded:
+    return Encoded([[101, 2307, 102]] * rows, np.array([i % 2 for i in range(rows)], dtype=np.int64), 0, 8)
+
+
+def raw_floor(rank: int, numel: int, rounds: int) -> list[float]:
+    """One reduce up and one broadcast down per round of one flat fp32 buffer, straight
+    torch.distributed. The buffer lives only for the block, so a rank never holds more copies of
+    the model than fedsilo's own loop does."""
+    flat = torch.full((numel,), 1e-3)
+    seconds = []
+    for _ in range(rounds):
+        dist.barrier()  # every rank is here: clock the wire, as comm_seconds starts after the report
+        started = time.perf_counter()
+        dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)
+        dist.broadcast(flat, src=0)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--silos", type=int, required=True)
+    parser.add_argument("--shapes", type=Path, required=True, help="JSON list of tensor shapes")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per block")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks of each kind, alternating ABBA")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="rank 0 writes its timings here (JSON)")
+    args = parser.parse_args()
+
+    shapes = [tuple(s) for s in json.loads(args.shapes.read_text())]
+    model = ShapeAlike(shapes)
+    numel = sum(int(np.prod(s)) for s in shapes)
+    # Blocks in ABBA order (fedsilo, floor, floor, fedsilo, ...): drift in a shared machine's
+    # load falls on both alike.
+    schedule = [kind for i in range(args.blocks) for kind in
+                (("fedsilo", "floor") if i % 2 == 0 else ("floor", "fedsilo"))]
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ckpt-") as ckpt:
+        settings = build_settings({
+            "model": "shape-alike", "dataset": "unused.csv", "silos": args.silos, "rounds": args.rounds,
+            "local_epochs": 1, "batch_size": 32, "aggregator": f"127.0.0.1:{args.port}", "backend": "gloo",
+            "device": "cpu", "join_timeout": 300, "round_timeout": 600, "checkpoint_dir": ckpt,
+        })
+        address = ("127.0.0.1", args.port)
+        store = comm.open_store(args.rank, *address, timeout=300)
+        group = comm.form_group(store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600, address)
+        fedsilo_s: list[float] = []
+        floor_s: list[float] = []
+        try:
+            for kind in schedule:
+                if kind == "floor":
+                    floor_s += raw_floor(args.rank, numel, args.rounds)
+                elif args.rank == 0:
+                    tracker = Capture()
+                    weights = flatten(model)
+                    aggregator.run_rounds(settings, group, model, weights, tiny_data(2), tracker,  # type: ignore[arg-type]
+                                          1, "benchmark", ["0", "1"], lambda _: None)
+                    del weights
+                    fedsilo_s += [m["comm_seconds"] for m in tracker.rounds]
+                else:
+                    data = SiloData(tiny_data(4), None, ["0", "1"])
+                    silo.run_rounds(settings, group, model, data, args.rank,
+                                    join.Welcome(["0", "1"], 1, False), lambda _: None)
+        finally:
+            group.close()
+    if args.rank == 0 and args.out:
+        args.out.write_text(json.dumps({
+            "silos": args.silos, "numel": numel, "model_bytes": numel * 4,
+            "fedsilo_comm_seconds": fedsilo_s, "floor_seconds": floor_s,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
+        }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The client loop of ``fedsilo simulate`` in one process: K = 32 x n rows vs K = 1 x 32n rows.
+
+``benchmarks/run.py`` times the ``fedsilo simulate`` command itself, one process per run; on a
+shared machine those runs see different load. This worker alternates the two client loops in
+one process (``fedsilo.simulate.train_client`` for every client, as ``run_rounds`` calls it), so
+the ratio it gives isolates what K = 32 costs over K = 1: the per-client bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--per-client", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from fedsilo.config import build_settings
+    from fedsilo.data import encode
+    from fedsilo.model import flatten
+    from fedsilo.simulate import train_client
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    n, clients = args.per_client, 32
+    frame = pd.read_csv(args.data).sample(n * clients, random_state=2)
+    texts, labels = frame["text"].tolist(), (frame["label"].astype(str) == "rotten").to_numpy(np.int64)
+    one = [encode(texts, labels, tokenizer, 128)]
+    many = [encode(texts[i * n:(i + 1) * n], labels[i * n:(i + 1) * n], tokenizer, 128) for i in range(clients)]
+    settings = build_settings({"model": str(args.model), "dataset": str(args.data), "local_epochs": 1,
+                               "batch_size": n, "device": "cpu"})
+    weights = flatten(model)
+    summed, scratch = torch.zeros_like(weights), torch.empty_like(weights)
+
+    def round_(shards: list) -> None:
+        for k in range(1, len(shards) + 1):
+            train_client(settings, model, weights, shards, k, 1, summed, scratch, lambda _: None)
+
+    seconds: dict[str, list[float]] = {"1": [], "32": []}
+    round_(many[:2])  # warm-up
+    for rep in range(args.reps):
+        for k, shards in ((("1", one), ("32", many)) if rep % 2 == 0 else (("32", many), ("1", one))):
+            started = time.perf_counter()
+            round_(shards)
+            seconds[k].append(time.perf_counter() - started)
+    args.out.write_text(json.dumps({"seconds": seconds, "rows": n * clients,
+                                    "ratio": statistics.median(seconds["32"]) / statistics.median(seconds["1"])}))
+
+
+if __name__ == "__main__":
+    main()

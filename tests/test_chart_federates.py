@@ -1,0 +1,307 @@
+"""The rendered chart really federates: its pods, run as local processes, train and log to MLflow.
+
+The chart is rendered with ``helm template`` (silos=2) and every pod it would create (the
+MLflow Deployment, the aggregator's Job, each index of the silos' Indexed Job, or each silo's
+own Job when siloOverrides is set) is started as a local process with exactly the rendered
+command, args and env. What a cluster would provide is emulated, and nothing else is changed:
+
+- volumes: ConfigMaps and Secrets are written to files, PVCs and emptyDirs are directories,
+  hostPaths are themselves; a path under a mountPath in env, args or workingDir is mapped to
+  the directory behind that volume (what the kubelet's mount does);
+- Kubernetes' own env: JOB_COMPLETION_INDEX for each index of an Indexed Job;
+- cluster DNS: a ``*.svc.cluster.local`` name becomes 127.0.0.1 (every "pod" is on loopback).
+
+Settings that a real cluster would have too come in as values: loopback as the socket
+interface, free ports, short timeouts, a tiny model and small CSVs on hostPath data volumes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_chart import ROOT, one, pods, render
+from tests.tiny import make_tiny_model, sentiment_rows, write_csv
+
+CLUSTER_DNS = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc\.cluster\.local\b")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return f"---- {self.name} (exit {self.popen.poll()}) ----\n" + "\n".join(text[-lines:])
+
+
+class LocalCluster:
+    """Runs rendered pod specs as local processes (see the module docstring)."""
+
+    def __init__(self, docs: list[dict[str, Any]], root: Path) -> None:
+        self.docs = docs
+        self.root = root
+        self.processes: list[Process] = []
+        self.rewrites: set[tuple[str, str]] = set()
+
+    # -- volumes --------------------------------------------------------------------------------
+    def _volume_dir(self, pod_name: str, volume: dict[str, Any]) -> Path:
+        if "hostPath" in volume:
+            return Path(volume["hostPath"]["path"])
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            path = self.root / "pvc" / claim  # shared by every pod that mounts the claim
+        elif "emptyDir" in volume:
+            path = self.root / "pods" / pod_name / volume["name"]
+        elif "configMap" in volume:
+            data = one(self.docs, "ConfigMap", volume["configMap"]["name"])["data"]
+            path = self._write(pod_name, volume, data, volume["configMap"].get("items"))
+        elif "secret" in volume:
+            secret = one(self.docs, "Secret", volume["secret"]["secretName"])
+            data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+            path = self._write(pod_name, volume, data, volume["secret"].get("items"))
+        else:
+            raise AssertionError(f"no local stand-in for volume {volume}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _write(
+        self, pod_name: str, volume: dict[str, Any], data: dict[str, str], items: list[dict[str, str]] | None
+    ) -> Path:
+        path = self.root / "pods" / pod_name / volume["name"]
+        path.mkdir(parents=True, exist_ok=True)
+        for item in items or [{"key": k, "path": k} for k in data]:
+            (path / item["path"]).write_text(data[item["key"]], encoding="utf-8")
+        return path
+
+    def _mounts(self, pod_name: str, spec: dict[str, Any]) -> dict[str, Path]:
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        (container,) = spec["containers"]
+        mounts = container.get("volumeMounts", [])
+        return {m["mountPath"]: self._volume_dir(pod_name, volumes[m["name"]]) for m in mounts}
+
+    # -- what a container sees ------------------------------------------------------------------
+    def _translate(self, text: str, mounts: dict[str, Path]) -> str:
+        original = text
+        if mounts:
+            # One pass, longest mount path first: a translated path is never translated again.
+            paths = {p.rstrip("/"): d for p, d in mounts.items()}
+            alternatives = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+            pattern = rf"(?<![\w.-])({alternatives})(?=/|$)"
+            text = re.sub(pattern, lambda m: str(paths[m.group(1)]), text)
+        text = CLUSTER_DNS.sub("127.0.0.1", text)
+        if text != original:
+            self.rewrites.add((original, text))
+        return text
+
+    @staticmethod
+    def _executable(name: str) -> list[str]:
+        script = Path(sys.executable).parent / name
+        return [str(script)] if script.exists() else [sys.executable, "-m", name]
+
+    def start(self, pod_name: str, spec: dict[str, Any], extra_env: dict[str, str] | None = None) -> Process:
+        mounts = self._mounts(pod_name, spec)
+        (container,) = spec["containers"]
+        command = container["command"]
+        assert len(command) == 1, command
+        argv = self._executable(command[0]) + [self._translate(a, mounts) for a in container.get("args", [])]
+        home = self.root / "pods" / pod_name / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            # The image's environment: fedsilo and mlflow on PATH, a writable HOME.
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": str(home),
+            "PYTHONPATH": str(ROOT),
+            # This machine has no hub access: fail at once on a hub name instead of hanging.
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            **(extra_env or {}),
+        }
+        for item in container.get("env", []):
+            assert "value" in item, f"{pod_name}: env {item['name']} is not a plain value"
+            env[item["name"]] = self._translate(item["value"], mounts)
+        cwd = self._translate(container["workingDir"], mounts) if "workingDir" in container else str(home)
+        log = self.root / f"{pod_name}.log"
+        handle = log.open("wb")
+        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        process = Process(pod_name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.popen.poll() is None:
+                os.killpg(process.popen.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.popen.pid, signal.SIGKILL)
+                process.popen.wait()
+
+    def logs(self) -> str:
+        return "\n".join(p.tail() for p in self.processes)
+
+
+def wait_ready(process: Process, url: str, timeout: float) -> None:
+    """The readiness probe: poll ``url`` until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.popen.poll() is None, f"{process.name} exited early\n{process.tail()}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{process.name} not ready within {timeout:g}s\n{process.tail()}")
+
+
+def probe_url(spec: dict[str, Any]) -> str:
+    (container,) = spec["containers"]
+    probe = container["readinessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    port = ports.get(probe["port"], probe["port"])
+    return f"http://127.0.0.1:{port}{probe['path']}"
+
+
+def run_chart(docs: list[dict[str, Any]], root: Path, mlflow_port: int) -> Any:
+    """Start MLflow and every member pod; wait for the federation; return the MLflow run."""
+    members = pods(docs)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    mlflow_spec = deployment["spec"]["template"]["spec"]
+    cluster = LocalCluster(docs, root)
+    try:
+        # MLflow first, until its readiness probe answers (the aggregator would retry its HTTP
+        # calls anyway; waiting keeps the test's timing simple). Then the silos before the
+        # aggregator: they must wait for it.
+        server = cluster.start("mlflow", mlflow_spec)
+        wait_ready(server, probe_url(mlflow_spec), timeout=120)
+        for pod in sorted(members, key=lambda p: -p.rank):
+            index = pod.completion_index
+            name = pod.job if index is None else f"{pod.job}-{index}"
+            cluster.start(name, pod.spec, {} if index is None else {"JOB_COMPLETION_INDEX": str(index)})
+        federation = [p for p in cluster.processes if p is not server]
+        deadline = time.monotonic() + 300
+        while any(p.popen.poll() is None for p in federation) and time.monotonic() < deadline:
+            if any(p.popen.poll() not in (None, 0) for p in federation):
+                # One rank failed: the others follow within seconds (or at their timeouts).
+                deadline = min(deadline, time.monotonic() + 15)
+            time.sleep(0.5)
+        codes = {p.name: p.popen.poll() for p in federation}
+        assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_port}")
+        experiment = client.get_experiment_by_name("chart-e2e")
+        assert experiment is not None, cluster.logs()
+        (run,) = client.search_runs([experiment.experiment_id])
+    finally:
+        cluster.stop()
+    # Only mount paths and cluster DNS names were translated.
+    for original, translated in cluster.rewrites:
+        assert "svc.cluster.local" in original or original.startswith(("/", "sqlite:")), (original, translated)
+    return run
+
+
+def base_values(model: Path, mlflow_port: int) -> dict[str, Any]:
+    return {
+        "silos": 2,
+        "config": {"experiment": "chart-e2e", "model": str(model), "rounds": 2, "local_epochs": 1,
+                   "batch_size": 16, "max_length": 32, "eval_batch_size": 64},
+        # Loopback is this test's pod network; small timeouts so that a wiring fault fails fast.
+        "comm": {"rendezvousPort": free_port(), "socketIfname": "lo", "joinTimeout": 120, "roundTimeout": 120},
+        "mlflow": {"server": {"port": mlflow_port, "service": {"port": mlflow_port}}},
+    }
+
+
+@pytest.mark.timeout(420)
+def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: Path) -> None:
+    # Prepare: a node directory with a tiny model and a CSV, mounted in every pod at its own path.
+    node = tmp_path / "node"
+    node.mkdir()
+    model = make_tiny_model(node / "model")
+    write_csv(node / "train.csv", sentiment_rows(160))
+    mlflow_port = free_port()
+    values = base_values(model, mlflow_port)
+    values["config"].update(dataset=str(node / "train.csv"), partition="iid")
+    volume = {"hostPath": {"path": str(node), "type": "Directory"}}
+    values.update(dataMountPath=str(node), aggregator={"dataVolume": volume}, silo={"dataVolume": volume})
+    docs = render(values)
+    assert sorted((p.rank, p.completion_index) for p in pods(docs)) == [(0, None), (1, 0), (2, 1)]
+
+    # Execute
+    run = run_chart(docs, tmp_path / "cluster", mlflow_port)
+
+    # Assert: the run finished with both silos, its checkpoint and database on their PVCs.
+    assert run.info.status == "FINISHED"
+    assert run.data.params["silos"] == "2"
+    assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
+    assert run.data.metrics["silo_1/examples"] + run.data.metrics["silo_2/examples"] > 100
+    assert any((tmp_path / "cluster" / "pvc" / "exp-fedsilo-checkpoints").iterdir())
+    assert (tmp_path / "cluster" / "pvc" / "exp-fedsilo-mlflow" / "mlflow.db").exists()
+
+
+@pytest.mark.timeout(420)
+def test_job_per_silo_federates_each_on_its_own_data_volume(tmp_path: Path) -> None:
+    # Prepare: two "hospital nodes" with different amounts of their own data, the same file name
+    # on each, and a held-out set on the aggregator's volume.
+    model = make_tiny_model(tmp_path / "image" / "model")  # as if baked into the image
+    sizes = {1: 120, 2: 60}
+    overrides = {}
+    for rank, rows in sizes.items():
+        node = tmp_path / f"hospital-{rank}"
+        node.mkdir()
+        write_csv(node / "notes.csv", sentiment_rows(rows, seed=rank))
+        overrides[str(rank)] = {
+            "nodeSelector": {"fedsilo.dev/site": f"hospital-{rank}"},
+            "dataVolume": {"hostPath": {"path": str(node), "type": "Directory"}},
+        }
+    coordinator = tmp_path / "coordinator"
+    coordinator.mkdir()
+    write_csv(coordinator / "test.csv", sentiment_rows(40, seed=9))
+    mlflow_port = free_port()
+    values = base_values(model, mlflow_port)
+    # No shared dataset: each silo's comes from its own volume, the aggregator has only a test set.
+    values["config"].update(partition="none", labels=["neg", "pos"])
+    values.update(
+        siloOverrides=overrides,
+        silo={"config": {"dataset": "/data/notes.csv"}},
+        aggregator={"dataVolume": {"hostPath": {"path": str(coordinator), "type": "Directory"}},
+                    "config": {"test_dataset": "/data/test.csv"}},
+    )
+    docs = render(values)
+    assert sorted((p.rank, p.env.get("FEDSILO_RANK")) for p in pods(docs)) == [(0, None), (1, "1"), (2, "2")]
+
+    # Execute
+    run = run_chart(docs, tmp_path / "cluster", mlflow_port)
+
+    # Assert: each silo trained on all of its own file (partition none), nothing else.
+    assert run.info.status == "FINISHED"
+    examples = {rank: run.data.metrics[f"silo_{rank}/examples"] for rank in sizes}
+    assert examples[1] > examples[2], f"each silo must read its own volume: {examples}"
+    assert all(examples[rank] <= sizes[rank] for rank in sizes), examples
+    assert "test_accuracy" in run.data.metrics, "the aggregator evaluated on its own test set"

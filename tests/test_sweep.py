@@ -1,0 +1,184 @@
+"""fedsilo.sweep: grid expansion and validation, then real sweeps of tiny simulations in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from fedsilo import sweep
+from fedsilo.cli import app
+from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.report import PARENT_TAG, write_report
+from fedsilo.sweep import CELL_TAG, PARENT_RUN_TAG
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_spec(directory: Path, spec: dict[str, Any], name: str = "sweep.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# --- the sweep file ----------------------------------------------------------------------------
+
+
+def test_grid_expands_in_order_with_per_dataset_budgets(tmp_path) -> None:
+    spec = sweep.read_spec(write_spec(tmp_path, {
+        "settings": {"lr": 0.1, "max-length": 64},
+        "grid": {"model": ["m1", "m2"], "dataset": ["a.csv", "b.csv"], "silos": [1, 4]},
+        "per_dataset": {"a.csv": {"budget": 3, "threshold": 6}, "b.csv": {"rounds": 2}},
+    }))
+    cells = sweep.expand(spec, "exp")
+    assert [c.label() for c in cells[:3]] == ["model=m1 dataset=a.csv silos=1", "model=m1 dataset=a.csv silos=4",
+                                              "model=m1 dataset=b.csv silos=1"]
+    assert len(cells) == 8 and len({c.key for c in cells}) == 8
+    a, b = cells[0], cells[2]
+    assert (a.settings.federation.rounds, a.params()) == (6, {"budget": 3, "threshold": 6})
+    assert (b.settings.federation.rounds, b.params()) == (2, {})
+    assert a.settings.model.max_length == 64 and a.settings.train.lr == 0.1
+    assert a.settings.tracking.experiment == "exp"
+
+
+def test_cell_key_follows_the_result_not_the_place() -> None:
+    def key(**settings: Any) -> str:
+        spec = sweep.SweepSpec(settings={"dataset": "a.csv", **settings}, grid={"silos": [2]})
+        return sweep.expand(spec, "e")[0].key
+
+    assert key() == key(device="cpu", eval_batch_size=7, checkpoint_dir="elsewhere")
+    assert key() != key(lr=0.5)
+    assert key() != key(budget=5, rounds=10) != key(rounds=10)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"grid": {"sylos": [1, 2]}}, "grid.sylos: unknown key"),
+    ({"grid": {"silos": 4}}, "grid.silos: Input should be a valid list"),
+    ({"grid": {"silos": []}}, "grid.silos: empty list"),
+    ({"grid": {"silos": [1]}, "settings": {"experiment": "x"}}, "settings.experiment: set 'experiment' at the top level"),
+    ({"grid": {"silos": [1]}, "settings": {"silos": 2}}, "grid.silos: also set under settings"),
+    ({"grid": {"silos": [1]}, "parallel": True}, "parallel: Extra inputs are not permitted"),
+    ({"grid": {"dataset": ["imdb"]}, "per_dataset": {"imbd": {"rounds": 3}}}, "per_dataset.imbd: no such dataset"),
+    ({"grid": {"silos": [0, 2]}, "settings": {"dataset": "a"}}, "cell 1/2 (silos=0): invalid setting 'silos'"),
+    ({"grid": {"silos": [1]}, "settings": {"dataset": "a", "rounds": 5, "budget": 8}}, "budget 8 is after the last round (5)"),
+    ({"grid": {"silos": [1]}, "settings": {"dataset": "a", "rounds": 5, "threshold": 8}}, "rounds (5) and threshold (8) disagree"),
+    ({"grid": {"silos": [2, 2]}, "settings": {"dataset": "a"}}, "cell 2/2 (silos=2): the same run as cell 1"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, spec, message) -> None:
+    path = write_spec(tmp_path, spec)
+    with pytest.raises(ConfigError) as caught:
+        sweep.expand(sweep.read_spec(path), "e")
+    assert message in str(caught.value)
+
+
+def test_cli_bad_file_is_one_line_and_dry_run_touches_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = CliRunner().invoke(app, ["sweep", "--config", str(write_spec(tmp_path, {"grid": {"sylos": [1]}}))])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert len(bad.stderr.strip().splitlines()) == 1 and "grid.sylos: unknown key" in bad.stderr
+
+    good = write_spec(tmp_path, {"settings": {"dataset": "a.csv"}, "grid": {"silos": [1, 2, 4]}}, "good.yaml")
+    listed = CliRunner().invoke(app, ["sweep", "--config", str(good), "--dry-run"])
+    assert listed.exit_code == 0, listed.output
+    assert "cell 3/3: silos=4 (rounds=10)" in listed.output and "experiment 'good'" in listed.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_paper_grid() -> None:
+    cells = sweep.expand(sweep.read_spec(CONFIGS / "paper.yaml"), "paper")
+    assert len(cells) == 3 * 3 * 6
+    assert {c.settings.model.model for c in cells} == {"bert-base-cased", "albert-base-v2", "distilbert-base-cased"}
+    assert sorted({c.settings.federation.silos for c in cells}) == [1, 2, 4, 8, 16, 32]
+    plan = {(c.settings.data.dataset, c.budget, c.threshold, c.settings.federation.rounds) for c in cells}
+    assert plan == {("imdb", 100, 200, 200), ("yelp_review_full", 50, 100, 100), ("ag_news", 100, 200, 200)}
+    s = cells[0].settings
+    assert (s.train.lr, s.train.batch_size, s.model.max_length, s.train.local_epochs, s.data.partition) == (
+        2e-5, 32, 128, 2, "iid")
+
+
+@pytest.mark.parametrize("name", ["sweep-example.yaml", "replication-cpu.yaml"])
+def test_shipped_sweep_files_are_valid(name) -> None:
+    cells = sweep.expand(sweep.read_spec(CONFIGS / name), "x")
+    assert cells and all(c.budget is None or c.budget <= c.settings.federation.rounds for c in cells)
+    assert any(c.settings.federation.silos == 1 for c in cells)  # the baseline the report needs
+
+
+# --- real sweeps ---------------------------------------------------------------------------------
+
+
+def tiny_sweep(directory: Path, model: Path, data: Path) -> Path:
+    return write_spec(directory, {
+        "experiment": "tiny",
+        "tracking_uri": f"sqlite:///{directory}/mlflow.db",
+        "settings": {"model": str(model), "dataset": str(data), "batch_size": 16, "lr": 0.3, "local_epochs": 1,
+                     "checkpoint_dir": str(directory / "ckpt")},
+        "grid": {"silos": [1, 2]},
+        "per_dataset": {str(data): {"budget": 1, "threshold": 2}},
+    })
+
+
+def runs_of(directory: Path) -> tuple[list[Any], list[Any]]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{directory}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags.get(PARENT_TAG) == "parent"]
+    return parents, [r for r in runs if r not in parents]
+
+
+def test_sweep_nests_its_cells_and_a_rerun_trains_nothing(tmp_path, tiny_bert, sentiment_csv) -> None:
+    # Execute
+    path = tiny_sweep(tmp_path, tiny_bert, sentiment_csv)
+    lines: list[str] = []
+    sweep.run_sweep(path, log=lines.append)
+    # Assert: one parent, a FINISHED child per cell with the report's params
+    (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.data.tags[PARENT_RUN_TAG] == parent.info.run_id and c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    assert all((c.data.params["budget"], c.data.params["threshold"], c.data.params["rounds"]) == ("1", "2", "2")
+               for c in children)
+    assert not list((tmp_path / "ckpt").glob("*/latest.pt"))  # the models are in MLflow
+    assert "cell 2/2: silos=2" in lines and lines[-1] == "summarise it: fedsilo report --experiment tiny " \
+        f"--tracking-uri sqlite:///{tmp_path}/mlflow.db"
+
+    # a rerun of the same sweep continues the same parent and trains nothing
+    again: list[str] = []
+    sweep.run_sweep(path, log=again.append)
+    (parent_again,), children_again = runs_of(tmp_path)
+    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
+    assert {c.info.run_id for c in children_again} == {c.info.run_id for c in children}
+    assert "2 finished already, 0 to run" in again[0]
+    assert sum("finished already (run" in line for line in again) == 2
+
+
+def test_a_partly_finished_sweep_reruns_only_the_missing_cells(monkeypatch, tmp_path, tiny_bert, sentiment_csv) -> None:
+    # Prepare: the K = 2 cell fails the first time
+    path = tiny_sweep(tmp_path, tiny_bert, sentiment_csv)
+    real_simulate = sweep.simulate
+    trained: list[int] = []
+
+    def flaky(settings, log, **kw):
+        trained.append(settings.federation.silos)
+        if settings.federation.silos == 2 and trained.count(2) == 1:
+            raise FedsiloError("silo 2 is unreachable")
+        return real_simulate(settings, log, **kw)
+
+    monkeypatch.setattr(sweep, "simulate", flaky)
+    with pytest.raises(sweep.SweepError, match=r"1 of 2 cell\(s\) failed.*cell 2 \(silos=2\): silo 2 is unreachable"):
+        sweep.run_sweep(path, log=lambda line: None)
+    (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "FAILED" and [c.data.params["silos"] for c in children] == ["1"]
+    # Execute
+    sweep.run_sweep(path, log=lambda line: None)
+    # Assert: only the missing cell trained, under the same parent; the report sees both
+    assert trained == [1, 2, 2]
+    (parent_again,), children = runs_of(tmp_path)
+    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
+    assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    assert all(c.data.tags[CELL_TAG] for c in children)
+    report = write_report("tiny", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "report")
+    assert [(r.silos, r.budget, r.threshold) for r in report.rows] == [(1, 1, 2), (2, 1, 2)]
+    assert report.parent_run_id == parent.info.run_id
