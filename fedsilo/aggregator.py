@@ -15,7 +15,7 @@ from fedsilo.config import Settings
 from fedsilo.data import Encoded
 from fedsilo.errors import FederationError
 from fedsilo.model import architecture_fingerprint, build_model, flatten, load_flat, load_tokenizer
-from fedsilo.tracking import Tracker
+from fedsilo.tracking import Tracker, round_line, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
 from fedsilo.workload import agreed_settings, aggregator_test_data, settings_fingerprint
 
@@ -194,21 +194,10 @@ def run_rounds(
         accuracy = result.accuracy
 
         # log and checkpoint
-        metrics = {
-            "test_accuracy": result.accuracy,
-            "test_loss": result.loss,
-            "train_loss": sum(r.train_loss * r.examples for r in reports if r.rank in accepted) / total,
-            "round_seconds": time.perf_counter() - started,
-            "comm_seconds": comm_seconds,
-            "bytes_per_silo": float(bytes_per_silo),
-            "silos_skipped": float(len(skipped)),
-        }
-        for r in reports:
-            metrics[f"silo_{r.rank}/train_loss"] = r.train_loss
-            metrics[f"silo_{r.rank}/examples"] = float(r.examples)
+        metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
+        metrics.update(comm_seconds=comm_seconds, bytes_per_silo=float(bytes_per_silo))
         tracker.log_round(round_, metrics)
         checkpoint.save(settings.checkpoint.checkpoint_dir,
                         checkpoint.Checkpoint(round_, weights, tracker.run_id, labels, fingerprint))
-        log(f"round {round_}/{fed.rounds}: test_accuracy={result.accuracy:.4f} test_loss={result.loss:.4f} "
-            f"train_loss={metrics['train_loss']:.4f} ({metrics['round_seconds']:.1f}s)")
+        log(round_line(round_, fed.rounds, metrics))
     return accuracy

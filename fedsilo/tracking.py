@@ -164,3 +164,25 @@ class Tracker:
         command = f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite:") else f"open {self.uri}"
         return (f"MLflow run {self.run_id} (experiment {self.experiment_id}); to browse it: "
                 f"{command}, then http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+
+
+def round_metrics(result: Any, reports: list[Any], accepted: list[int], skipped: list[str], seconds: float) -> dict[str, float]:
+    """The metrics every round logs, in the aggregator and in the simulation alike."""
+    total = sum(r.examples for r in reports if r.rank in accepted)
+    metrics = {
+        "test_accuracy": result.accuracy,
+        "test_loss": result.loss,
+        "train_loss": sum(r.train_loss * r.examples for r in reports if r.rank in accepted) / total,
+        "round_seconds": seconds,
+        "silos_skipped": float(len(skipped)),
+    }
+    for r in reports:
+        metrics[f"silo_{r.rank}/train_loss"] = r.train_loss
+        metrics[f"silo_{r.rank}/examples"] = float(r.examples)
+    return metrics
+
+
+def round_line(round_: int, rounds: int, metrics: dict[str, float]) -> str:
+    return (f"round {round_}/{rounds}: test_accuracy={metrics['test_accuracy']:.4f} "
+            f"test_loss={metrics['test_loss']:.4f} train_loss={metrics['train_loss']:.4f} "
+            f"({metrics['round_seconds']:.1f}s)")
