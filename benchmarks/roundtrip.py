@@ -10,10 +10,11 @@ alternating blocks (ABBA order, so drift in a shared machine's load hits both al
   one ``dist.broadcast`` written directly with torch.distributed, clocked on rank 0 the same way.
 
 Only the model is a stand-in: :class:`ShapeAlike` has exactly the floating-point tensors (names
-aside) of ``BertForSequenceClassification`` at the chosen size, so the flat vector, the copies in
-``load_flat``/``flatten_into`` and the wire are those of the real model, but its forward pass
-touches only the classifier, so "local training" costs milliseconds and each rank holds about
-three copies of the model instead of four plus activations (K = 8 at 110M fits in memory).
+aside) of ``BertForSequenceClassification`` at the chosen size, so the flat vector (the model's
+own storage, through ``bind_flat``, as in fedsilo's roles) and the wire are those of the real
+model, but its forward pass touches only the classifier, so "local training" costs milliseconds
+and each rank holds about two copies of the model instead of two plus gradients and activations
+(K = 8 at 110M fits in memory).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from fedsilo import aggregator, comm, join, silo
 from fedsilo.config import build_settings
 from fedsilo.data import Encoded
-from fedsilo.model import flatten, float_tensors
+from fedsilo.model import bind_flat, float_tensors
 from fedsilo.workload import SiloData
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -149,7 +150,7 @@ def main() -> None:
                     floor_s += raw_floor(args.rank, numel, args.rounds)
                 elif args.rank == 0:
                     tracker = Capture()
-                    weights = flatten(model)
+                    weights = bind_flat(model)  # as aggregator.serve makes it
                     aggregator.run_rounds(settings, group, model, weights, tiny_data(2), tracker,  # type: ignore[arg-type]
                                           1, "benchmark", ["0", "1"], lambda _: None)
                     del weights

@@ -556,8 +556,14 @@ def table(results: dict[str, Any]) -> str:
                          f"| {fmt_x(extra)} | {fmt_s(median(steady(fed['comm_seconds'])))} "
                          f"| {fmt_s(median(steady(fed['round_seconds'])))} |")
             if model_bytes:
-                summary.append((f"aggregator peak RSS / fp32 model, {fed['size']}", fmt_x(ratio),
-                                f"<= {TARGET_PEAK_RATIO:g}x", verdict(ratio, TARGET_PEAK_RATIO, False)))
+                # The total is what the issue asks for and what the verdict holds against 4x; the
+                # part above the tiny-model process is what fedsilo's buffers add, shown beside it
+                # because the fixed cost alone (torch, transformers, MLflow) is ~6.7x a 22M model.
+                summary.append((f"aggregator peak RSS / fp32 model, {fed['size']} (total: held against the target)",
+                                fmt_x(ratio), f"<= {TARGET_PEAK_RATIO:g}x", verdict(ratio, TARGET_PEAK_RATIO, False)))
+                summary.append((f"(aggregator peak RSS - tiny-model peak) / fp32 model, {fed['size']} "
+                                "(model-proportional part: reference only)", fmt_x(extra),
+                                f"<= {TARGET_PEAK_RATIO:g}x", verdict(extra, TARGET_PEAK_RATIO, False) + " (reference)"))
         lines.append("")
     training = results.get("training")
     if training:
@@ -612,7 +618,10 @@ def table(results: dict[str, Any]) -> str:
                 lines += [(f"In one process, alternating (simulate_loop.py, `train_client` for every client): K = 1 "
                           f"{', '.join(f'{s:.1f}' for s in loop['seconds']['1'])} s, K = 32 "
                           f"{', '.join(f'{s:.1f}' for s in loop['seconds']['32'])} s per round: "
-                          f"ratio {fmt_x(loop['ratio'])}."), ""]
+                          f"ratio {fmt_x(loop['ratio'])}"
+                          + (f"; padded tokens per round K = 32 / K = 1: {loop['padded_tokens']['32']} / "
+                             f"{loop['padded_tokens']['1']} = {loop['padded_tokens']['32'] / loop['padded_tokens']['1']:.3f}"
+                             if loop.get("padded_tokens") else "") + "."), ""]
                 summary.append(("simulate client loop, K=32 / K=1 (one process, alternating)", fmt_x(loop["ratio"]),
                                 f"<= {TARGET_SIM_TIME}x", verdict(loop["ratio"], TARGET_SIM_TIME, False)))
             summary.append(("simulate peak RSS, K=32 / K=1", fmt_x(m), f"<= {TARGET_SIM_MEMORY}x", verdict(m, TARGET_SIM_MEMORY, False)))

@@ -32,8 +32,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from fedsilo.config import build_settings
-    from fedsilo.data import encode
-    from fedsilo.model import flatten
+    from fedsilo.data import batch_order, encode
+    from fedsilo.model import bind_flat
     from fedsilo.simulate import train_client
 
     hf_logging.set_verbosity_error()
@@ -46,12 +46,21 @@ def main() -> None:
     many = [encode(texts[i * n:(i + 1) * n], labels[i * n:(i + 1) * n], tokenizer, 128) for i in range(clients)]
     settings = build_settings({"model": str(args.model), "dataset": str(args.data), "local_epochs": 1,
                                "batch_size": n, "device": "cpu"})
-    weights = flatten(model)
-    summed, scratch = torch.zeros_like(weights), torch.empty_like(weights)
+    local = bind_flat(model)  # as fedsilo.simulate.simulate makes them
+    weights, summed = local.clone(), torch.zeros_like(local)
 
     def round_(shards: list) -> None:
         for k in range(1, len(shards) + 1):
-            train_client(settings, model, weights, shards, k, 1, summed, scratch, lambda _: None)
+            train_client(settings, model, local, weights, shards, k, 1, summed, lambda _: None)
+
+    def padded_tokens(shards: list) -> int:
+        """Tokens the forward passes see (rows x longest row, per batch), as local_train batches
+        client k in round 1: the two sides' data differ in padding, not only in client count."""
+        t = settings.train
+        return sum(len(rows) * max(len(shard.input_ids[i]) for i in rows)
+                   for k, shard in enumerate(shards, start=1)
+                   for rows in batch_order([len(s) for s in shard.input_ids], n, (t.seed, k, 1, 0), True,
+                                           t.group_by_length))
 
     seconds: dict[str, list[float]] = {"1": [], "32": []}
     round_(many[:2])  # warm-up
@@ -61,6 +70,7 @@ def main() -> None:
             round_(shards)
             seconds[k].append(time.perf_counter() - started)
     args.out.write_text(json.dumps({"seconds": seconds, "rows": n * clients,
+                                    "padded_tokens": {"1": padded_tokens(one), "32": padded_tokens(many)},
                                     "ratio": statistics.median(seconds["32"]) / statistics.median(seconds["1"])}))
 
 

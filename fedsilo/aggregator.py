@@ -13,8 +13,8 @@ from fedsilo import checkpoint, comm, join
 from fedsilo.averaging import Report, UpdateRejected, finish_average, validate_updates
 from fedsilo.config import Settings
 from fedsilo.data import Encoded
-from fedsilo.errors import FederationError
-from fedsilo.model import architecture_fingerprint, build_model, flatten, load_flat, load_tokenizer
+from fedsilo.errors import FederationError, FedsiloError
+from fedsilo.model import architecture_fingerprint, bind_flat, build_model, flat_size, is_bound, load_flat, load_tokenizer
 from fedsilo.tracking import Tracker, round_line, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
 from fedsilo.workload import agreed_settings, aggregator_test_data, settings_fingerprint
@@ -76,6 +76,9 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
     backend = comm.pick_backend(fed.backend, device)
     address = comm.resolve_address(fed.aggregator)
     checkpoint.ensure_writable(settings.checkpoint.checkpoint_dir)
+    fingerprint = settings_fingerprint(settings)
+    # Read the checkpoint before listening: a corrupt one must stop us before any silo is admitted.
+    resumed = checkpoint.load(settings.checkpoint.checkpoint_dir, fingerprint)
     tokenizer = load_tokenizer(settings.model.model)
     test, labels = aggregator_test_data(settings, tokenizer)
     if token is None:
@@ -85,47 +88,59 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
     store = comm.open_store(0, address[0], address[1], fed.join_timeout)
     log(f"waiting for {fed.silos} silo(s) on {address[0]}:{address[1]} ({backend})")
     hellos, labels = _admit(settings, store, token, labels, log)
-    model = build_model(settings.model.model, labels, settings.train.seed).to(device)
-    arch = architecture_fingerprint(model)
-    mismatched = [r for r, h in hellos.items() if h.architecture != arch]
-    if mismatched:
-        reason = f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})"
+    try:
+        model = build_model(settings.model.model, labels, settings.train.seed).to(device)
+        arch = architecture_fingerprint(model)
+        mismatched = [r for r, h in hellos.items() if h.architecture != arch]
+        if mismatched:
+            raise FederationError(f"silo(s) {mismatched} built a different model from the aggregator's "
+                                  f"({settings.model.model})")
+        if resumed is not None:
+            checkpoint.check_fits(resumed, settings.checkpoint.checkpoint_dir, labels, flat_size(model))
+        outbox = checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, fingerprint).parent
+        if resumed is not None and resumed.round >= fed.rounds:
+            # That federation finished: deliver what MLflow missed of it, then start a new one. Its
+            # undelivered results must not end up in the new federation's run: wait for MLflow.
+            if not Tracker(settings, labels, resumed.run_id, outbox, log).finish():
+                raise FederationError(
+                    f"the last federation with these settings finished, but its results still wait in {outbox} "
+                    f"for MLflow at {settings.tracking.tracking_uri}; start again once it is reachable")
+            resumed = None
+    except FedsiloError as exc:
+        # The admitted silos are blocked on their verdict: give them the reason, not a hang-up.
         for hello in hellos.values():
-            join.refuse(store, hello, reason)
-        raise FederationError(reason)
+            join.refuse(store, hello, str(exc))
+        raise
 
-    fingerprint = settings_fingerprint(settings)
-    resumed = checkpoint.load(settings.checkpoint.checkpoint_dir, fingerprint)
-    outbox = checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, fingerprint).parent
-    if resumed is not None and resumed.round >= fed.rounds:
-        # That federation finished: deliver what MLflow missed of it, then start a new one.
-        Tracker(settings, labels, resumed.run_id, outbox, log).finish()
-        resumed = None
     start = resumed.round + 1 if resumed else 1
     if resumed:
         load_flat(model, resumed.weights.to(device))
         log(f"resuming after round {resumed.round} from {checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, fingerprint)}")
+    # Reach MLflow before the group forms: the silos then wait in their first collective, under
+    # the round timeout, and a slow tracking server (or a new sqlite store) must not use it up.
+    tracker = Tracker(settings, labels, resumed.run_id if resumed else None, outbox, log)
+    log(tracker.ui_hint())
     eval_on_silos = test is None
     for hello in hellos.values():
         join.welcome(store, hello, token, join.Welcome(labels, start, eval_on_silos))
 
-    group = comm.form_group(store, 0, fed.silos + 1, backend, device, fed.round_timeout, address)
-    tracker: Tracker | None = None
+    group: comm.Group | None = None
     try:
-        tracker = Tracker(settings, labels, resumed.run_id if resumed else None, outbox, log)
-        log(tracker.ui_hint())
-        weights = flatten(model).to(group.device)
+        group = comm.form_group(store, 0, fed.silos + 1, backend, device, fed.round_timeout, address)
+        weights = bind_flat(model)  # the model's own storage: the global model is never copied
+        if weights.device.type != group.device.type:  # gloo with a GPU model: the wire needs a CPU copy
+            weights = weights.to(group.device)
         final = run_rounds(settings, group, model, weights, test, tracker, start, fingerprint, labels, log)
         tracker.log_model(model, tokenizer)
         tracker.finish()
         log(f"done: {tracker.ui_hint()}")
         return Outcome(tracker.run_id, final, weights.cpu())
     except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
+        tracker.finish("FAILED")
         raise
     finally:
-        group.close()
+        if group is not None:
+            group.close()
 
 
 def run_rounds(
@@ -142,10 +157,13 @@ def run_rounds(
 ) -> float:
     """The FedAvg round loop; ``weights`` is the global model, updated in place.
 
-    Returns the test accuracy after the last round.
+    ``weights`` is best the model's own flat vector (:func:`~fedsilo.model.bind_flat`): then the
+    aggregator holds two model-sized buffers, it and the reduce's. Returns the test accuracy
+    after the last round.
     """
     fed, silos = settings.federation, range(1, settings.federation.silos + 1)
     summed = torch.zeros(weights.numel(), dtype=getattr(torch, fed.transfer_dtype), device=weights.device)
+    bound = is_bound(model, weights)
     accuracy = float("nan")
     bytes_per_silo = weights.numel() * (weights.element_size() + summed.element_size())
     with comm.collective_phase(group, f"round {start}: sending the global model"):
@@ -172,8 +190,7 @@ def run_rounds(
         comm_started = time.perf_counter()
         with comm.collective_phase(group, f"round {round_}: receiving updates"):
             group.broadcast_(mask)
-            summed.zero_()
-            group.reduce_sum_(summed)
+            group.reduce_sum_(summed)  # zero on entry: rank 0's own term of the sum
         total = sum(r.examples for r in reports if r.rank in accepted)
         finish_average(weights, summed, total)
 
@@ -181,7 +198,9 @@ def run_rounds(
         with comm.collective_phase(group, f"round {round_}: sending the global model"):
             group.broadcast_(weights)
         comm_seconds = time.perf_counter() - comm_started
-        load_flat(model, weights)
+        summed.zero_()  # for the next round's reduce, while the silos train
+        if not bound:
+            load_flat(model, weights)
 
         # evaluate, here or on the silos' held-out data
         if test is not None:

@@ -15,24 +15,30 @@ from dataclasses import dataclass
 
 import torch
 
+WIDEN_SLICE = 1 << 20  # values per slice when widening a narrow sum: 4 MiB of fp32
+
 
 class UpdateRejected(ValueError):
     """An update failed validation; the message names the silo and round."""
 
 
-def add_contribution(
-    running: torch.Tensor, local: torch.Tensor, reference: torch.Tensor, examples: int
-) -> torch.Tensor:
-    """``running += examples * (local - reference)``, in place; returns ``running``."""
-    running.add_(local, alpha=examples).sub_(reference, alpha=examples)
-    return running
+def add_contribution(running: torch.Tensor, update: torch.Tensor, examples: int) -> torch.Tensor:
+    """``running += examples * update``, in place, where ``update = theta_k - theta_global``
+    (formed in place by the caller, as a silo forms what it sends); returns ``running``."""
+    return running.add_(update, alpha=examples)
 
 
 def finish_average(reference: torch.Tensor, summed: torch.Tensor, total_examples: int) -> torch.Tensor:
     """The new global model: ``reference + summed / total_examples``, in place on ``reference``."""
     if total_examples <= 0:
         raise ValueError("no examples were contributed this round")
-    return reference.add_(summed.to(reference.dtype), alpha=1.0 / total_examples)
+    if summed.dtype == reference.dtype:
+        return reference.add_(summed, alpha=1.0 / total_examples)
+    # A narrow wire dtype (bf16): widen slice by slice, so no model-sized fp32 temporary.
+    for start in range(0, summed.numel(), WIDEN_SLICE):
+        part = slice(start, start + WIDEN_SLICE)
+        reference[part].add_(summed[part].to(reference.dtype), alpha=1.0 / total_examples)
+    return reference
 
 
 def weighted_average(models: Sequence[torch.Tensor], examples: Sequence[int]) -> torch.Tensor:

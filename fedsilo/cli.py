@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import typer
+import os
 
-from fedsilo.commands import aggregator, report, run, silo, simulate, sweep
+# torch's C++ layer logs every failed store connect and broken collective with a native stack
+# trace (~30 'frame #' lines) before the exception reaches us; fedsilo turns those exceptions
+# into one line. c10 reads the level once, when torch loads, so this must precede any import of
+# torch. Set TORCH_CPP_LOG_LEVEL=INFO to see torch's own logs when debugging.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+
+import typer  # noqa: E402
+
+from fedsilo.commands import aggregator, report, run, silo, simulate, sweep  # noqa: E402
 
 app = typer.Typer(
     name="fedsilo",

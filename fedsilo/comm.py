@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,35 @@ DEFAULT_PORT = 29500
 HEARTBEAT_SECONDS = 1.0
 # A rank whose heartbeat is older than this is reported as the one that was lost.
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
+# How long a store query may take after a failed collective before the aggregator that hosts
+# the store counts as lost too.
+PROBE_SECONDS = STALE_SECONDS + 2 * HEARTBEAT_SECONDS
+
+T = TypeVar("T")
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T:
+    """``call()``, or TimeoutError once ``seconds`` have passed.
+
+    A TCPStore query to an aggregator that is stopped (SIGSTOP, a hung host) blocks without any
+    timeout of its own; the helper thread is left behind, and the process is about to exit.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="fedsilo-store-probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"the rendezvous store did not answer within {seconds:g}s")
+    if "error" in box:
+        raise box["error"]
+    return typing.cast(T, box["value"])
 
 
 def resolve_address(aggregator: str | None) -> tuple[str, int]:
@@ -87,6 +118,8 @@ class Group:
     store: dist.TCPStore
     address: tuple[str, int]
     _stop: threading.Event = field(default_factory=threading.Event)
+    # Silos expected to read an announced abort reason before close() lets the store go.
+    _readers: int = 0
 
     # -- collectives -----------------------------------------------------------------------------
     def broadcast_(self, flat: torch.Tensor) -> None:
@@ -132,35 +165,70 @@ class Group:
             for rank in range(self.world_size):
                 if rank == self.rank:
                     continue
+                key = f"fedsilo/alive/{rank}"
                 try:
-                    last = float(self.store.get(f"fedsilo/alive/{rank}").decode())
+                    last = float(_within(PROBE_SECONDS, lambda key=key: self.store.get(key)).decode())
                 except Exception:
-                    return [0]  # the store lives in the aggregator: unreachable means it is gone
+                    if self.rank != 0:
+                        return [0]  # the store lives in the aggregator: no answer means it is gone
+                    last = 0.0  # this silo never sent a heartbeat
                 if now - last > STALE_SECONDS:
                     stale.append(rank)
             if stale or time.time() > deadline:
                 return stale
             time.sleep(0.25)
 
-    def announce_abort(self, reason: str) -> None:
-        """Leave the reason where silos look when their collective fails (aggregator only)."""
+    def announce_abort(self, reason: str, lost: Sequence[int] = ()) -> None:
+        """Leave the reason where silos look when their collective fails (aggregator only).
+
+        :meth:`close` then keeps the store, which lives in this process, up until the silos
+        that are not ``lost`` have read it.
+        """
         try:
             self.store.set("fedsilo/abort", reason)
+        except Exception:
+            return
+        self._readers = self.world_size - 1 - len(set(lost) - {0})
+
+    def acknowledge_abort(self) -> None:
+        """Tell the aggregator this silo is done with the store and it may exit (silos only)."""
+        try:
+            _within(PROBE_SECONDS, lambda: self.store.add("fedsilo/abort_read", 1))
         except Exception:
             pass
 
     def abort_reason(self) -> str | None:
-        try:
+        """Why the aggregator stopped the federation, if it said so.
+
+        Raises TimeoutError when the aggregator, which hosts the store, does not answer at all.
+        """
+        def read() -> str | None:
             if self.store.check(["fedsilo/abort"]):
                 return self.store.get("fedsilo/abort").decode()
-        except Exception:
             return None
-        return None
+
+        try:
+            return _within(PROBE_SECONDS, read)
+        except TimeoutError:
+            raise
+        except Exception:  # the store is gone; lost_ranks names the aggregator
+            return None
 
     def close(self) -> None:
         self._stop.set()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._readers:
+            # The silos' collectives fail now that the group is gone; give them a moment to
+            # read why before this process, and the store with it, goes away.
+            deadline = time.monotonic() + PROBE_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    if self.store.add("fedsilo/abort_read", 0) >= self._readers:
+                        break
+                except Exception:
+                    break
+                time.sleep(0.1)
 
 
 def form_group(
@@ -201,12 +269,21 @@ def collective_phase(group: Group, what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # DistBackendError and friends derive from RuntimeError
-        reason = group.abort_reason() if group.rank != 0 else None
-        if reason:
-            raise FederationError(f"the aggregator stopped the federation: {reason}") from None
-        lost = group.lost_ranks()
+        lost: list[int] | None = None
+        if group.rank != 0:
+            try:
+                reason = group.abort_reason()
+            except TimeoutError:  # a stopped or hung aggregator: its store does not answer
+                reason, lost = None, [0]
+            if reason:
+                group.acknowledge_abort()
+                raise FederationError(f"the aggregator stopped the federation: {reason}") from None
+        if lost is None:
+            lost = group.lost_ranks()
         who = ", ".join("the aggregator" if r == 0 else f"silo {r}" for r in lost) or "a peer"
         message = f"lost {who} during {what} ({_first_line(exc)})"
         if group.rank == 0:
-            group.announce_abort(message)
+            group.announce_abort(message, lost)
+        elif lost != [0]:
+            group.acknowledge_abort()
         raise FederationError(message) from None

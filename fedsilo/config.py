@@ -77,6 +77,16 @@ class DataConfig(_Section):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str] | None) -> list[str] | None:
+        """A repeated label would get a head output that no row ever maps to."""
+        if value is not None:
+            repeated = sorted({label for label in value if value.count(label) > 1})
+            if repeated:
+                raise ValueError(f"label(s) listed more than once: {', '.join(repeated)}")
+        return value
+
 
 class TrainConfig(_Section):
     local_epochs: int = Field(2, gt=0, description="Local epochs per round (paper: 2).")

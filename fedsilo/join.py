@@ -109,7 +109,11 @@ def admit_silos(
             log(f"silo {rank} joined ({hello.train_examples} training examples)")
         if pending and time.monotonic() > deadline:
             missing = ", ".join(map(str, sorted(pending)))
-            raise FederationError(f"silo(s) {missing} did not join within {timeout:g}s")
+            reason = f"silo(s) {missing} did not join within {timeout:g}s"
+            # The silos already in are blocked on their verdict: tell them why, not just hang up.
+            for hello in hellos.values():
+                refuse(store, hello, reason)
+            raise FederationError(reason)
         time.sleep(0.05)
     return hellos
 
@@ -131,15 +135,22 @@ def request_admission(
 ) -> Welcome:
     """Claim ``rank``, prove the token, and wait for the verdict (silo side).
 
-    Blocking ``get`` calls wait up to the store's timeout, which is the join timeout.
+    Blocking ``get`` calls wait up to the store's timeout, which is the join timeout. The store
+    lives in the aggregator, so a store error here means it exited or never answered.
     """
-    if store.add(f"fedsilo/claim/{rank}", 1) != 1:
-        raise JoinRefused(f"rank {rank} is already taken by another silo (each silo needs its own --rank)")
-    server_nonce = store.get("fedsilo/nonce").decode()
-    nonce = secrets.token_hex(16)
-    hello = Hello(rank=rank, nonce=nonce, proof=proof(token, "silo", server_nonce, rank), **hello_fields)
-    store.set(f"fedsilo/hello/{rank}", json.dumps(asdict(hello)))
-    verdict = json.loads(store.get(f"fedsilo/verdict/{rank}/{nonce}"))
+    try:
+        if store.add(f"fedsilo/claim/{rank}", 1) != 1:
+            raise JoinRefused(f"rank {rank} is already taken by another silo (each silo needs its own --rank)")
+        server_nonce = store.get("fedsilo/nonce").decode()
+        nonce = secrets.token_hex(16)
+        hello = Hello(rank=rank, nonce=nonce, proof=proof(token, "silo", server_nonce, rank), **hello_fields)
+        store.set(f"fedsilo/hello/{rank}", json.dumps(asdict(hello)))
+        verdict = json.loads(store.get(f"fedsilo/verdict/{rank}/{nonce}"))
+    except (RuntimeError, OSError) as exc:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise FederationError(
+            f"silo {rank} got no verdict: the aggregator went away or did not answer in time ({detail})"
+        ) from None
     if not verdict.pop("ok"):
         raise JoinRefused(f"the aggregator refused silo {rank}: {verdict['reason']}")
     if not _matches(token, verdict.pop("proof"), "aggregator", nonce, rank):

@@ -1,12 +1,14 @@
 """Build the classifier and tokenizer; view the model's floating-point state as one flat vector.
 
-The model knows nothing of federation: the round code only calls :func:`flatten_into` and
-:func:`load_flat` to move the whole model through one contiguous buffer.
+The model knows nothing of federation: the round code calls :func:`bind_flat` once, after which
+the model's tensors live inside one contiguous buffer that the wire and the averaging use as it
+is. :func:`flatten_into` and :func:`load_flat` copy between a model and a separate buffer.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +33,17 @@ def load_tokenizer(name: str) -> Any:
 
 
 def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
-    """Pretrained encoder with a fresh classification head, seeded so every run starts alike."""
+    """Pretrained encoder with a classification head for ``labels``, seeded so every run starts alike.
+
+    A checkpoint whose head has another label count (a classifier fine-tuned on another task)
+    keeps its encoder and gets a fresh head of the right size.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if len(labels) < 2:
+        # transformers treats a 1-output head as regression: it would train without complaint.
+        raise ModelError(f"a classifier needs at least two labels, got [{', '.join(labels)}]")
     # The "newly initialized classifier" warning and the loading bars are expected in every
     # run on every rank; keep the output readable.
     hf_logging.set_verbosity_error()
@@ -46,12 +55,12 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,
         )
     except Exception as exc:
-        raise ModelError(
-            f"cannot load model '{name}' (not a local directory and not reachable on the hub): "
-            f"{_first_line(exc)}"
-        ) from None
+        where = ("from local directory" if Path(name).expanduser().is_dir()
+                 else "(not a local directory and not reachable on the hub)")
+        raise ModelError(f"cannot load model '{name}' {where}: {_first_line(exc)}") from None
     return model
 
 
@@ -99,6 +108,43 @@ def load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
         offset += n
     if offset != flat.numel():
         raise ValueError(f"flat vector has {flat.numel()} values, the model {offset}")
+
+
+@torch.no_grad()
+def bind_flat(model: torch.nn.Module) -> torch.Tensor:
+    """Move the model's floating-point tensors into one flat fp32 vector, each becoming a view of
+    its slice (in :func:`float_tensors` order), and return the vector.
+
+    From then on the vector *is* the model, with no second copy: the optimiser steps parameters
+    in place, so training writes into it, and writing into it (a received global model, an
+    average) changes the model. Tied tensors are one object in :func:`float_tensors`, so they
+    stay tied; non-contiguous tensors become contiguous views. Call it after the model has
+    reached its device: ``.to()`` allocates new tensors and would leave the vector behind.
+    """
+    tensors = float_tensors(model)
+    wrong = sorted({str(t.dtype) for t in tensors if t.dtype != torch.float32})
+    if wrong:
+        raise ValueError(f"bind_flat needs float32 tensors, the model has {', '.join(wrong)}")
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=tensors[0].device)
+    offset = 0
+    for tensor in tensors:
+        n = tensor.numel()
+        view = flat[offset : offset + n].view(tensor.shape)
+        view.copy_(tensor)
+        tensor.data = view  # the old storage is freed here, tensor by tensor
+        offset += n
+    return flat
+
+
+def is_bound(model: torch.nn.Module, flat: torch.Tensor) -> bool:
+    """Whether every floating-point tensor of ``model`` is its slice of ``flat`` (see :func:`bind_flat`)."""
+    offset, base = 0, flat.data_ptr()
+    for tensor in float_tensors(model):
+        if (tensor.dtype != flat.dtype or not tensor.is_contiguous()
+                or tensor.data_ptr() != base + offset * flat.element_size()):
+            return False
+        offset += tensor.numel()
+    return offset == flat.numel() and flat.is_contiguous()
 
 
 def architecture_fingerprint(model: torch.nn.Module) -> str:

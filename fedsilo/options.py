@@ -22,14 +22,22 @@ from fedsilo.errors import FedsiloError
 
 
 def _cli_type(annotation: Any) -> Any:
-    """The scalar type Typer parses; Literal choices and lists arrive as text for pydantic."""
+    """What Typer parses: bool for on/off flags, text for everything else.
+
+    Values arrive as text so that pydantic validates a flag exactly as the same value from YAML
+    or a ``FEDSILO_*`` variable: ``--rounds many`` then gets the one-line "invalid setting
+    'rounds'" error instead of Click's multi-line usage box.
+    """
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal or (args and typing.get_origin(args[0]) in (list, typing.Literal)):
-        return str
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        return _cli_type(args[0])
-    return annotation
+    return bool if annotation is bool or args == [bool] else str
+
+
+def _metavar(annotation: Any) -> str:
+    """The placeholder shown in --help, named after the type pydantic will check."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    scalar = args[0] if typing.get_origin(annotation) is not typing.Literal and args else annotation
+    names = {int: "INTEGER", float: "FLOAT", Path: "PATH"}
+    return names.get(scalar, "TEXT")
 
 
 def _help(field: FieldInfo) -> str:
@@ -63,6 +71,7 @@ def settings_parameters() -> list[inspect.Parameter]:
             option = typer.Option(
                 *decls, envvar=f"FEDSILO_{key.upper()}", help=_help(field), show_default=False,
                 rich_help_panel=section_name.capitalize(),
+                metavar=None if cli_type is bool else _metavar(field.annotation),
             )
             params.append(inspect.Parameter(
                 key, inspect.Parameter.KEYWORD_ONLY, default=None,

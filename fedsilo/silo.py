@@ -13,7 +13,7 @@ import torch
 from fedsilo import comm, join
 from fedsilo.config import Settings
 from fedsilo.errors import ConfigError
-from fedsilo.model import architecture_fingerprint, build_model, flat_size, flatten_into, load_flat, load_tokenizer
+from fedsilo.model import architecture_fingerprint, bind_flat, build_model, load_tokenizer
 from fedsilo.train import evaluate, local_train, resolve_device
 from fedsilo.workload import SiloData, agreed_settings, silo_data
 
@@ -66,15 +66,17 @@ def run_rounds(
 ) -> None:
     """A silo's side of each round, in the same order as the aggregator's loop."""
     fed, train = settings.federation, settings.train
-    weights = torch.empty(flat_size(model), dtype=torch.float32, device=group.device)
-    update = torch.empty_like(weights)
+    local = bind_flat(model)  # the model's own storage: it trains in it, and the update is formed in it
+    weights = torch.empty(local.numel(), dtype=torch.float32, device=group.device)
+    # gloo with a GPU model: the wire's buffers live on the CPU, apart from the model's
+    update = local if local.device.type == group.device.type else torch.empty_like(weights)
     wire_dtype = getattr(torch, fed.transfer_dtype)
     n = len(data.train)
     with comm.collective_phase(group, f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
     for round_ in range(welcome.start_round, fed.rounds + 1):
         # start from the global model and train locally
-        load_flat(model, weights)
+        local.copy_(weights)
         last = [time.monotonic()]
 
         def progress(done: int, total: int, loss: float, round_: int = round_) -> None:
@@ -88,14 +90,18 @@ def run_rounds(
             group_by_length=train.group_by_length, progress=progress,
         )
 
-        # report, then send n * (theta_local - theta_global) if the aggregator accepts it
-        flatten_into(model, update).sub_(weights)
-        norm = float(update.norm())
+        # report, then send n * (theta_local - theta_global) if the aggregator accepts it; the
+        # scaling comes before the report, outside the aggregator's clocked window
+        if update is not local:
+            update.copy_(local)
+        norm = float(update.sub_(weights).norm())
+        update.mul_(n)
         with comm.collective_phase(group, f"round {round_}: reporting"):
             group.gather_rows(torch.tensor([n, result.mean_loss, norm], dtype=torch.float64))
             mask = torch.empty(fed.silos + 1, dtype=torch.float64, device=group.device)
             group.broadcast_(mask)
-        update.mul_(n if mask[rank] > 0 else 0)
+        if mask[rank] == 0:
+            update.zero_()  # not mul_(0): a rejected non-finite update would still be NaN
         with comm.collective_phase(group, f"round {round_}: sending the update"):
             group.reduce_sum_(update if wire_dtype == update.dtype else update.to(wire_dtype))
 
@@ -104,7 +110,7 @@ def run_rounds(
             group.broadcast_(weights)
         if welcome.eval_on_silos:
             assert data.eval is not None
-            load_flat(model, weights)
+            local.copy_(weights)
             scores = evaluate(model, data.eval, batch_size=train.eval_batch_size,
                               attention_mask=settings.model.attention_mask)
             with comm.collective_phase(group, f"round {round_}: reporting evaluation"):

@@ -4,8 +4,8 @@ Each round the clients train one after another with the same :func:`~fedsilo.tra
 seeds as the distributed silos (client k: ``(seed, k, round)``, on shard k of the same
 partition), and the aggregator's averaging functions combine them, so ``fedsilo simulate`` and
 ``fedsilo run`` end with the same global model. Memory does not grow with K beyond the data:
-one model, the global weights, one running weighted sum and one scratch vector that every
-client's weights pass through.
+three model-sized vectors whatever K: the model itself (bound to one flat vector that every
+client trains in), the global weights and one running weighted sum.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fedsilo.averaging import Report, UpdateRejected, add_contribution, finish_a
 from fedsilo.config import Settings
 from fedsilo.data import Encoded
 from fedsilo.errors import ConfigError, FederationError
-from fedsilo.model import build_model, flatten, flatten_into, load_flat, load_tokenizer
+from fedsilo.model import bind_flat, build_model, load_flat, load_tokenizer
 from fedsilo.tracking import Tracker, round_line, round_metrics
 from fedsilo.train import evaluate, local_train, resolve_device
 from fedsilo.workload import client_shards, settings_fingerprint, shared_dataset
@@ -98,11 +98,11 @@ def simulate(
     tracker = tracker_for(resumed.run_id if resumed else None)
     try:
         log(tracker.ui_hint())
-        weights = flatten(model)
+        local = bind_flat(model)  # the model's own storage: each client trains in it
+        weights = local.clone()
         start = resumed.round + 1 if resumed else 1
-        final = run_rounds(settings, model, weights, shards, test, tracker, start, key, labels, log)
-        load_flat(model, weights)
-        tracker.log_model(model, tokenizer)
+        final = run_rounds(settings, model, local, weights, shards, test, tracker, start, key, labels, log)
+        tracker.log_model(model, tokenizer)  # run_rounds leaves the global model in it
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -114,6 +114,7 @@ def simulate(
 def run_rounds(
     settings: Settings,
     model: torch.nn.Module,
+    local: torch.Tensor,
     weights: torch.Tensor,
     shards: list[Encoded],
     test: Encoded,
@@ -124,17 +125,17 @@ def run_rounds(
     log: Log,
 ) -> float:
     """The FedAvg round loop with the clients in turn; ``weights`` is the global model, updated
-    in place. Returns the test accuracy after the last round."""
+    in place, and ``local`` the model's flat vector (:func:`~fedsilo.model.bind_flat`), which
+    holds the global model again after each round. Returns the test accuracy after the last round."""
     fed = settings.federation
     summed = torch.zeros_like(weights)  # sum_k n_k (theta_k - theta), as the aggregator's reduce
-    scratch = torch.empty_like(weights)  # the client in training, flat; reused by every client
     clients = range(1, len(shards) + 1)
     accuracy = float("nan")
     for round_ in range(start, fed.rounds + 1):
         started = time.perf_counter()
         # local training, one client after another, each adding n_k (theta_k - theta) to the sum
         summed.zero_()
-        reports = [train_client(settings, model, weights, shards, k, round_, summed, scratch, log) for k in clients]
+        reports = [train_client(settings, model, local, weights, shards, k, round_, summed, log) for k in clients]
 
         # validate the updates: a rejected one is already in the sum, so rebuild the sum from the
         # accepted clients (training is seeded: a replay gives the same update) rather than keep
@@ -148,12 +149,12 @@ def run_rounds(
         if skipped:
             summed.zero_()
             for k in accepted:
-                train_client(settings, model, weights, shards, k, round_, summed, scratch, log)
+                train_client(settings, model, local, weights, shards, k, round_, summed, log)
 
         # aggregate: the new global model, then into the one model for evaluation
         total = sum(r.examples for r in reports if r.rank in accepted)
         finish_average(weights, summed, total)
-        load_flat(model, weights)
+        local.copy_(weights)
 
         # evaluate on the shared test set
         result = evaluate(model, test, batch_size=settings.train.eval_batch_size,
@@ -172,17 +173,19 @@ def run_rounds(
 def train_client(
     settings: Settings,
     model: torch.nn.Module,
+    local: torch.Tensor,
     weights: torch.Tensor,
     shards: list[Encoded],
     k: int,
     round_: int,
     summed: torch.Tensor,
-    scratch: torch.Tensor,
     log: Log,
 ) -> Report:
-    """Client k's round, as silo k runs it: start from the global model, train, add its update."""
+    """Client k's round, as silo k runs it: start from the global model, train, add its update.
+
+    ``local`` is the model's flat vector; it is left holding client k's update, not a model."""
     train, data = settings.train, shards[k - 1]
-    load_flat(model, weights)
+    local.copy_(weights)
     last = [time.monotonic()]
 
     def progress(done: int, total: int, loss: float) -> None:
@@ -195,7 +198,9 @@ def train_client(
         seed=(train.seed, k, round_), attention_mask=settings.model.attention_mask,
         group_by_length=train.group_by_length, progress=progress,
     )
-    flatten_into(model, scratch)
-    norm = float(torch.dist(scratch, weights))
-    add_contribution(summed, scratch, weights, len(data))
+    # the update theta_k - theta formed in the model's own buffer, as a silo forms it: no
+    # temporary, one pass for the norm and one for the sum
+    update = local.sub_(weights)
+    norm = float(update.norm())
+    add_contribution(summed, update, len(data))
     return Report(k, len(data), result.mean_loss, norm)

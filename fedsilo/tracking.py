@@ -25,10 +25,14 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 # The metric whose history tells which rounds MLflow already holds.
 STEP_MARKER = "round_seconds"
+# MLflow accepts at most 1000 metrics in one log_batch.
+MAX_BATCH_METRICS = 1000
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """A short reason; MLflow's long messages end in the cause (``Caused by ...``), so keep both ends."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= 240 else f"{line[:100]} ... {line[-140:]}"
 
 
 class Tracker:
@@ -60,7 +64,7 @@ class Tracker:
         self.outbox.mkdir(parents=True, exist_ok=True)
         self._pending = self.outbox / "outbox.jsonl"
         self._model_dir = self.outbox / "model-pending"
-        self._warned = False
+        self._warned: str | None = None  # the reason of the last warning, while MLflow is unreachable
         self._open()
 
     # -- connection ------------------------------------------------------------------------------
@@ -93,10 +97,12 @@ class Tracker:
         return True
 
     def _unreachable(self, exc: BaseException) -> None:
-        if not self._warned:
-            self.log(f"warning: MLflow at {self.uri} is unreachable ({_first_line(exc)}); training goes on, "
+        # Warn once per outage, and again only when the reason changes (not once per round).
+        reason = _first_line(exc)
+        if reason != self._warned:
+            self.log(f"warning: MLflow at {self.uri} is unreachable ({reason}); training goes on, "
                      f"metrics wait in {self._pending} and are delivered when it is back")
-            self._warned = True
+            self._warned = reason
 
     # -- metrics ---------------------------------------------------------------------------------
     def log_round(self, round_: int, metrics: dict[str, float]) -> None:
@@ -119,7 +125,7 @@ class Tracker:
             return False
         if self._warned:
             self.log(f"MLflow at {self.uri} is back: delivered the metrics that were waiting")
-            self._warned = False
+            self._warned = None
         return True
 
     def _deliver_metrics(self) -> None:
@@ -130,10 +136,21 @@ class Tracker:
         records = [json.loads(line) for line in self._pending.read_text(encoding="utf-8").splitlines() if line]
         assert self.run_id is not None
         held = {m.step for m in self.client.get_metric_history(self.run_id, STEP_MARKER)}
-        batch = [Metric(key, float(value), r["timestamp"], r["step"])
-                 for r in records if r["step"] not in held for key, value in r["metrics"].items()]
-        for start in range(0, len(batch), 500):  # MLflow accepts at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+        # One log_batch is one transaction; whole rounds go into a batch, the marker last, so a
+        # crash between batches leaves every round either fully delivered or not at all.
+        batches: list[list[Metric]] = [[]]
+        for r in records:
+            if r["step"] in held:
+                continue
+            held.add(r["step"])  # a round repeated after a crash sits twice in the outbox
+            items = sorted(r["metrics"].items(), key=lambda item: item[0] == STEP_MARKER)
+            metrics = [Metric(key, float(value), r["timestamp"], r["step"]) for key, value in items]
+            if len(batches[-1]) + len(metrics) > MAX_BATCH_METRICS:
+                batches.append([])
+            batches[-1].extend(metrics)
+        for batch in batches:
+            if batch:
+                self.client.log_batch(self.run_id, metrics=batch)
         self._pending.unlink()
 
     # -- model -----------------------------------------------------------------------------------
@@ -150,13 +167,18 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(self._model_dir), artifact_path="model")
             shutil.rmtree(self._model_dir)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED") -> bool:
+        """Deliver what waits and close the run; False (results kept locally) while MLflow is unreachable."""
         if self.flush():
             assert self.run_id is not None
-            self.client.set_terminated(self.run_id, status)
-        else:
-            self.log(f"warning: MLflow is still unreachable; results are kept in {self.outbox} and delivered "
-                     "at the next start with the same settings")
+            try:
+                self.client.set_terminated(self.run_id, status)
+                return True
+            except Exception as exc:
+                self._unreachable(exc)
+        self.log(f"warning: MLflow is still unreachable; results are kept in {self.outbox} and delivered "
+                 "at the next start with the same settings")
+        return False
 
     def ui_hint(self) -> str:
         if self.run_id is None or self.experiment_id is None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedsilo.config import LOCAL_KEYS, Settings
 from fedsilo.data import Encoded, Examples, Splits, encode, label_ids, label_set, load_splits, load_test, partition
-from fedsilo.errors import ConfigError
+from fedsilo.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,16 @@ def _dataset(settings: Settings, who: str) -> str:
     return settings.data.dataset
 
 
-def _labels_for(settings: Settings, train: Examples) -> list[str]:
-    return list(settings.data.labels) if settings.data.labels else label_set(train.labels)
+def _labels_for(settings: Settings, train: Examples, source: str) -> list[str]:
+    """``--labels``, else the labels found in the training rows: at least two of them."""
+    if settings.data.labels:
+        return list(settings.data.labels)
+    found = label_set(train.labels)
+    if len(found) < 2:
+        # One label would build a 1-output head, which transformers treats as regression.
+        raise DataError(f"{source}: the training data holds only the label(s) [{', '.join(found)}]; "
+                        "a classifier needs at least two (set --labels to the full set)")
+    return found
 
 
 def _encode(examples: Examples, labels: list[str], where: str, tokenizer: Any, settings: Settings) -> Encoded:
@@ -59,7 +67,7 @@ def _encode(examples: Examples, labels: list[str], where: str, tokenizer: Any, s
 def _shared(settings: Settings) -> tuple[Splits, list[str]]:
     source = _dataset(settings, "the federation")
     splits = load_splits(source, settings.data.test_dataset, settings.data, settings.train.seed)
-    return splits, _labels_for(settings, splits.train)
+    return splits, _labels_for(settings, splits.train, source)
 
 
 def shard_rows(settings: Settings, splits: Splits, labels: list[str], clients: int) -> list[np.ndarray]:
@@ -90,7 +98,7 @@ def silo_data(settings: Settings, rank: int, tokenizer: Any) -> SiloData:
     source = _dataset(settings, f"silo {rank}")
     # Private data: hold out part of this silo's own rows, in case the aggregator has no test set.
     splits = load_splits(source, settings.data.test_dataset, settings.data, settings.train.seed + rank)
-    labels = _labels_for(settings, splits.train)
+    labels = _labels_for(settings, splits.train, source)
     where = f"silo {rank}'s data ({source})"
     assert splits.test is not None
     return SiloData(

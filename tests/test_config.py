@@ -44,3 +44,19 @@ def test_bad_yaml_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_labels_from_a_comma_list() -> None:
     assert build_settings({"dataset": "x", "labels": "neg, pos"}).data.labels == ["neg", "pos"]
+
+
+def test_a_label_listed_twice_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="invalid setting 'labels'.*listed more than once: neg"):
+        build_settings({"dataset": "x", "labels": "neg,pos,neg"})
+
+
+def test_flag_values_are_validated_like_yaml_values() -> None:
+    # options passes every non-boolean flag as text: pydantic parses and names it
+    from typer.testing import CliRunner
+
+    from fedsilo.cli import app
+
+    result = CliRunner().invoke(app, ["silo", "--rank", "1", "--rounds", "many", "--dataset", "x.csv"])
+    assert result.exit_code == 1
+    assert "fedsilo: error: invalid setting 'rounds'" in result.output and "'many'" in result.output

@@ -102,3 +102,35 @@ def test_join_timeout_names_the_missing_silos() -> None:
 def test_settings_difference_names_keys() -> None:
     assert join.settings_difference({"lr": 0.1, "rounds": 3}, {"lr": 0.2, "rounds": 3}) == "lr=0.2 (aggregator: 0.1)"
     assert join.settings_difference({"lr": 0.1}, {"lr": 0.1}) is None
+
+
+def test_a_silo_waiting_for_its_verdict_is_told_why_when_the_aggregator_gives_up() -> None:
+    store, errors = MemoryStore(), []
+
+    def aggregator() -> None:
+        try:
+            join.admit_silos(store, 2, None, timeout=1, log=lambda _: None)
+        except FederationError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=aggregator, daemon=True)
+    thread.start()
+    # silo 2 never comes: the aggregator's join timeout ends the wait of silo 1 with a reason,
+    # well before silo 1's own wait (the store's 5 s) would
+    with pytest.raises(JoinRefused, match=r"refused silo 1: silo\(s\) 2 did not join within 1s"):
+        join.request_admission(store, 1, None, HELLO)
+    thread.join(timeout=5)
+    assert [str(e) for e in errors] == ["silo(s) 2 did not join within 1s"]
+
+
+class GoneStore(MemoryStore):
+    """The aggregator's store after its process ended: every call fails like torch's TCPStore."""
+
+    def get(self, key):
+        raise RuntimeError("Connection reset by peer\nException raised from recvBytes ...")
+
+
+def test_a_store_that_goes_away_is_one_line_naming_the_silo() -> None:
+    with pytest.raises(FederationError, match=r"^silo 1 got no verdict: the aggregator went away or did not answer "
+                                              r"in time \(Connection reset by peer\)$"):
+        join.request_admission(GoneStore(), 1, None, HELLO)

@@ -100,12 +100,12 @@ def test_one_running_sum_whatever_the_number_of_clients(monkeypatch, tmp_path, t
     def model_sized() -> int:
         return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter) and o.numel() == n)
 
-    def watching(running, local, reference, examples):
+    def watching(running, update, examples):
         record = seen[current]
-        record["buffers"].add((running.data_ptr(), local.data_ptr(), reference.data_ptr()))
+        record["buffers"].add((running.data_ptr(), update.data_ptr()))
         record["alive"] = max(record["alive"], model_sized() - record["before"])
         record["calls"] += 1
-        return real_add(running, local, reference, examples)
+        return real_add(running, update, examples)
 
     monkeypatch.setattr(sim, "add_contribution", watching)
     # Execute
@@ -113,8 +113,9 @@ def test_one_running_sum_whatever_the_number_of_clients(monkeypatch, tmp_path, t
         seen[current] = {"buffers": set(), "alive": 0, "calls": 0, "before": model_sized()}
         sim.simulate(settings_for(tmp_path, tiny_bert, sentiment_csv, silos=current, rounds=2, local_epochs=1,
                                   experiment=f"k{current}"), lambda line: None)
-    # Assert: every client of every round goes through the same running sum and scratch vector,
-    # and six clients hold no more model-sized tensors than two (global, sum, scratch)
+    # Assert: every client of every round trains in the same flat vector (the model's own) and
+    # adds to the same running sum, and six clients hold no more model-sized tensors than two
+    # (the model's vector, the global model, the sum)
     assert seen[2]["calls"] == 4 and seen[6]["calls"] == 12
     assert len(seen[2]["buffers"]) == 1 and len(seen[6]["buffers"]) == 1
     assert seen[6]["alive"] == seen[2]["alive"] == 3

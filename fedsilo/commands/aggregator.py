@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fedsilo import aggregator
 from fedsilo.config import Settings
 from fedsilo.join import read_token
 from fedsilo.options import with_settings
@@ -14,4 +13,6 @@ def command(settings: Settings) -> None:
 
     Start it first, then one `fedsilo silo --rank R` per silo (R = 1..K) with the same settings and --aggregator HOST:PORT pointing here.
     """
+    from fedsilo import aggregator
+
     aggregator.serve(settings, read_token(settings.federation.token_file))

@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedsilo import silo
 from fedsilo.config import Settings
 from fedsilo.errors import ConfigError
 from fedsilo.join import read_token
@@ -37,4 +36,6 @@ def command(
 
     With --partition none the silo trains on all of its own --dataset; its rows never leave this process.
     """
+    from fedsilo import silo
+
     silo.serve(settings, resolve_rank(rank), read_token(settings.federation.token_file))

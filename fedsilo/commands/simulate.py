@@ -8,7 +8,6 @@ import typer
 
 from fedsilo.config import Settings
 from fedsilo.options import with_settings
-from fedsilo.simulate import simulate
 
 
 @with_settings
@@ -22,6 +21,8 @@ def command(
 
     Memory holds one model whatever K is. Example: fedsilo simulate --clients 8 --model ./minilm --dataset data/rotten_tomatoes.csv --rounds 3
     """
+    from fedsilo.simulate import simulate
+
     if clients is not None:
         settings = settings.replace(silos=clients)
     simulate(settings)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from fedsilo.options import user_errors
-from fedsilo.sweep import run_sweep
 
 
 @user_errors
@@ -22,4 +21,6 @@ def command(
 
     Any settings key may be a list under `grid:`; each cell is one `fedsilo simulate` run. Restarting the same sweep reuses its parent run and skips the cells that already finished. Afterwards: fedsilo report --experiment NAME.
     """
+    from fedsilo.sweep import run_sweep
+
     run_sweep(config, dry_run=dry_run)
