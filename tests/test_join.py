@@ -1,5 +1,6 @@
 """The join handshake over an in-memory store, with a second thread playing the aggregator."""
 
+import contextlib
 import threading
 import time
 
@@ -79,7 +80,14 @@ def test_missing_token_is_refused() -> None:
 def test_a_rank_claimed_twice_is_refused() -> None:
     store, result = MemoryStore(), {}
     threading.Thread(target=run_aggregator, args=(store, 2, None, result), daemon=True).start()
-    first = threading.Thread(target=join.request_admission, args=(store, 1, None, HELLO), daemon=True)
+
+    def first_claimant() -> None:
+        # Its verdict never comes (the aggregator waits for a second silo): it ends with an error
+        # that is not this test's subject; keep it from surfacing in whatever test runs then.
+        with contextlib.suppress(FederationError):
+            join.request_admission(store, 1, None, HELLO)
+
+    first = threading.Thread(target=first_claimant, daemon=True)
     first.start()
     time.sleep(0.2)
     with pytest.raises(JoinRefused, match="rank 1 is already taken"):
