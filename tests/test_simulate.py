@@ -246,3 +246,8 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
     assert bad.stderr.strip().splitlines() == [(
         "fedsilo: error: simulate splits one --dataset among the clients: choose --partition iid, "
         "label-sorted or dirichlet (none means each silo brings its own data)")]
+
+    no_clients = CliRunner().invoke(app, [*args, "--clients", "0"])
+    assert no_clients.exit_code == 1 and "Traceback" not in no_clients.output
+    assert no_clients.stderr.strip().splitlines() == [
+        "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got 0)"]

@@ -14,8 +14,8 @@ from fedsilo.options import with_settings
 def command(
     settings: Settings,
     clients: Annotated[int | None, typer.Option(
-        "--clients", envvar="FEDSILO_CLIENTS", min=1,
-        help="Number of clients K (overrides --silos).")] = None,
+        "--clients", envvar="FEDSILO_CLIENTS",
+        help="Number of clients K, at least 1 (overrides --silos).")] = None,
 ) -> None:
     """Simulate a federation of K clients in this process: the same local training, seeds, shards and averaging as `fedsilo run`, so the same global model, without the network.
 
