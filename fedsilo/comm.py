@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from fedsilo.errors import FederationError
+from fedsilo.errors import FederationError, first_line
 
 DEFAULT_PORT = 29500
 HEARTBEAT_SECONDS = 1.0
@@ -94,17 +94,13 @@ def open_store(rank: int, host: str, port: int, timeout: float) -> dist.TCPStore
                     f"cannot listen on port {port}: it is in use (another aggregator running? "
                     "pick another with --aggregator HOST:PORT)"
                 ) from None
-            raise FederationError(f"cannot listen on {host}:{port}: {_first_line(exc)}") from None
+            raise FederationError(f"cannot listen on {host}:{port}: {first_line(exc)}") from None
     try:
         return dist.TCPStore(host, port, is_master=False, timeout=delta)
     except (RuntimeError, OSError) as exc:
         raise FederationError(
-            f"cannot reach the aggregator at {host}:{port} within {timeout:g}s ({_first_line(exc)})"
+            f"cannot reach the aggregator at {host}:{port} within {timeout:g}s ({first_line(exc)})"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @dataclass
@@ -257,7 +253,7 @@ def form_group(
             timeout=timedelta(seconds=round_timeout),
         )
     except (RuntimeError, ValueError) as exc:
-        raise FederationError(f"cannot form the {backend} group: {_first_line(exc)}") from None
+        raise FederationError(f"cannot form the {backend} group: {first_line(exc)}") from None
     group = Group(rank, world_size, backend, comm_device, store, address)
     group.start_heartbeat()
     return group
@@ -281,7 +277,7 @@ def collective_phase(group: Group, what: str) -> Iterator[None]:
         if lost is None:
             lost = group.lost_ranks()
         who = ", ".join("the aggregator" if r == 0 else f"silo {r}" for r in lost) or "a peer"
-        message = f"lost {who} during {what} ({_first_line(exc)})"
+        message = f"lost {who} during {what} ({first_line(exc)})"
         if group.rank == 0:
             group.announce_abort(message, lost)
         elif lost != [0]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedsilo.config import DataConfig
-from fedsilo.errors import DataError
+from fedsilo.errors import DataError, first_line
 
 READERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -116,9 +116,8 @@ def _load_hub(name: str, text_column: str, label_column: str) -> dict[str, Examp
     try:
         loaded = datasets.load_dataset(name)
     except Exception as exc:  # the hub client raises many types; all mean "cannot load it"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(
-            f"dataset '{name}' is neither a local path nor loadable from the hub: {first}"
+            f"dataset '{name}' is neither a local path nor loadable from the hub: {first_line(exc)}"
         ) from None
     return {
         split: _frame_to_examples(part.to_pandas(), f"{name}[{split}]", text_column, label_column)

@@ -1,5 +1,12 @@
 """Errors a user can cause and fix. The CLI prints them as one line, never as a traceback."""
 
+from __future__ import annotations
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an underlying error (at most 200 characters), to quote inside ours."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
 
 class FedsiloError(Exception):
     """An error the user can fix; printed as one line."""

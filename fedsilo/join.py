@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedsilo.errors import ConfigError, FederationError, JoinRefused
+from fedsilo.errors import ConfigError, FederationError, JoinRefused, first_line
 
 
 class Store(Protocol):
@@ -147,9 +147,8 @@ def request_admission(
         store.set(f"fedsilo/hello/{rank}", json.dumps(asdict(hello)))
         verdict = json.loads(store.get(f"fedsilo/verdict/{rank}/{nonce}"))
     except (RuntimeError, OSError) as exc:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise FederationError(
-            f"silo {rank} got no verdict: the aggregator went away or did not answer in time ({detail})"
+            f"silo {rank} got no verdict: the aggregator went away or did not answer in time ({first_line(exc)})"
         ) from None
     if not verdict.pop("ok"):
         raise JoinRefused(f"the aggregator refused silo {rank}: {verdict['reason']}")

@@ -13,11 +13,8 @@ from typing import Any
 
 import torch
 
-from fedsilo.errors import ModelError
+from fedsilo.errors import ModelError, first_line
 
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def load_tokenizer(name: str) -> Any:
@@ -28,7 +25,7 @@ def load_tokenizer(name: str) -> Any:
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         raise ModelError(
             f"cannot load tokenizer '{name}' (not a local directory and not reachable on the hub): "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
 
 
@@ -60,7 +57,7 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
     except Exception as exc:
         where = ("from local directory" if Path(name).expanduser().is_dir()
                  else "(not a local directory and not reachable on the hub)")
-        raise ModelError(f"cannot load model '{name}' {where}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load model '{name}' {where}: {first_line(exc)}") from None
     return model
 
 

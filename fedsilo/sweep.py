@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedsilo import checkpoint
 from fedsilo.config import SECTIONS, Settings, build_settings
-from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.errors import ConfigError, FedsiloError, first_line
 from fedsilo.report import PARENT_TAG, redact_uri
 from fedsilo.simulate import checkpoint_key, simulate
 from fedsilo.workload import agreed_settings
@@ -231,8 +231,7 @@ class SweepParent:
                                                 tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}).info.run_id
                 client.log_dict(self.run_id, spec, "sweep.yaml")
         except Exception as exc:  # noqa: BLE001 - transport, server and store errors alike
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise ConfigError(f"cannot use MLflow at {redact_uri(tracking_uri)}: {first}") from None
+            raise ConfigError(f"cannot use MLflow at {redact_uri(tracking_uri)}: {first_line(exc)}") from None
         self.resumed = bool(previous)
 
     def finished_cells(self) -> dict[str, str]:
