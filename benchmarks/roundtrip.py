@@ -4,7 +4,7 @@ The K + 1 processes form one gloo group through fedsilo's own ``comm`` module an
 alternating blocks (ABBA order, so drift in a shared machine's load hits both alike), run:
 
 - fedsilo: ``aggregator.run_rounds`` on rank 0 and ``silo.run_rounds`` on ranks 1..K, unmodified.
-  The aggregator's ``comm_seconds`` metric (mask broadcast + reduce + averaging + global
+  The aggregator's ``comm_seconds`` metric (reduce + averaging + global
   broadcast, clocked after every silo has reported) is captured from its tracker.
 - raw floor: the same flat fp32 buffers, synchronised by a barrier, then one ``dist.reduce`` and
   one ``dist.broadcast`` written directly with torch.distributed, clocked on rank 0 the same way.

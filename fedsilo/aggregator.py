@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fedsilo import checkpoint, comm, join
-from fedsilo.averaging import Report, UpdateRejected, finish_average, validate_updates
+from fedsilo.averaging import REPORT_FIELDS, UpdateRejected, finish_average, read_reports, validate_updates
 from fedsilo.config import Settings
 from fedsilo.data import Encoded
 from fedsilo.errors import FederationError, FedsiloError
@@ -21,8 +21,7 @@ from fedsilo.workload import agreed_settings, aggregator_test_data, settings_fin
 
 Log = Callable[[str], None]
 
-# Layout of the small rows silos send each round (see silo.py).
-REPORT_FIELDS = ("examples", "train_loss", "update_norm")
+# Layout of the evaluation rows silos send when they evaluate (see silo.py).
 EVAL_FIELDS = ("examples", "loss_sum", "correct")
 
 
@@ -161,7 +160,7 @@ def run_rounds(
     aggregator holds two model-sized buffers, it and the reduce's. Returns the test accuracy
     after the last round.
     """
-    fed, silos = settings.federation, range(1, settings.federation.silos + 1)
+    fed = settings.federation
     summed = torch.zeros(weights.numel(), dtype=getattr(torch, fed.transfer_dtype), device=weights.device)
     bound = is_bound(model, weights)
     accuracy = float("nan")
@@ -173,9 +172,10 @@ def run_rounds(
         # local training happens on the silos; each reports its example count, loss, update norm
         with comm.collective_phase(group, f"round {round_}: local training"):
             rows = group.gather_rows(torch.zeros(len(REPORT_FIELDS), dtype=torch.float64))
-        reports = [Report(r, int(rows[r, 0]), float(rows[r, 1]), float(rows[r, 2])) for r in silos]
+        reports = read_reports(rows)
 
-        # validate the updates before any of them is summed
+        # validate the updates before any of them is summed; each silo runs the same check on the
+        # same rows and zeroes its own update if rejected, so no verdict crosses the wire
         try:
             accepted, skipped = validate_updates(reports, round_, fed.norm_factor, fed.update_policy)
         except UpdateRejected as exc:
@@ -183,13 +183,11 @@ def run_rounds(
             raise FederationError(str(exc)) from None
         for reason in skipped:
             log(f"skipping an update: {reason}")
-        mask = torch.tensor([0.0] + [float(r in accepted) for r in silos], dtype=torch.float64, device=group.device)
 
         # aggregate: one reduce brings sum_k n_k (theta_k - theta) from the accepted silos.
         # Every silo has reported, so from here the clock measures the wire, not training.
         comm_started = time.perf_counter()
         with comm.collective_phase(group, f"round {round_}: receiving updates"):
-            group.broadcast_(mask)
             group.reduce_sum_(summed)  # zero on entry: rank 0's own term of the sum
         total = sum(r.examples for r in reports if r.rank in accepted)
         finish_average(weights, summed, total)

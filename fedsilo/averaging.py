@@ -67,6 +67,15 @@ class Report:
     update_norm: float
 
 
+# Layout of the row each rank contributes to the report all-gather (rank 0's row is a placeholder).
+REPORT_FIELDS = ("examples", "train_loss", "update_norm")
+
+
+def read_reports(rows: torch.Tensor) -> list[Report]:
+    """The silos' reports from the all-gathered ``REPORT_FIELDS`` rows, one per rank, rank 0 skipped."""
+    return [Report(rank, int(examples), loss, norm) for rank, (examples, loss, norm) in enumerate(rows.tolist()) if rank]
+
+
 def validate_updates(
     reports: Sequence[Report], round_: int, norm_factor: float, policy: str
 ) -> tuple[list[int], list[str]]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from fedsilo import comm, join
+from fedsilo.averaging import UpdateRejected, read_reports, validate_updates
 from fedsilo.config import Settings
 from fedsilo.errors import ConfigError
 from fedsilo.model import architecture_fingerprint, bind_flat, build_model, load_tokenizer
@@ -90,17 +91,21 @@ def run_rounds(
             group_by_length=train.group_by_length, progress=progress,
         )
 
-        # report, then send n * (theta_local - theta_global) if the aggregator accepts it; the
+        # report, then send n * (theta_local - theta_global) if it passes validation; the
         # scaling comes before the report, outside the aggregator's clocked window
         if update is not local:
             update.copy_(local)
         norm = float(update.sub_(weights).norm())
         update.mul_(n)
         with comm.collective_phase(group, f"round {round_}: reporting"):
-            group.gather_rows(torch.tensor([n, result.mean_loss, norm], dtype=torch.float64))
-            mask = torch.empty(fed.silos + 1, dtype=torch.float64, device=group.device)
-            group.broadcast_(mask)
-        if mask[rank] == 0:
+            rows = group.gather_rows(torch.tensor([n, result.mean_loss, norm], dtype=torch.float64))
+        # Every rank holds every report: judge them as the aggregator does (the same pure check on
+        # the same rows and agreed settings), so no verdict has to cross the wire before the reduce.
+        try:
+            accepted, _ = validate_updates(read_reports(rows), round_, fed.norm_factor, fed.update_policy)
+        except UpdateRejected:
+            accepted = []  # the aggregator stops the federation: the next collective fails and reads why
+        if rank not in accepted:
             update.zero_()  # not mul_(0): a rejected non-finite update would still be NaN
         with comm.collective_phase(group, f"round {round_}: sending the update"):
             group.reduce_sum_(update if wire_dtype == update.dtype else update.to(wire_dtype))

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from fedsilo import averaging
-from fedsilo.averaging import Report, UpdateRejected, add_contribution, finish_average, validate_updates, weighted_average
+from fedsilo.averaging import (
+    REPORT_FIELDS,
+    Report,
+    UpdateRejected,
+    add_contribution,
+    finish_average,
+    read_reports,
+    validate_updates,
+    weighted_average,
+)
 
 
 def test_weighted_average_weights_by_examples() -> None:
@@ -55,6 +64,16 @@ def test_finish_average_needs_examples() -> None:
 
 def reports(*norms: float, loss: float = 0.5) -> list[Report]:
     return [Report(rank, 10, loss, norm) for rank, norm in enumerate(norms, start=1)]
+
+
+def test_reports_are_read_from_the_gathered_rows_by_rank_without_the_aggregators() -> None:
+    # The aggregator and every silo read the same all-gathered rows: rank 0's row is a placeholder.
+    rows = torch.tensor([[0.0, 0.0, 0.0], [30.0, 0.7, 1.5], [270.0, 0.4, float("nan")]], dtype=torch.float64)
+    assert rows.shape[1] == len(REPORT_FIELDS)
+    (one, two) = read_reports(rows)
+    assert one == Report(1, 30, 0.7, 1.5)
+    assert (two.rank, two.examples, two.train_loss) == (2, 270, 0.4) and math.isnan(two.update_norm)
+    assert isinstance(one.examples, int)
 
 
 def test_validation_accepts_ordinary_updates() -> None:

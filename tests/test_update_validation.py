@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo.launcher import free_port
@@ -63,3 +64,18 @@ def test_an_outlying_update_is_skipped_and_the_skip_is_recorded(tmp_path: Path, 
     (run_info,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
     assert run_info.data.metrics["silos_skipped"] == 1.0
     assert run_info.data.metrics["silo_3/examples"] == 270  # reported, though left out of the average
+
+    # The skipped silo zeroes its own update (the aggregator sends no verdict): the model is the
+    # one silos 1 and 2 make alone, with the same ranks, rows and seeds, in a federation of two.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    port = free_port()
+    pair = ["--silos", "2", *shared[2:]]
+    pair[pair.index("--aggregator") + 1] = f"127.0.0.1:{port}"
+    aggregator = start("aggregator", *pair, cwd=alone)
+    silos = [start("silo", "--rank", str(r), "--dataset", str(files[r]), *pair, cwd=alone) for r in (1, 2)]
+    outputs = [finish(p) for p in (aggregator, *silos)]
+    assert [code for code, _ in outputs] == [0, 0, 0], outputs
+    skipped, pair_only = (torch.load(next((d / "ckpt").glob("*/latest.pt")), weights_only=True)["weights"]
+                          for d in (tmp_path, alone))
+    assert torch.allclose(skipped, pair_only, rtol=0, atol=1e-6)
