@@ -78,7 +78,7 @@ class Plan:
 
 FULL = Plan(sizes=("22M", "110M"), silos=(2, 4, 8), rounds=3, blocks=2, flower_rounds=(3, 2), flower_timeout=300.0,
             fed_sizes=("22M", "110M"), fed_rounds=4, train_rows=512, train_reps=3, sim_per_client=16, sim_rounds=2,
-            sim_reps=2, sim_loop_reps=3)
+            sim_reps=2, sim_loop_reps=7)
 QUICK = Plan(sizes=("22M",), silos=(2, 4), rounds=2, blocks=2, flower_rounds=(2, 2), flower_timeout=120.0,
              fed_sizes=("22M",), fed_rounds=3, train_rows=128, train_reps=1, sim_per_client=4, sim_rounds=1,
              sim_reps=1, sim_loop_reps=1)
@@ -618,10 +618,13 @@ def table(results: dict[str, Any]) -> str:
                 lines += [(f"In one process, alternating (simulate_loop.py, `train_client` for every client): K = 1 "
                           f"{', '.join(f'{s:.1f}' for s in loop['seconds']['1'])} s, K = 32 "
                           f"{', '.join(f'{s:.1f}' for s in loop['seconds']['32'])} s per round: "
-                          f"ratio {fmt_x(loop['ratio'])}"
+                          f"ratio (median of each repetition's back-to-back pair) {fmt_x(loop['ratio'])}"
                           + (f"; padded tokens per round K = 32 / K = 1: {loop['padded_tokens']['32']} / "
                              f"{loop['padded_tokens']['1']} = {loop['padded_tokens']['32'] / loop['padded_tokens']['1']:.3f}"
-                             if loop.get("padded_tokens") else "") + "."), ""]
+                             if loop.get("padded_tokens") else "")
+                          + (f"; of each round, forming and summing the updates took K = 1 "
+                             f"{fmt_s(median(loop['update_seconds']['1']))} s, K = 32 {fmt_s(median(loop['update_seconds']['32']))} s"
+                             if loop.get("update_seconds") else "") + "."), ""]
                 summary.append(("simulate client loop, K=32 / K=1 (one process, alternating)", fmt_x(loop["ratio"]),
                                 f"<= {TARGET_SIM_TIME}x", verdict(loop["ratio"], TARGET_SIM_TIME, False)))
             summary.append(("simulate peak RSS, K=32 / K=1", fmt_x(m), f"<= {TARGET_SIM_MEMORY}x", verdict(m, TARGET_SIM_MEMORY, False)))

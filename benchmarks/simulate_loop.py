@@ -31,10 +31,10 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from fedsilo import simulate
     from fedsilo.config import build_settings
     from fedsilo.data import batch_order, encode
     from fedsilo.model import bind_flat
-    from fedsilo.simulate import train_client
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -49,9 +49,25 @@ def main() -> None:
     local = bind_flat(model)  # as fedsilo.simulate.simulate makes them
     weights, summed = local.clone(), torch.zeros_like(local)
 
-    def round_(shards: list) -> None:
+    # What each client's update costs on top of its training (form it, its norm, add it to the
+    # sum, restore the global model), clocked apart: the part of the ratio that K itself adds.
+    update_seconds = [0.0]
+    take_update = simulate.take_update
+
+    def clocked(*args: object) -> float:
+        started = time.perf_counter()
+        try:
+            return take_update(*args)  # type: ignore[arg-type]
+        finally:
+            update_seconds[0] += time.perf_counter() - started
+
+    simulate.take_update = clocked  # type: ignore[assignment]
+
+    def round_(shards: list) -> float:
+        update_seconds[0] = 0.0
         for k in range(1, len(shards) + 1):
-            train_client(settings, model, local, weights, shards, k, 1, summed, lambda _: None)
+            simulate.train_client(settings, model, local, weights, shards, k, 1, summed, lambda _: None)
+        return update_seconds[0]
 
     def padded_tokens(shards: list) -> int:
         """Tokens the forward passes see (rows x longest row, per batch), as local_train batches
@@ -63,15 +79,19 @@ def main() -> None:
                                            t.group_by_length))
 
     seconds: dict[str, list[float]] = {"1": [], "32": []}
+    updates: dict[str, list[float]] = {"1": [], "32": []}
     round_(many[:2])  # warm-up
     for rep in range(args.reps):
         for k, shards in ((("1", one), ("32", many)) if rep % 2 == 0 else (("32", many), ("1", one))):
             started = time.perf_counter()
-            round_(shards)
+            updates[k].append(round_(shards))
             seconds[k].append(time.perf_counter() - started)
-    args.out.write_text(json.dumps({"seconds": seconds, "rows": n * clients,
+    # Each repetition runs the two back to back, so their ratio is free of the drift between
+    # repetitions (on these machines a round's time wanders by 10-15 % over minutes).
+    pairs = [b / a for a, b in zip(seconds["1"], seconds["32"])]
+    args.out.write_text(json.dumps({"seconds": seconds, "update_seconds": updates, "rows": n * clients, "pair_ratios": pairs,
                                     "padded_tokens": {"1": padded_tokens(one), "32": padded_tokens(many)},
-                                    "ratio": statistics.median(seconds["32"]) / statistics.median(seconds["1"])}))
+                                    "ratio": statistics.median(pairs)}))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,45 @@ class UpdateRejected(ValueError):
     """An update failed validation; the message names the silo and round."""
 
 
-def add_contribution(running: torch.Tensor, update: torch.Tensor, examples: int) -> torch.Tensor:
-    """``running += examples * update``, in place, where ``update = theta_k - theta_global``
-    (formed in place by the caller, as a silo forms what it sends); returns ``running``."""
-    return running.add_(update, alpha=examples)
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``index`` of a ``shape`` table (an embedding) that starts at ``offset`` in a flat vector."""
+
+    offset: int
+    shape: tuple[int, int]
+    index: torch.Tensor
+
+
+def take_update(
+    summed: torch.Tensor, local: torch.Tensor, reference: torch.Tensor, examples: int, rows: Sequence[Rows] = ()
+) -> float:
+    """``summed += examples * (local - reference)``, then ``local`` is ``reference`` again; returns
+    the norm of ``local - reference``.
+
+    Inside each table of ``rows`` only the listed rows are visited: everywhere else in it
+    ``local`` must already equal ``reference`` (a table trained with sparse gradients), so the
+    update there is exactly zero. The rest takes four in-place passes (difference, norm, sum,
+    restore) and no model-sized temporary.
+    """
+    squares, start = 0.0, 0
+    tables = sorted(rows, key=lambda t: t.offset)
+    for table in [*tables, None]:
+        stop = table.offset if table is not None else local.numel()
+        if stop > start:
+            update = local[start:stop].sub_(reference[start:stop])
+            squares += float(update.norm()) ** 2
+            summed[start:stop].add_(update, alpha=examples)
+            local[start:stop].copy_(reference[start:stop])
+        if table is not None:
+            end = table.offset + table.shape[0] * table.shape[1]
+            mine, theirs, total = (v[table.offset:end].view(table.shape) for v in (local, reference, summed))
+            before = theirs.index_select(0, table.index)
+            update = mine.index_select(0, table.index).sub_(before)
+            squares += float(update.norm()) ** 2
+            total.index_add_(0, table.index, update, alpha=examples)
+            mine.index_copy_(0, table.index, before)
+            start = end
+    return math.sqrt(squares)
 
 
 def finish_average(reference: torch.Tensor, summed: torch.Tensor, total_examples: int) -> torch.Tensor:

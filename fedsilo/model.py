@@ -16,7 +16,6 @@ import torch
 from fedsilo.errors import ModelError, first_line
 
 
-
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -131,6 +130,16 @@ def bind_flat(model: torch.nn.Module) -> torch.Tensor:
         tensor.data = view  # the old storage is freed here, tensor by tensor
         offset += n
     return flat
+
+
+def offset_in(flat: torch.Tensor, tensor: torch.Tensor) -> int:
+    """Where ``tensor``, one of a bound model's tensors (see :func:`bind_flat`), starts in ``flat``."""
+    offset, rest = divmod(tensor.data_ptr() - flat.data_ptr(), flat.element_size())
+    if (rest or tensor.dtype != flat.dtype or not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+            or not 0 <= offset <= flat.numel() - tensor.numel()):
+        raise ValueError("the tensor is not a contiguous slice of the flat vector")
+    return offset
 
 
 def is_bound(model: torch.nn.Module, flat: torch.Tensor) -> bool:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from fedsilo import checkpoint
-from fedsilo.averaging import Report, UpdateRejected, add_contribution, finish_average, validate_updates
+from fedsilo.averaging import Report, Rows, UpdateRejected, finish_average, take_update, validate_updates
 from fedsilo.config import Settings
 from fedsilo.data import Encoded
 from fedsilo.errors import ConfigError, FederationError
-from fedsilo.model import bind_flat, build_model, load_flat, load_tokenizer
+from fedsilo.model import bind_flat, build_model, load_flat, load_tokenizer, offset_in
 from fedsilo.tracking import Tracker, round_line, round_metrics
 from fedsilo.train import evaluate, local_train, resolve_device
 from fedsilo.workload import client_shards, settings_fingerprint, shared_dataset
@@ -183,9 +183,9 @@ def train_client(
 ) -> Report:
     """Client k's round, as silo k runs it: start from the global model, train, add its update.
 
-    ``local`` is the model's flat vector; it is left holding client k's update, not a model."""
+    ``local`` is the model's flat vector: it must hold the global model on entry, and holds it
+    again on return."""
     train, data = settings.train, shards[k - 1]
-    local.copy_(weights)
     last = [time.monotonic()]
 
     def progress(done: int, total: int, loss: float) -> None:
@@ -198,9 +198,11 @@ def train_client(
         seed=(train.seed, k, round_), attention_mask=settings.model.attention_mask,
         group_by_length=train.group_by_length, progress=progress,
     )
-    # the update theta_k - theta formed in the model's own buffer, as a silo forms it: no
-    # temporary, one pass for the norm and one for the sum
-    update = local.sub_(weights)
-    norm = float(update.norm())
-    add_contribution(summed, update, len(data))
+    # the update theta_k - theta, formed in the model's own buffer as a silo forms it, added to
+    # the sum, and the buffer back to the global model for the next client. Embedding rows none
+    # of this client's tokens reached are the global model's still (plain SGD, sparse gradients):
+    # they are skipped, half of MiniLM for a client with a few thousand distinct tokens.
+    rows = [Rows(offset_in(local, table), (table.shape[0], table.shape[1]), index)
+            for table, index in result.changed_rows if 2 * index.numel() < table.shape[0]]
+    norm = take_update(summed, local, weights, len(data), rows)
     return Report(k, len(data), result.mean_loss, norm)

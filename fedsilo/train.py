@@ -18,6 +18,9 @@ class TrainResult:
     examples: int
     mean_loss: float
     seconds: float
+    # Per embedding table trained with sparse gradients: (its weight, the sorted rows its
+    # gradients reached). Every other row of that table was left exactly as it was.
+    changed_rows: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[None]:
+def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor, torch.Tensor]]:
     """Embedding gradients as sparse rows while training, dense again afterwards.
 
     Plain SGD (no momentum, no weight decay) leaves the rows a batch did not use exactly as they
@@ -70,22 +73,40 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[None]:
     the batch's tokens only; the rows it touches get the same update. It is coalesced (repeated
     tokens summed in index order) so that the update does not depend on the thread count, as
     the simulation and the distributed silos must agree.
+
+    Yields a mapping that, once the block ends, holds each table's weight and the sorted rows
+    its gradients reached (tables that ever got a dense gradient, a tied weight, are left out).
     """
     dense = [m for m in model.modules()
              if isinstance(m, torch.nn.Embedding) and not m.sparse and m.weight.requires_grad]
-    hooks = [m.weight.register_hook(_coalesced) for m in dense]
+    reached: dict[torch.nn.Embedding, list[torch.Tensor] | None] = {m: [] for m in dense}
+
+    def hook(module: torch.nn.Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
+        def coalesce(grad: torch.Tensor) -> torch.Tensor:
+            rows = reached[module]
+            if not grad.is_sparse:
+                reached[module] = None  # a dense contribution: any row may change
+                return grad
+            grad = grad.coalesce()
+            if rows is not None:
+                rows.append(grad.indices()[0])
+            return grad
+        return coalesce
+
+    hooks = [m.weight.register_hook(hook(m)) for m in dense]
     for module in dense:
         module.sparse = True
+    changed: dict[torch.Tensor, torch.Tensor] = {}
     try:
-        yield
+        yield changed
     finally:
-        for module, hook in zip(dense, hooks):
+        for module, handle in zip(dense, hooks):
             module.sparse = False
-            hook.remove()
-
-
-def _coalesced(grad: torch.Tensor) -> torch.Tensor:
-    return grad.coalesce() if grad.is_sparse else grad
+            handle.remove()
+    for module, rows in reached.items():
+        if rows is not None:
+            device = module.weight.device
+            changed[module.weight] = torch.unique(torch.cat(rows)) if rows else torch.empty(0, dtype=torch.long, device=device)
 
 
 def local_train(
@@ -114,7 +135,7 @@ def local_train(
     total_batches = epochs * -(-len(data) // batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     seen, done = 0, 0
-    with sparse_embedding_grads(model):
+    with sparse_embedding_grads(model) as changed:
         for epoch in range(epochs):
             for batch in iterate_batches(
                 data, batch_size, (*seed, epoch),
@@ -133,7 +154,8 @@ def local_train(
                 done += 1
                 if progress is not None and (done % PROGRESS_EVERY == 0 or done == total_batches):
                     progress(done, total_batches, float(loss_sum) / seen)
-    return TrainResult(seen // epochs, float(loss_sum) / max(seen, 1), time.perf_counter() - started)
+    return TrainResult(seen // epochs, float(loss_sum) / max(seen, 1), time.perf_counter() - started,
+                       tuple(changed.items()))
 
 
 @torch.inference_mode()

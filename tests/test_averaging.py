@@ -7,10 +7,11 @@ from fedsilo import averaging
 from fedsilo.averaging import (
     REPORT_FIELDS,
     Report,
+    Rows,
     UpdateRejected,
-    add_contribution,
     finish_average,
     read_reports,
+    take_update,
     validate_updates,
     weighted_average,
 )
@@ -29,10 +30,39 @@ def test_running_sum_of_deltas_equals_weighted_average() -> None:
     counts = [17, 250, 3]
     running = torch.zeros(1000)
     for local, n in zip(locals_, counts):
-        add_contribution(running, local - reference, n)
+        buffer = local.clone()
+        norm = take_update(running, buffer, reference, n)
+        assert torch.equal(buffer, reference)  # left holding the reference again
+        assert math.isclose(norm, float((local - reference).norm()), rel_tol=1e-5)
     result = finish_average(reference.clone(), running, sum(counts))
     expected = weighted_average(locals_, counts)
     assert torch.allclose(result, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_take_update_visits_only_the_listed_rows_of_a_table() -> None:
+    # Prepare: a flat vector of [4 dense | 6 x 3 table | 5 dense]; training changed the dense
+    # values and rows 1 and 4 of the table. Row 2 differs too, but is not listed: the contract
+    # says it cannot have changed, so take_update must not read it (a dense pass would).
+    torch.manual_seed(0)
+    reference = torch.randn(27)
+    local = reference.clone()
+    local[:4] += torch.randn(4)
+    local[22:] += torch.randn(5)
+    table = local[4:22].view(6, 3)
+    table[1] += 1.0
+    table[4] -= 2.0
+    expected_update = local - reference
+    table[2] += 100.0  # not listed
+    summed = torch.ones(27)
+    # Execute
+    norm = take_update(summed, local, reference, 3, [Rows(4, (6, 3), torch.tensor([1, 4]))])
+    # Assert: the sum and the norm of the changed values; the listed rows and the rest restored
+    assert torch.allclose(summed, 1.0 + 3 * expected_update, rtol=1e-6, atol=1e-6)
+    assert math.isclose(norm, float(expected_update.norm()), rel_tol=1e-6)
+    restored = torch.ones(27, dtype=torch.bool)
+    restored[4 + 2 * 3: 4 + 3 * 3] = False
+    assert torch.equal(local[restored], reference[restored])
+    assert torch.equal(local[10:13], reference[10:13] + 100.0)  # the unlisted row, untouched
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.model import bind_flat, build_model, flat_size, flatten, float_tensors, is_bound, load_flat
+from fedsilo.model import bind_flat, build_model, flat_size, flatten, float_tensors, is_bound, load_flat, offset_in
 
 
 class Tied(torch.nn.Module):
@@ -49,6 +49,20 @@ def test_binding_keeps_the_values_and_makes_every_tensor_a_view() -> None:
     assert is_bound(model, flat) and not is_bound(model, flat.clone())
     assert model.out.weight is model.embed.weight and model.mix.shape == (4, 3)
     assert all(t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for t in float_tensors(model))
+
+
+def test_a_bound_tensor_is_found_at_its_offset_and_a_stranger_is_refused() -> None:
+    model = Tied()
+    flat = bind_flat(model)
+    tensors = float_tensors(model)  # mix, scale, embed (tied with out): state-dict order
+    sizes = [t.numel() for t in tensors]
+    assert [offset_in(flat, t) for t in tensors] == [sum(sizes[:i]) for i in range(len(sizes))]
+    start = offset_in(flat, model.embed.weight)
+    assert torch.equal(flat[start:start + 28].view(7, 4), model.out.weight)
+    with pytest.raises(ValueError, match="not a contiguous slice"):
+        offset_in(flat, model.mix.clone())
+    with pytest.raises(ValueError, match="not a contiguous slice"):
+        offset_in(flat.clone(), model.mix)
 
 
 def test_training_through_the_optimizer_writes_into_the_flat_vector() -> None:

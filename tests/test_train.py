@@ -1,4 +1,5 @@
-"""fedsilo.train: sparse embedding gradients give plain SGD's update; progress after the last batch."""
+"""fedsilo.train: sparse embedding gradients give plain SGD's update and name the rows they changed;
+progress after the last batch."""
 
 from __future__ import annotations
 
@@ -69,3 +70,43 @@ def test_local_train_reports_progress_after_the_last_batch() -> None:
     # Assert: now and then, and once at the end; the mean loss is a plain float
     assert calls[-1] == (25, 25) and 1 < len(calls) < 25
     assert result.examples == 50 and isinstance(result.mean_loss, float) and result.mean_loss > 0
+
+
+class TiedBagOfWords(BagOfWords):
+    """The head scores with the embedding table itself: a dense gradient reaches every row."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **_: torch.Tensor) -> SimpleNamespace:
+        logits = self.embed(input_ids).mean(1) @ self.embed.weight.T
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+
+def rows_of(tokens: list[list[int]]) -> Encoded:
+    return Encoded(tokens, np.array([i % 2 for i in range(len(tokens))]), 0, 8)
+
+
+def test_local_train_names_the_embedding_rows_it_changed() -> None:
+    # Prepare: rows that use 7 of the 50 tokens (and padding, row 0, as batches pad)
+    torch.manual_seed(0)
+    model = BagOfWords()
+    initial = model.embed.weight.detach().clone()
+    data = rows_of([[3, 3, 7], [9, 12], [4, 5, 6, 7], [12, 9, 9, 9, 3]])
+    # Execute
+    result = local_train(model, data, epochs=2, batch_size=2, lr=0.5, seed=(1,))
+    # Assert: one table, its used rows sorted (padding's row gets a zero gradient: listed, unchanged),
+    # and every other row exactly as it was
+    ((table, rows),) = result.changed_rows
+    assert table is model.embed.weight
+    assert set(rows.tolist()) - {0} == {3, 4, 5, 6, 7, 9, 12} and rows.tolist() == sorted(rows.tolist())
+    others = [r for r in range(50) if r not in rows.tolist()]
+    assert torch.equal(model.embed.weight[others], initial[others])
+    assert not torch.equal(model.embed.weight[[3, 9, 12]], initial[[3, 9, 12]])
+
+
+def test_a_table_with_a_dense_gradient_is_not_reported() -> None:
+    # A tied table can change in any row: claiming only the looked-up ones would lose updates.
+    torch.manual_seed(0)
+    model = TiedBagOfWords()
+    initial = model.embed.weight.detach().clone()
+    result = local_train(model, rows_of([[3, 4], [5, 6]]), epochs=1, batch_size=2, lr=0.5, seed=(1,))
+    assert result.changed_rows == ()
+    assert not torch.equal(model.embed.weight[20], initial[20])  # a row no token used did change
