@@ -12,10 +12,10 @@ import torch
 from fedsilo import checkpoint, comm, join
 from fedsilo.averaging import REPORT_FIELDS, UpdateRejected, finish_average, read_reports, validate_updates
 from fedsilo.config import Settings
-from fedsilo.data import Encoded
+from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import FederationError, FedsiloError
 from fedsilo.model import architecture_fingerprint, bind_flat, build_model, flat_size, is_bound, load_flat, load_tokenizer
-from fedsilo.tracking import Tracker, round_line, round_metrics
+from fedsilo.tracking import MAJORITY_PARAM, Tracker, round_line, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
 from fedsilo.workload import agreed_settings, aggregator_test_data, settings_fingerprint
 
@@ -117,7 +117,8 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
         log(f"resuming after round {resumed.round} from {checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, fingerprint)}")
     # Reach MLflow before the group forms: the silos then wait in their first collective, under
     # the round timeout, and a slow tracking server (or a new sqlite store) must not use it up.
-    tracker = Tracker(settings, labels, resumed.run_id if resumed else None, outbox, log)
+    reference = {} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"}
+    tracker = Tracker(settings, labels, resumed.run_id if resumed else None, outbox, log, params=reference)
     log(tracker.ui_hint())
     eval_on_silos = test is None
     for hello in hellos.values():

@@ -233,6 +233,11 @@ class Encoded:
         return len(self.input_ids)
 
 
+def majority_share(data: Encoded) -> float:
+    """The accuracy of always answering the most frequent label: the floor a classifier must beat."""
+    return float(np.bincount(data.labels).max() / len(data)) if len(data) else float("nan")
+
+
 def encode(texts: list[str], label_idx: np.ndarray, tokenizer: Any, max_length: int) -> Encoded:
     """Tokenise once; batches are padded later to their own longest row (dynamic padding)."""
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -7,10 +7,12 @@ or environment variable), and then it wins over the ``--config`` file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import signal
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,7 +20,7 @@ import typer
 from pydantic.fields import FieldInfo
 
 from fedsilo.config import SECTIONS, Settings, load_settings
-from fedsilo.errors import FedsiloError
+from fedsilo.errors import ConfigError, FedsiloError
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -102,6 +104,39 @@ def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
     return user_errors(wrapper)
 
 
+def whole_number(value: str | None, flag: str, minimum: int | None = None) -> int | None:
+    """A command's own integer option, read as the settings are: a bad value is one line that
+    names the flag (Typer's own int parsing would print Click's usage box instead)."""
+    if value is None:
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"invalid option '{flag}': expected a whole number (got {value!r})") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"invalid option '{flag}': must be at least {minimum} (got {value!r})")
+    return number
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (KeyboardInterrupt) inside the block.
+
+    ``kill`` and Kubernetes stop a process with SIGTERM, which by default ends Python on the spot:
+    no ``finally`` runs, so an MLflow run would stay RUNNING for ever. For the in-process commands
+    (simulate, sweep), whose time goes to Python and torch operators that return often; a rank
+    blocked inside a collective would see it only when the collective returns.
+    """
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Errors a user can fix become one line on stderr and exit code 1; bugs keep a traceback."""
 
@@ -125,4 +160,4 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-__all__ = ["Settings", "settings_parameters", "user_errors", "with_settings"]
+__all__ = ["Settings", "settings_parameters", "stop_on_sigterm", "user_errors", "whole_number", "with_settings"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from fedsilo.errors import FedsiloError
+from fedsilo.tracking import MAJORITY_PARAM
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -57,6 +58,7 @@ CSV_COLUMNS = (
     "target_accuracy",
     "rounds_to_target",
     "random_accuracy",
+    "majority_accuracy",
 )
 
 
@@ -83,6 +85,7 @@ class Curve:
     accuracy: Mapping[int, float]
     run_id: str = ""
     start_time: int = 0
+    majority_accuracy: float | None = None  # always answering the test set's most frequent label
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,21 @@ class SummaryRow:
     best_round: int | None
     target_accuracy: float | None  # None: no K = 1 run (or it has no accuracy at its budget)
     rounds_to_target: int | None  # None: see `rounds_text`
+    majority_accuracy: float | None = None  # None: not logged (silos evaluated), or runs disagree
     mean_curve: Mapping[int, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def random_accuracy(self) -> float:
+        """A uniform random guess."""
         return 1.0 / self.num_labels
+
+    @property
+    def chance(self) -> tuple[float, str]:
+        """The floor to beat and its name: the majority class where known (on an imbalanced test
+        set it is above a uniform guess), else a uniform guess."""
+        if self.majority_accuracy is not None:
+            return self.majority_accuracy, MAJORITY_LABEL
+        return self.random_accuracy, RANDOM_LABEL
 
     @property
     def rounds_text(self) -> str:
@@ -218,6 +231,7 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
 
     curve = mean_curve([c.accuracy for c in curves])
     best = best_point(curve)
+    majorities = {c.majority_accuracy for c in curves}
     return SummaryRow(
         model=model,
         dataset=dataset,
@@ -232,6 +246,7 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
         best_round=None if best is None else best[0],
         target_accuracy=None,
         rounds_to_target=None,
+        majority_accuracy=majorities.pop() if len(majorities) == 1 else None,
         mean_curve=curve,
     )
 
@@ -306,6 +321,7 @@ def csv_text(rows: Iterable[SummaryRow]) -> str:
                 _num(r.target_accuracy),
                 r.rounds_text,
                 _num(r.random_accuracy),
+                _num(r.majority_accuracy),
             ]
         )
     return buf.getvalue()
@@ -322,6 +338,14 @@ def _md_rounds(r: SummaryRow) -> str:
     if r.target_accuracy is None:
         return NO_BASELINE
     return f"{r.rounds_text} (target {r.target_accuracy:.4f}, ≤ {r.threshold})"
+
+
+def _floor_sentence(r: SummaryRow) -> str:
+    uniform = f"a uniform random guess scores {r.random_accuracy:.4f}"
+    if r.majority_accuracy is None:
+        return f"{r.num_labels} labels; {uniform}."
+    return (f"{r.num_labels} labels; always answering the test set's most frequent label (the majority "
+            f"class) scores {r.majority_accuracy:.4f}, {uniform}.")
 
 
 def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence[str]) -> str:
@@ -343,8 +367,7 @@ def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence
             "",
             f"## {dataset}",
             "",
-            f"{drows[0].num_labels} labels; a random classifier scores "
-            f"{drows[0].random_accuracy:.4f}.",
+            _floor_sentence(drows[0]),
             "",
             "| Model | K | Seeds | Accuracy at budget | Best accuracy (round) "
             f"| Rounds to {TARGET_FRACTION:.0%} of K = 1 |",
@@ -367,10 +390,11 @@ def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence
 
 
 RANDOM_LABEL = "random classifier"
+MAJORITY_LABEL = "majority class"
 BUDGET_LABEL = "budget"
 THRESHOLD_LABEL = "threshold"
 NOT_REACHED_LABEL = "not reached by threshold"
-_REFERENCE_LABELS = frozenset({RANDOM_LABEL, BUDGET_LABEL, THRESHOLD_LABEL, NOT_REACHED_LABEL})
+_REFERENCE_LABELS = frozenset({RANDOM_LABEL, MAJORITY_LABEL, BUDGET_LABEL, THRESHOLD_LABEL, NOT_REACHED_LABEL})
 
 
 def _colours(keys: Sequence[str]) -> dict[str, Any]:
@@ -434,7 +458,8 @@ def plot_accuracy_vs_clients(rows: Sequence[SummaryRow], path: Path) -> Path:
                 color=colours[model],
                 label=model,
             )
-        ax.axhline(drows[0].random_accuracy, ls="--", color="0.4", lw=1, label=RANDOM_LABEL)
+        floor, name = drows[0].chance
+        ax.axhline(floor, ls="--", color="0.4", lw=1, label=name)
         _clients_axis(ax, ks)
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{dataset}\naccuracy at {_budget_phrase(drows)}", fontsize=11)
@@ -546,8 +571,8 @@ def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
                 xs = sorted(r.mean_curve)
                 ys = [r.mean_curve[x] for x in xs]
                 ax.plot(xs, ys, color=k_colour[r.silos], lw=1.5, label=f"K = {r.silos}")
-            random = [r.random_accuracy for r in rows if r.dataset == dataset][0]
-            ax.axhline(random, ls="--", color="0.4", lw=1, label=RANDOM_LABEL)
+            floor, name = [r.chance for r in rows if r.dataset == dataset][0]
+            ax.axhline(floor, ls="--", color="0.4", lw=1, label=name)
             budgets = sorted({r.budget for r in cell})
             for b in budgets:
                 ax.axvline(b, ls=":", color="0.6", lw=1, label=BUDGET_LABEL)
@@ -602,6 +627,15 @@ def _int_param(run: Run, name: str, default: int | None = None) -> int:
     return int(value)
 
 
+def _float_param(run: Run, name: str) -> float | None:
+    """An optional number (runs logged before it existed have none)."""
+    raw = run.data.params.get(name)
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        raise ReportError(f"run {run.info.run_id}: param '{name}' = {raw!r} is not a number") from None
+
+
 def _str_param(run: Run, name: str) -> str:
     raw = run.data.params.get(name)
     if not raw:
@@ -629,6 +663,7 @@ def _curve_from_run(client: MlflowClient, run: Run) -> Curve:
         accuracy=accuracy,
         run_id=run.info.run_id,
         start_time=int(run.info.start_time or 0),
+        majority_accuracy=_float_param(run, MAJORITY_PARAM),
     )
 
 

@@ -22,10 +22,10 @@ import torch
 from fedsilo import checkpoint
 from fedsilo.averaging import Report, Rows, UpdateRejected, finish_average, take_update, validate_updates
 from fedsilo.config import Settings
-from fedsilo.data import Encoded
+from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import ConfigError, FederationError
 from fedsilo.model import bind_flat, build_model, load_flat, load_tokenizer, offset_in
-from fedsilo.tracking import Tracker, round_line, round_metrics
+from fedsilo.tracking import MAJORITY_PARAM, Tracker, round_line, round_metrics
 from fedsilo.train import evaluate, local_train, resolve_device
 from fedsilo.workload import client_shards, settings_fingerprint, shared_dataset
 
@@ -82,7 +82,7 @@ def simulate(
 
     def tracker_for(run_id: str | None) -> Tracker:
         return Tracker(settings, labels, run_id, outbox, log, parent_run_id=parent_run_id,
-                       params=dict(params or {}), tags={"fedsilo.mode": "simulate", **(tags or {})})
+                       params={MAJORITY_PARAM: f"{majority_share(test):.6f}", **(params or {})}, tags={"fedsilo.mode": "simulate", **(tags or {})})
 
     if resumed is not None and resumed.round >= settings.federation.rounds:
         # That simulation finished: deliver what MLflow missed of it, then start a new one.
@@ -103,8 +103,8 @@ def simulate(
         start = resumed.round + 1 if resumed else 1
         final = run_rounds(settings, model, local, weights, shards, test, tracker, start, key, labels, log)
         tracker.log_model(model, tokenizer)  # run_rounds leaves the global model in it
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.finish()
     log(f"done: {tracker.ui_hint()}")

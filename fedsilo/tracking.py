@@ -25,6 +25,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 # The metric whose history tells which rounds MLflow already holds.
 STEP_MARKER = "round_seconds"
+# The run param holding the test set's most-frequent-label share (the report's reference line);
+# absent when the silos evaluate on their own held-out rows.
+MAJORITY_PARAM = "test_majority_accuracy"
 # MLflow accepts at most 1000 metrics in one log_batch.
 MAX_BATCH_METRICS = 1000
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.procs import Watched, kill_tree
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
 
@@ -27,3 +29,12 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows(240))
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[Watched]]:
+    """Processes a test started; any still running at the end (a failed test) are killed with their children."""
+    started: list[Watched] = []
+    yield started
+    for p in started:
+        kill_tree(p.process)

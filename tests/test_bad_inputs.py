@@ -16,19 +16,20 @@ import random
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from fedsilo.cli import app
 from fedsilo.config import load_settings
 from fedsilo.launcher import free_port
 from fedsilo.workload import settings_fingerprint
-from tests.procs import run, start
+from tests.procs import Watched, run, watch
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
 ERROR = "fedsilo: error: "
@@ -87,43 +88,6 @@ def no_native_stack(output: str) -> None:
 
 
 # -- processes ----------------------------------------------------------------------------------------
-class Watched:
-    """A started process whose merged output is read while it runs, so a test can wait for a line."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process, self.lines = process, []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:  # type: ignore[union-attr]
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            assert self.process.poll() is None or self._reader.is_alive(), f"exited without {text!r}:\n{self.output}"
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{self.output}"
-            time.sleep(0.1)
-
-    def finish(self, timeout: float = 180) -> tuple[int, str]:
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(timeout=10)
-        return self.process.returncode, self.output
-
-
-def watch(*args: str, cwd: Path, **env: str) -> Watched:
-    return Watched(start(*args, cwd=cwd, **env))
-
-
 def first_to_exit(processes: list[Watched], timeout: float = 180) -> Watched:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -132,17 +96,6 @@ def first_to_exit(processes: list[Watched], timeout: float = 180) -> Watched:
                 return p
         time.sleep(0.1)
     raise AssertionError("no process exited:\n" + "\n---\n".join(p.output for p in processes))
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[Watched]]:
-    """Processes a test started; any still running at the end (a failed test) are killed."""
-    started: list[Watched] = []
-    yield started
-    for p in started:
-        if p.process.poll() is None:
-            p.process.kill()
-            p.process.wait()
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -344,6 +297,23 @@ def test_flag_of_the_wrong_type(tmp_path: Path, tiny_bert: Path, sentiment_csv: 
     refused(result, tmp_path, "'rounds'", "many")
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["run", "--restarts", "-1"], "invalid option '--restarts': must be at least 0 (got '-1')"),
+    (["run", "--restarts", "twice"], "invalid option '--restarts': expected a whole number (got 'twice')"),
+    (["silo", "--rank", "one"], "invalid option '--rank': expected a whole number (got 'one')"),
+    (["simulate", "--clients", "many"],
+     "invalid setting 'silos': Input should be a valid integer, unable to parse string as an integer (got 'many')"),
+], ids=["restarts-negative", "restarts-not-a-number", "rank-not-a-number", "clients-not-a-number"])
+def test_a_commands_own_option_of_the_wrong_type(args: list[str], expected: str, tmp_path: Path, monkeypatch,
+                                                tiny_bert: Path, sentiment_csv: Path) -> None:
+    # Options of one command (not settings) are read the same way: one line, before any work.
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*args, "--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [f"fedsilo: error: {expected}"]
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
 @NO_GPU
 @pytest.mark.parametrize("option, expected", [
     (["--backend", "nccl"], "backend 'nccl' needs a GPU"),
@@ -440,21 +410,21 @@ def test_a_local_model_that_cannot_load_is_not_called_missing(tmp_path: Path, ti
 
 # -- federations that must not form ---------------------------------------------------------------------------
 def test_duplicate_rank_is_refused_and_the_federation_still_forms(tmp_path: Path, tiny_bert: Path,
-                                                                  sentiment_csv: Path, stop_all) -> None:
+                                                                  sentiment_csv: Path, reaper) -> None:
     shared = ["--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
               "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    stop_all.append(aggregator := watch("aggregator", *shared, cwd=tmp_path))
+    reaper.append(aggregator := watch("aggregator", *shared, cwd=tmp_path))
     twins = [watch("silo", "--rank", "1", *shared, cwd=tmp_path) for _ in range(2)]
-    stop_all.extend(twins)
+    reaper.extend(twins)
     loser = first_to_exit(twins)
-    code, output = loser.finish()
+    code, output = loser.result()
     assert code == 1
     error_line(output, "rank 1 is already taken by another silo")
     # the claim of the refused twin does not block rank 2, and the federation completes
-    stop_all.append(rank2 := watch("silo", "--rank", "2", *shared, cwd=tmp_path))
+    reaper.append(rank2 := watch("silo", "--rank", "2", *shared, cwd=tmp_path))
     winner = twins[1] if loser is twins[0] else twins[0]
     for p in (winner, rank2, aggregator):
-        code, output = p.finish()
+        code, output = p.result()
         assert code == 0 and "Traceback" not in output, output
     assert mlflow_statuses(tmp_path) == {"FINISHED"}
 
@@ -472,8 +442,8 @@ def missing_rank(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sent
         # the port opens (the store client backs off between attempts): give it 15.
         silo.wait_for("joining")
         aggregator = watch("aggregator", *shared, "--join-timeout", str(MISSING_RANK_TIMEOUT), cwd=workdir)
-        agg_code, agg_output = aggregator.finish()
-        silo_code, silo_output = silo.finish(timeout=60)
+        agg_code, agg_output = aggregator.result()
+        silo_code, silo_output = silo.result(timeout=60)
     finally:
         if silo.process.poll() is None:
             silo.process.kill()
@@ -495,13 +465,13 @@ def test_missing_rank_the_waiting_silo_gets_one_line(missing_rank) -> None:
 
 
 def test_wrong_world_size_is_refused_naming_the_key(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path,
-                                                    stop_all) -> None:
+                                                    reaper) -> None:
     shared = ["--model", str(tiny_bert), "--dataset", str(sentiment_csv),
               "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    stop_all.extend(procs := [watch("aggregator", "--silos", "2", *shared, cwd=tmp_path),
+    reaper.extend(procs := [watch("aggregator", "--silos", "2", *shared, cwd=tmp_path),
                               watch("silo", "--rank", "1", "--silos", "2", *shared, cwd=tmp_path),
                               watch("silo", "--rank", "2", "--silos", "3", *shared, cwd=tmp_path)])
-    (agg_code, agg_out), (s1_code, s1_out), (s2_code, s2_out) = [p.finish() for p in procs]
+    (agg_code, agg_out), (s1_code, s1_out), (s2_code, s2_out) = [p.result() for p in procs]
     assert (agg_code, s1_code, s2_code) == (1, 1, 1)
     error_line(agg_out, "refused silo 2", "its settings differ: silos=3 (aggregator: 2)")
     error_line(s2_out, "the aggregator refused silo 2", "silos=3 (aggregator: 2)")
@@ -510,7 +480,7 @@ def test_wrong_world_size_is_refused_naming_the_key(tmp_path: Path, tiny_bert: P
 
 
 def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: Path, tiny_bert: Path,
-                                                                      stop_all) -> None:
+                                                                      reaper) -> None:
     # Extra columns are fine: this federation's data has two (the positive control).
     data = tmp_path / "data.csv"
     data.write_text("id,text,source,label\n" + "".join(
@@ -518,17 +488,17 @@ def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: 
     secret, guess = "alpha-7f3c-secret", "bravo-91d2-guess"
     shared = ["--silos", "2", "--model", str(tiny_bert), "--dataset", str(data),
               "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    stop_all.append(aggregator := watch("aggregator", *shared, cwd=tmp_path, FEDSILO_TOKEN=secret))
-    stop_all.extend(strangers := [watch("silo", "--rank", "1", *shared, cwd=tmp_path, FEDSILO_TOKEN=guess),
+    reaper.append(aggregator := watch("aggregator", *shared, cwd=tmp_path, FEDSILO_TOKEN=secret))
+    reaper.extend(strangers := [watch("silo", "--rank", "1", *shared, cwd=tmp_path, FEDSILO_TOKEN=guess),
                                   watch("silo", "--rank", "2", *shared, cwd=tmp_path)])
     for rank, stranger in enumerate(strangers, start=1):
-        code, output = stranger.finish()
+        code, output = stranger.result()
         assert code == 1
         error_line(output, f"the aggregator refused silo {rank}", "wrong or missing join token")
     assert aggregator.process.poll() is None  # still waiting for the real silos
     real = [watch("silo", "--rank", str(r), *shared, cwd=tmp_path, FEDSILO_TOKEN=secret) for r in (1, 2)]
-    stop_all.extend(real)
-    outputs = [p.finish() for p in (*real, aggregator)]
+    reaper.extend(real)
+    outputs = [p.result() for p in (*real, aggregator)]
     assert [code for code, _ in outputs] == [0, 0, 0], outputs
     agg_output = outputs[-1][1]
     assert "refused a process claiming silo 1: wrong or missing join token" in agg_output
@@ -539,7 +509,7 @@ def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: 
 
 
 def test_a_silo_with_another_architecture_is_refused(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path,
-                                                     stop_all) -> None:
+                                                     reaper) -> None:
     # Same settings, same --model path, different model behind it: only the fingerprint can tell.
     here, there = tmp_path / "aggregator", tmp_path / "silo"
     here.mkdir()
@@ -548,8 +518,8 @@ def test_a_silo_with_another_architecture_is_refused(tmp_path: Path, tiny_bert: 
     make_tiny_model(there / "model", "distilbert")
     shared = ["--silos", "1", "--model", "model", "--dataset", str(sentiment_csv),
               "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    stop_all.extend(procs := [watch("aggregator", *shared, cwd=here), watch("silo", "--rank", "1", *shared, cwd=there)])
-    (agg_code, agg_out), (silo_code, silo_out) = [p.finish() for p in procs]
+    reaper.extend(procs := [watch("aggregator", *shared, cwd=here), watch("silo", "--rank", "1", *shared, cwd=there)])
+    (agg_code, agg_out), (silo_code, silo_out) = [p.result() for p in procs]
     assert (agg_code, silo_code) == (1, 1)
     error_line(agg_out, "silo(s) [1] built a different model from the aggregator's (model)")
     error_line(silo_out, "the aggregator refused silo 1", "different model")
@@ -557,16 +527,16 @@ def test_a_silo_with_another_architecture_is_refused(tmp_path: Path, tiny_bert: 
 
 
 def test_silos_that_disagree_on_the_label_set_are_refused_on_both_sides(tmp_path: Path, encoder: Path,
-                                                                        stop_all) -> None:
+                                                                        reaper) -> None:
     # Private data (partition none): silo 2's file has a label silo 1 never saw.
     files = {1: write_csv(tmp_path / "h1.csv", sentiment_rows(60, seed=1)),
              2: write_csv(tmp_path / "h2.csv", three_labels())}
     shared = ["--silos", "2", "--partition", "none", "--model", str(encoder),
               "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    stop_all.extend(procs := [watch("aggregator", *shared, cwd=tmp_path),
+    reaper.extend(procs := [watch("aggregator", *shared, cwd=tmp_path),
                               *[watch("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path)
                                 for r in (1, 2)]])
-    (agg_code, agg_out), *silos = [p.finish() for p in procs]
+    (agg_code, agg_out), *silos = [p.result() for p in procs]
     assert agg_code == 1
     error_line(agg_out, "silos disagree on the label set", "silo 1: [neg, pos]", "silo 2: [meh, neg, pos]",
                "set --labels on every rank")
@@ -591,7 +561,7 @@ def corrupt_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path
     procs = [watch("aggregator", "--config", str(config), cwd=workdir),
              watch("silo", "--rank", "1", "--config", str(config), cwd=workdir)]
     try:
-        results = [p.finish() for p in procs]
+        results = [p.result() for p in procs]
     finally:
         for p in procs:
             if p.process.poll() is None:

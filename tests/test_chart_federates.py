@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.procs import stop_group
 from tests.test_chart import ROOT, one, pods, render
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
@@ -151,14 +151,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         for process in self.processes:
-            if process.popen.poll() is None:
-                os.killpg(process.popen.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.popen.pid, signal.SIGKILL)
-                process.popen.wait()
+            stop_group(process.popen, grace=20)
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.processes)

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -5,7 +6,17 @@ import pandas as pd
 import pytest
 
 from fedsilo.config import DataConfig
-from fedsilo.data import Encoded, batch_order, collate, label_ids, label_set, load_examples, load_splits, partition
+from fedsilo.data import (
+    Encoded,
+    batch_order,
+    collate,
+    label_ids,
+    label_set,
+    load_examples,
+    load_splits,
+    majority_share,
+    partition,
+)
 from fedsilo.errors import DataError
 
 ROWS = pd.DataFrame({"text": ["good film", "bad film", "fine", "awful"], "label": ["pos", "neg", "pos", "neg"]})
@@ -122,3 +133,9 @@ def test_length_grouping_reduces_padding_and_keeps_every_row() -> None:
     padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
     assert sorted(np.concatenate(grouped).tolist()) == list(range(640))
     assert padded(grouped) < 0.7 * padded(plain)
+
+
+def test_majority_share_is_the_most_frequent_labels_fraction() -> None:
+    data = Encoded([[1], [2], [3], [4], [5]], np.array([2, 0, 2, 1, 2]), 0, 8)
+    assert majority_share(data) == 0.6
+    assert math.isnan(majority_share(Encoded([], np.array([], dtype=np.int64), 0, 8)))

@@ -64,6 +64,7 @@ def test_mlflow_run_has_config_metrics_and_a_loadable_model(dirichlet_run) -> No
     assert run_info.info.run_id in result.stdout  # the command prints the run id
     params = run_info.data.params
     assert params["silos"] == "2" and params["partition"] == "dirichlet" and params["num_labels"] == "2"
+    assert 0.5 <= float(params["test_majority_accuracy"]) <= 1.0  # two labels: the majority holds half or more
     metrics = set(run_info.data.metrics)
     assert {"test_accuracy", "test_loss", "train_loss", "silo_1/train_loss", "silo_2/examples",
             "round_seconds", "bytes_per_silo", "comm_seconds"} <= metrics

@@ -12,8 +12,10 @@ import pytest
 
 from fedsilo.errors import FedsiloError
 from fedsilo.report import (
+    MAJORITY_LABEL,
     NO_BASELINE,
     NOT_REACHED,
+    RANDOM_LABEL,
     Curve,
     ReportError,
     csv_text,
@@ -46,6 +48,7 @@ def curve(
     threshold: int | None = None,
     run_id: str = "",
     start_time: int = 0,
+    majority: float | None = None,
 ) -> Curve:
     last = max(accuracy, default=0)
     return Curve(
@@ -59,6 +62,7 @@ def curve(
         accuracy=accuracy,
         run_id=run_id,
         start_time=start_time,
+        majority_accuracy=majority,
     )
 
 
@@ -244,6 +248,30 @@ def test_csv_and_markdown_spell_out_unavailable_values() -> None:
     assert NOT_REACHED in md and NO_BASELINE in md and "![a.png](a.png)" in md
 
 
+def test_the_floor_is_the_majority_class_where_the_runs_logged_it() -> None:
+    # IMDB-like runs logged a test set that is 70 % one label; AG News runs (older) logged none;
+    # two SST runs disagree (different test sets): no single majority to draw.
+    rows = summarise(
+        [
+            curve(ramp(10), silos=1, majority=0.7),
+            curve(ramp(10), silos=2, majority=0.7),
+            curve(ramp(10), dataset="ag_news", num_labels=4),
+            curve(ramp(10), dataset="sst", seed=0, majority=0.6),
+            curve(ramp(10), dataset="sst", seed=1, majority=0.55),
+        ]
+    )
+    by_dataset = {r.dataset: r for r in rows}
+    assert by_dataset["imdb"].chance == (0.7, MAJORITY_LABEL)
+    assert by_dataset["ag_news"].chance == (0.25, RANDOM_LABEL)
+    assert by_dataset["sst"].majority_accuracy is None and by_dataset["sst"].chance == (0.5, RANDOM_LABEL)
+    table = {(r["dataset"], r["silos"]): r for r in csv.DictReader(io.StringIO(csv_text(rows)))}
+    assert table[("imdb", "2")]["majority_accuracy"] == "0.700000" and table[("imdb", "2")]["random_accuracy"] == "0.500000"
+    assert table[("ag_news", "1")]["majority_accuracy"] == ""
+    md = markdown_text("exp", rows, [])
+    assert "2 labels; always answering the test set's most frequent label (the majority class) scores 0.7000" in md
+    assert "4 labels; a uniform random guess scores 0.2500." in md
+
+
 def test_redact_uri_hides_password_only() -> None:
     uri = "https://u:secret@mlflow.example:5000/x"
     assert redact_uri(uri) == "https://u:***@mlflow.example:5000/x"
@@ -312,6 +340,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "seed": "0",
             "num_labels": "2",
             "budget": "None",
+            "test_majority_accuracy": "0.600000",
         }
         _log_run(client, exp_id, params, child_tags, acc)
     # A crashed run must not count: it would pull bert K = 4 to 0.1.
@@ -351,6 +380,7 @@ def test_write_report_from_mlflow(store: dict[str, str], tmp_path: Path) -> None
         assert int(row["best_round"]) == logged.index(max(logged)) + 1
         assert row["rounds_to_target"] == EXPECTED_ROUNDS[(row["model"], int(row["silos"]))]
         assert float(row["random_accuracy"]) == pytest.approx(0.5)
+        assert float(row["majority_accuracy"]) == pytest.approx(0.6)
     bert_target = next(r for r in table if r["model"] == "bert")["target_accuracy"]
     assert float(bert_target) == pytest.approx(0.9 * 0.88)
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,76 +19,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo.launcher import free_port
-from tests.procs import final_weights, finish, start
+from tests.procs import Watched, children, final_weights, finish, start
 
 ROUNDS = 3
 # Rounds of a few seconds: long enough that a random instant can land in any phase of one.
 SETTINGS = ["--silos", "2", "--rounds", str(ROUNDS), "--batch-size", "8", "--lr", "0.3", "--local-epochs", "2",
             "--seed", "5", "--join-timeout", "90", "--round-timeout", "120"]
-
-
-def children(parent: int) -> dict[int, str]:
-    """Command lines of ``parent``'s child processes, from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
-
-
-class Watched:
-    """A process whose output is collected line by line, with arrival times, while it runs."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process, self.lines = process, []
-        self.times: list[float] = []
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:  # type: ignore[union-attr]
-            self.times.append(time.monotonic())
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 180) -> float:
-        """Wait for a line containing ``text``; return when it arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for at, line in zip(self.times, self.lines):
-                if text in line:
-                    return at
-            assert time.monotonic() < deadline and self.process.poll() is None, "".join(self.lines)
-            time.sleep(0.02)
-
-    def result(self, timeout: float = 300) -> tuple[int, str]:
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise AssertionError(f"still running after {timeout}s:\n{''.join(self.lines)}") from None
-        self.thread.join(timeout=5)
-        return code, "".join(self.lines)
-
-
-@pytest.fixture
-def reaper() -> Iterator[list[Watched]]:
-    """Processes a test started; any still running at the end (a failed test) are killed with their children."""
-    started: list[Watched] = []
-    yield started
-    for p in started:
-        if p.process.poll() is None:
-            for pid in children(p.process.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.process.kill()
-            p.process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,15 @@ def test_simulate_gives_the_distributed_federations_model(simulated, tmp_path, t
     assert (outcome.weights - initial).abs().max() > 1e-3  # it did train
 
 
-def test_simulate_logs_like_the_aggregator(simulated) -> None:
+def test_simulate_logs_like_the_aggregator(simulated, tiny_bert, sentiment_csv) -> None:
     work, outcome, lines = simulated
     client, found = only_run(work)
     assert found.info.run_id == outcome.run_id and found.info.status == "FINISHED"
     assert found.data.params["silos"] == "2" and found.data.params["num_labels"] == "2"
+    # the report's floor: the share of the test set's most frequent label
+    _, test, _ = client_shards(settings_for(work, tiny_bert, sentiment_csv), load_tokenizer(str(tiny_bert)), 2)
+    most = Counter(test.labels.tolist()).most_common(1)[0][1]
+    assert float(found.data.params["test_majority_accuracy"]) == pytest.approx(most / len(test), abs=1e-6)
     assert {"test_accuracy", "test_loss", "train_loss", "round_seconds", "silo_1/train_loss", "silo_2/train_loss",
             "silo_1/examples", "silo_2/examples"} <= set(found.data.metrics)
     assert found.data.metrics["silo_1/examples"] + found.data.metrics["silo_2/examples"] == 216
@@ -254,4 +259,4 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
     no_clients = CliRunner().invoke(app, [*args, "--clients", "0"])
     assert no_clients.exit_code == 1 and "Traceback" not in no_clients.output
     assert no_clients.stderr.strip().splitlines() == [
-        "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got 0)"]
+        "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got '0')"]  # as typed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from fedsilo.cli import app
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.report import PARENT_TAG, write_report
 from fedsilo.sweep import CELL_TAG, PARENT_RUN_TAG
+from tests.procs import kill_tree, watch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -182,3 +184,23 @@ def test_a_partly_finished_sweep_reruns_only_the_missing_cells(monkeypatch, tmp_
     report = write_report("tiny", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "report")
     assert [(r.silos, r.budget, r.threshold) for r in report.rows] == [(1, 1, 2), (2, 1, 2)]
     assert report.parent_run_id == parent.info.run_id
+
+
+def test_a_sweep_stopped_with_sigterm_closes_its_runs(tmp_path, tiny_bert, sentiment_csv) -> None:
+    # Prepare: a sweep whose first cell runs long enough to be stopped mid-round
+    spec = yaml.safe_load(tiny_sweep(tmp_path, tiny_bert, sentiment_csv).read_text())
+    spec["settings"]["local_epochs"] = 20
+    path = write_spec(tmp_path, spec)
+    sweeping = watch("sweep", "--config", str(path), cwd=tmp_path)
+    try:
+        sweeping.wait_for("MLflow run ")  # the cell's run exists; its training has begun
+        # Execute: what `kill` and Kubernetes send
+        sweeping.process.send_signal(signal.SIGTERM)
+        code, out = sweeping.result(timeout=120)
+    finally:
+        kill_tree(sweeping.process)
+    # Assert: the command says so, and no run is left RUNNING: the parent and the cell are KILLED
+    assert code == 130 and "fedsilo: interrupted" in out and "Traceback" not in out, out
+    (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]

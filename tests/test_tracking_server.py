@@ -22,8 +22,7 @@ from mlflow.tracking import MlflowClient
 from fedsilo.config import build_settings
 from fedsilo.launcher import free_port
 from fedsilo.tracking import Tracker
-from tests.procs import final_weights, start
-from tests.test_resilience import Watched, children
+from tests.procs import Watched, children, final_weights, kill_tree, start, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +61,7 @@ class Server:
 
     def stop(self) -> None:
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, grace=30)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -114,10 +108,7 @@ def test_metrics_survive_a_server_outage_mid_run(tmp_path: Path, tiny_bert: Path
             print(f"mlflow server back after {server.start():.1f}s")
         code, out = run.result(timeout=300)
     finally:
-        if run.process.poll() is None:
-            for pid in children(run.process.pid):
-                os.kill(pid, signal.SIGKILL)
-            run.process.kill()
+        kill_tree(run.process)
 
     # Assert: training never stopped, and MLflow holds every round exactly once plus the model
     assert code == 0, out

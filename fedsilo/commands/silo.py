@@ -10,7 +10,7 @@ import typer
 from fedsilo.config import Settings
 from fedsilo.errors import ConfigError
 from fedsilo.join import read_token
-from fedsilo.options import with_settings
+from fedsilo.options import whole_number, with_settings
 
 
 def resolve_rank(rank: int | None) -> int:
@@ -28,8 +28,8 @@ def resolve_rank(rank: int | None) -> int:
 @with_settings
 def command(
     settings: Settings,
-    rank: Annotated[Optional[int], typer.Option(
-        "--rank", envvar="FEDSILO_RANK",
+    rank: Annotated[Optional[str], typer.Option(
+        "--rank", envvar="FEDSILO_RANK", metavar="INTEGER",
         help="This silo's rank, 1..K. Default: JOB_COMPLETION_INDEX + 1 (Kubernetes Indexed Job).")] = None,
 ) -> None:
     """Run one silo: train on local data each round and send only the weighted model update.
@@ -38,4 +38,4 @@ def command(
     """
     from fedsilo import silo
 
-    silo.serve(settings, resolve_rank(rank), read_token(settings.federation.token_file))
+    silo.serve(settings, resolve_rank(whole_number(rank, "--rank")), read_token(settings.federation.token_file))

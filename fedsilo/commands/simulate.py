@@ -7,14 +7,14 @@ from typing import Annotated
 import typer
 
 from fedsilo.config import Settings
-from fedsilo.options import with_settings
+from fedsilo.options import stop_on_sigterm, with_settings
 
 
 @with_settings
 def command(
     settings: Settings,
-    clients: Annotated[int | None, typer.Option(
-        "--clients", envvar="FEDSILO_CLIENTS",
+    clients: Annotated[str | None, typer.Option(
+        "--clients", envvar="FEDSILO_CLIENTS", metavar="INTEGER",
         help="Number of clients K, at least 1 (overrides --silos).")] = None,
 ) -> None:
     """Simulate a federation of K clients in this process: the same local training, seeds, shards and averaging as `fedsilo run`, so the same global model, without the network.
@@ -23,6 +23,7 @@ def command(
     """
     from fedsilo.simulate import simulate
 
-    if clients is not None:
+    if clients is not None:  # validated as the silos setting it overrides: one line if bad
         settings = settings.replace(silos=clients)
-    simulate(settings)
+    with stop_on_sigterm():
+        simulate(settings)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedsilo.options import user_errors
+from fedsilo.options import stop_on_sigterm, user_errors
 
 
 @user_errors
@@ -23,4 +23,5 @@ def command(
     """
     from fedsilo.sweep import run_sweep
 
-    run_sweep(config, dry_run=dry_run)
+    with stop_on_sigterm():
+        run_sweep(config, dry_run=dry_run)
