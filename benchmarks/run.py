@@ -1,6 +1,6 @@
 """fedsilo's performance benchmark: one command, ratios measured side by side in one run.
 
-    .venv/bin/python benchmarks/run.py            # the full set (~20-25 min on 2 idle cores)
+    .venv/bin/python benchmarks/run.py            # the full set (~20 min on 2 idle cores)
     .venv/bin/python benchmarks/run.py --quick    # a reduced set (a few minutes)
     .venv/bin/python benchmarks/run.py --only a   # a, b, c or a comma list
 
@@ -210,7 +210,10 @@ def fmt_x(value: float) -> str:
 def verdict(value: float, target: float, higher_is_better: bool) -> str:
     if math.isnan(value):
         return "n/a"
-    return "met" if (value >= target if higher_is_better else value <= target) else "missed"
+    met = value >= target if higher_is_better else value <= target
+    word = "met" if met else "missed"
+    # A ratio printed as the target itself (1.30x against 1.3x) says which side it fell on.
+    return f"{word} ({value:.4f})" if f"{value:.2f}" == f"{target:.2f}" else word
 
 
 def minilm_path() -> Path:
