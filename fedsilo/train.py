@@ -79,17 +79,20 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
     """
     dense = [m for m in model.modules()
              if isinstance(m, torch.nn.Embedding) and not m.sparse and m.weight.requires_grad]
-    reached: dict[torch.nn.Embedding, list[torch.Tensor] | None] = {m: [] for m in dense}
+    # One flag per row, set as gradients arrive (bounded, and no host sync per batch); None once
+    # a table got a dense gradient, after which any of its rows may change.
+    reached: dict[torch.nn.Embedding, torch.Tensor | None] = {
+        m: torch.zeros(m.num_embeddings, dtype=torch.bool, device=m.weight.device) for m in dense}
 
     def hook(module: torch.nn.Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
         def coalesce(grad: torch.Tensor) -> torch.Tensor:
-            rows = reached[module]
             if not grad.is_sparse:
-                reached[module] = None  # a dense contribution: any row may change
+                reached[module] = None
                 return grad
             grad = grad.coalesce()
+            rows = reached[module]
             if rows is not None:
-                rows.append(grad.indices()[0])
+                rows[grad.indices()[0]] = True
             return grad
         return coalesce
 
@@ -103,10 +106,7 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
         for module, handle in zip(dense, hooks):
             module.sparse = False
             handle.remove()
-    for module, rows in reached.items():
-        if rows is not None:
-            device = module.weight.device
-            changed[module.weight] = torch.unique(torch.cat(rows)) if rows else torch.empty(0, dtype=torch.long, device=device)
+    changed.update((m.weight, rows.nonzero().squeeze(1)) for m, rows in reached.items() if rows is not None)
 
 
 def local_train(
