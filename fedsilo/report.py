@@ -105,7 +105,7 @@ class SummaryRow:
     best_round: int | None
     target_accuracy: float | None  # None: no K = 1 run (or it has no accuracy at its budget)
     rounds_to_target: int | None  # None: see `rounds_text`
-    majority_accuracy: float | None = None  # None: not logged (silos evaluated), or runs disagree
+    majority_accuracy: float | None = None  # None: not logged (silos evaluated), or the dataset's runs disagree
     mean_curve: Mapping[int, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -231,7 +231,6 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
 
     curve = mean_curve([c.accuracy for c in curves])
     best = best_point(curve)
-    majorities = {c.majority_accuracy for c in curves}
     return SummaryRow(
         model=model,
         dataset=dataset,
@@ -246,7 +245,6 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
         best_round=None if best is None else best[0],
         target_accuracy=None,
         rounds_to_target=None,
-        majority_accuracy=majorities.pop() if len(majorities) == 1 else None,
         mean_curve=curve,
     )
 
@@ -271,6 +269,13 @@ def summarise(curves: Iterable[Curve]) -> list[SummaryRow]:
         labels_by_dataset[row.dataset].add(row.num_labels)
     for dataset, labels in labels_by_dataset.items():
         _one_value(labels, "num_labels", f"dataset {dataset!r}")
+    # One floor per dataset (its test set's), where every run of it logged the same one.
+    majorities: dict[str, set[float | None]] = defaultdict(set)
+    for group in groups.values():
+        for c in group:
+            majorities[c.dataset].add(c.majority_accuracy)
+    rows = [replace(r, majority_accuracy=next(iter(majorities[r.dataset]))) if len(majorities[r.dataset]) == 1 else r
+            for r in rows]
 
     baselines = {
         (r.model, r.dataset): r.accuracy_at_budget

@@ -80,9 +80,11 @@ def simulate(
     resumed = checkpoint.load(directory, key)
     outbox = checkpoint.checkpoint_path(directory, key).parent
 
+    run_params = {MAJORITY_PARAM: f"{majority_share(test):.6f}", **(params or {})}
+
     def tracker_for(run_id: str | None) -> Tracker:
         return Tracker(settings, labels, run_id, outbox, log, parent_run_id=parent_run_id,
-                       params={MAJORITY_PARAM: f"{majority_share(test):.6f}", **(params or {})}, tags={"fedsilo.mode": "simulate", **(tags or {})})
+                       params=run_params, tags={"fedsilo.mode": "simulate", **(tags or {})})
 
     if resumed is not None and resumed.round >= settings.federation.rounds:
         # That simulation finished: deliver what MLflow missed of it, then start a new one.

@@ -258,8 +258,12 @@ def test_the_floor_is_the_majority_class_where_the_runs_logged_it() -> None:
             curve(ramp(10), dataset="ag_news", num_labels=4),
             curve(ramp(10), dataset="sst", seed=0, majority=0.6),
             curve(ramp(10), dataset="sst", seed=1, majority=0.55),
+            # one dataset, one floor: a model whose runs logged none leaves every row without it
+            curve(ramp(10), dataset="yelp", model="bert", majority=0.4),
+            curve(ramp(10), dataset="yelp", model="albert"),
         ]
     )
+    assert [r.chance for r in rows if r.dataset == "yelp"] == [(0.5, RANDOM_LABEL)] * 2
     by_dataset = {r.dataset: r for r in rows}
     assert by_dataset["imdb"].chance == (0.7, MAJORITY_LABEL)
     assert by_dataset["ag_news"].chance == (0.25, RANDOM_LABEL)
