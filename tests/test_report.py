@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from fedsilo.report import (
     RANDOM_LABEL,
     Curve,
     ReportError,
+    _float_param,
     csv_text,
     latest_per_seed,
     markdown_text,
@@ -28,6 +30,7 @@ from fedsilo.report import (
     write_report,
 )
 
+MAJORITY = "test_majority_accuracy"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -274,6 +277,13 @@ def test_the_floor_is_the_majority_class_where_the_runs_logged_it() -> None:
     md = markdown_text("exp", rows, [])
     assert "2 labels; always answering the test set's most frequent label (the majority class) scores 0.7000" in md
     assert "4 labels; a uniform random guess scores 0.2500." in md
+
+
+def test_an_unreadable_floor_param_names_the_run_and_param() -> None:
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1"), data=SimpleNamespace(params={MAJORITY: "half"}))
+    with pytest.raises(ReportError, match=r"^run r1: param 'test_majority_accuracy' = 'half' is not a number$"):
+        _float_param(run, MAJORITY)  # type: ignore[arg-type]
+    assert _float_param(SimpleNamespace(info=run.info, data=SimpleNamespace(params={})), MAJORITY) is None  # type: ignore[arg-type]
 
 
 def test_redact_uri_hides_password_only() -> None:
