@@ -70,17 +70,20 @@ class Plan:
     fed_rounds: int
     train_rows: int
     train_reps: int
-    sim_per_client: int  # rows per client = batch size: every client trains one full batch
+    sim_per_client: int  # rows per client = batch size: every client trains one full batch per epoch
+    sim_epochs: int  # local epochs per round (the paper's protocol: 2)
     sim_rounds: int
     sim_reps: int  # runs of each K, in ABBA order
     sim_loop_reps: int  # alternations of the in-process client loop (simulate_loop.py)
 
 
 FULL = Plan(sizes=("22M", "110M"), silos=(2, 4, 8), rounds=3, blocks=2, flower_rounds=(3, 2), flower_timeout=300.0,
-            fed_sizes=("22M", "110M"), fed_rounds=4, train_rows=512, train_reps=3, sim_per_client=16, sim_rounds=2,
+            fed_sizes=("22M", "110M"), fed_rounds=4, train_rows=512, train_reps=5, sim_per_client=16, sim_epochs=2,
+            sim_rounds=2,
             sim_reps=2, sim_loop_reps=7)
 QUICK = Plan(sizes=("22M",), silos=(2, 4), rounds=2, blocks=2, flower_rounds=(2, 2), flower_timeout=120.0,
-             fed_sizes=("22M",), fed_rounds=3, train_rows=128, train_reps=1, sim_per_client=4, sim_rounds=1,
+             fed_sizes=("22M",), fed_rounds=3, train_rows=128, train_reps=1, sim_per_client=4, sim_epochs=1,
+             sim_rounds=1,
              sim_reps=1, sim_loop_reps=1)
 
 
@@ -403,6 +406,22 @@ def real_federation(size: str, silos: int, plan: Plan, work: Path) -> dict[str, 
             "bytes_per_silo": mlflow_metric(uri, name, "bytes_per_silo")}
 
 
+# What the aggregator imports before it holds any tensor of its own: torch and its process groups,
+# transformers' BERT classifier and tokenizer, MLflow's SQL tracking store, fedsilo's command.
+AGGREGATOR_IMPORTS = ("import torch.distributed; import transformers.models.bert.modeling_bert; "
+                      "from transformers import AutoModelForSequenceClassification, AutoTokenizer; "
+                      "import mlflow.store.tracking.sqlalchemy_store; from mlflow.tracking import MlflowClient; "
+                      "import fedsilo.commands.aggregator")
+
+
+def imports_peak(work: Path) -> int | None:
+    """Peak RSS of a process that only imports what the aggregator imports (the floor under any buffer layout)."""
+    out = work / "imports-peak.json"
+    done = subprocess.run([PY, str(HERE / "peak.py"), str(out), "-c", AGGREGATOR_IMPORTS], cwd=ROOT, check=False,
+                          capture_output=True, text=True)
+    return json.loads(out.read_text())["peak_rss_bytes"] if done.returncode == 0 and out.exists() else None
+
+
 def part_a(plan: Plan, work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
     flower_missing = ensure_setup("setup-flower.sh", FLOWER_PY, not args.no_setup, work / "setup-flower.log")
     results["flower_version"] = None if flower_missing else subprocess.run(
@@ -422,6 +441,7 @@ def part_a(plan: Plan, work: Path, args: argparse.Namespace, results: dict[str, 
             rows.append(row)
             print("   " + json.dumps(summarise_roundtrip(row)), flush=True)
     feds = results.setdefault("federations", [])
+    results["imports_peak"] = imports_peak(work)
     problem = cli_problem()
     for size in ("tiny", *plan.fed_sizes):
         if problem:
@@ -499,7 +519,7 @@ def part_c(plan: Plan, work: Path, args: argparse.Namespace, results: dict[str, 
         group.start("simulate", [
             PY, str(HERE / "peak.py"), str(peak), "-m", "fedsilo", "simulate", "--clients", str(k),
             "--model", str(minilm_path()), "--dataset", str(train), "--test-dataset", str(test),
-            "--labels", "fresh,rotten", "--rounds", str(plan.sim_rounds), "--local-epochs", "1",
+            "--labels", "fresh,rotten", "--rounds", str(plan.sim_rounds), "--local-epochs", str(plan.sim_epochs),
             "--batch-size", str(plan.sim_per_client), "--device", "cpu", "--tracking-uri", uri,
             "--experiment", name, "--checkpoint-dir", str(work / "checkpoints" / name),
         ])
@@ -517,10 +537,10 @@ def part_c(plan: Plan, work: Path, args: argparse.Namespace, results: dict[str, 
     group = Group(work / "logs" / "simulate-loop", mem_available() - GIB, timeout=1800)
     group.start("loop", [PY, str(HERE / "simulate_loop.py"), "--model", str(minilm_path()), "--data",
                          str(ROOT / "data" / "rotten_tomatoes.csv"), "--per-client", str(plan.sim_per_client),
-                         "--reps", str(plan.sim_loop_reps), "--out", str(out)])
+                         "--epochs", str(plan.sim_epochs), "--reps", str(plan.sim_loop_reps), "--out", str(out)])
     loop = json.loads(out.read_text()) if group.wait().status == "ok" else None
     results["simulate"] = {"status": "ok", "rows": clients * plan.sim_per_client, "runs": runs,
-                           "batch_size": plan.sim_per_client, "loop": loop}
+                           "batch_size": plan.sim_per_client, "epochs": plan.sim_epochs, "loop": loop}
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -568,6 +588,12 @@ def table(results: dict[str, Any]) -> str:
                                 "(model-proportional part: reference only)", fmt_x(extra),
                                 f"<= {TARGET_PEAK_RATIO:g}x", verdict(extra, TARGET_PEAK_RATIO, False) + " (reference)"))
         lines.append("")
+        imports = results.get("imports_peak")
+        sized = [f for f in results["federations"] if f["status"] == "ok" and f["numel"]]
+        if imports and sized:
+            lines += [(f"A process that only imports what the aggregator imports (`{AGGREGATOR_IMPORTS}`) peaks at "
+                       f"{imports / MIB:.0f} MiB: " + ", ".join(f"{fmt_x(imports / (f['numel'] * 4))} the {f['size']} model"
+                                                            for f in sized) + ", before any tensor."), ""]
     training = results.get("training")
     if training:
         lines += [(f"### b. Local training, MiniLM, {training.get('rows', '?')} Rotten Tomatoes rows, one epoch "
@@ -599,8 +625,9 @@ def table(results: dict[str, Any]) -> str:
             lines += [sim["status"], ""]
             summary.append(("simulate K=32 / K=1", sim["status"], "", "n/a"))
         else:
-            lines += [(f"{sim['rows']} training rows, batch {sim['batch_size']} (each of the 32 clients trains one full "
-                      "batch; K = 1 trains the same number of full batches)"), "",
+            epochs = sim.get("epochs", 1)
+            lines += [(f"{sim['rows']} training rows, batch {sim['batch_size']}, {epochs} local epoch(s) per round (each of "
+                      "the 32 clients trains one full batch per epoch; K = 1 trains the same number of full batches)"), "",
                       ("| K | round_seconds (median over runs and rounds) | peak RSS | round_seconds of each run "
                       "| process CPU seconds (whole run, median) |"), "|---|---|---|---|---|"]
             stats = {}

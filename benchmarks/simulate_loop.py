@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--per-client", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round (the paper's protocol: 2)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
     texts, labels = frame["text"].tolist(), (frame["label"].astype(str) == "rotten").to_numpy(np.int64)
     one = [encode(texts, labels, tokenizer, 128)]
     many = [encode(texts[i * n:(i + 1) * n], labels[i * n:(i + 1) * n], tokenizer, 128) for i in range(clients)]
-    settings = build_settings({"model": str(args.model), "dataset": str(args.data), "local_epochs": 1,
+    settings = build_settings({"model": str(args.model), "dataset": str(args.data), "local_epochs": args.epochs,
                                "batch_size": n, "device": "cpu"})
     local = bind_flat(model)  # as fedsilo.simulate.simulate makes them
     weights, summed = local.clone(), torch.zeros_like(local)
@@ -71,11 +72,11 @@ def main() -> None:
 
     def padded_tokens(shards: list) -> int:
         """Tokens the forward passes see (rows x longest row, per batch), as local_train batches
-        client k in round 1: the two sides' data differ in padding, not only in client count."""
+        client k in round 1, every epoch: the two sides' data differ in padding, not only in client count."""
         t = settings.train
         return sum(len(rows) * max(len(shard.input_ids[i]) for i in rows)
-                   for k, shard in enumerate(shards, start=1)
-                   for rows in batch_order([len(s) for s in shard.input_ids], n, (t.seed, k, 1, 0), True,
+                   for k, shard in enumerate(shards, start=1) for epoch in range(args.epochs)
+                   for rows in batch_order([len(s) for s in shard.input_ids], n, (t.seed, k, 1, epoch), True,
                                            t.group_by_length))
 
     seconds: dict[str, list[float]] = {"1": [], "32": []}
