@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fedsilo.data import Encoded, iterate_batches
+from fedsilo.last_layer import cls_only_last_layer
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ def local_train(
     """``epochs`` passes of plain SGD (no momentum, no weight decay: the paper's setup).
 
     ``seed`` fixes dropout and data order, so a round can be replayed exactly after a restart.
+    Embedding tables get sparse gradients and a BERT classifier's last layer computes only the
+    position its head reads (:mod:`fedsilo.last_layer`): the same update, less work.
     ``progress(done_batches, total_batches, loss)`` is called now and then for display, and
     after the last batch. The parameters are stepped in place (a flat binding stays valid).
     """
@@ -135,7 +138,7 @@ def local_train(
     total_batches = epochs * -(-len(data) // batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     seen, done = 0, 0
-    with sparse_embedding_grads(model) as changed:
+    with sparse_embedding_grads(model) as changed, cls_only_last_layer(model):
         for epoch in range(epochs):
             for batch in iterate_batches(
                 data, batch_size, (*seed, epoch),
@@ -166,13 +169,14 @@ def evaluate(
     device = next(model.parameters()).device
     model.eval()
     loss_sum, correct = 0.0, 0
-    for batch in iterate_batches(
-        data, batch_size, (0,), shuffle=False, group_by_length=True, attention_mask=attention_mask
-    ):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with _autocast(device):
-            out = model(**batch)
-        n = len(batch["labels"])
-        loss_sum += out.loss.float().item() * n
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    with cls_only_last_layer(model):
+        for batch in iterate_batches(
+            data, batch_size, (0,), shuffle=False, group_by_length=True, attention_mask=attention_mask
+        ):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with _autocast(device):
+                out = model(**batch)
+            n = len(batch["labels"])
+            loss_sum += out.loss.float().item() * n
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
     return EvalResult(len(data), loss_sum, correct)
