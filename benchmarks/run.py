@@ -1,6 +1,6 @@
 """fedsilo's performance benchmark: one command, ratios measured side by side in one run.
 
-    .venv/bin/python benchmarks/run.py            # the full set (~20 min on 2 idle cores)
+    .venv/bin/python benchmarks/run.py            # the full set (~30 min on 2 idle cores)
     .venv/bin/python benchmarks/run.py --quick    # a reduced set (a few minutes)
     .venv/bin/python benchmarks/run.py --only a   # a, b, c or a comma list
 
