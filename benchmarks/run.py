@@ -625,8 +625,7 @@ def table(results: dict[str, Any]) -> str:
             lines += [sim["status"], ""]
             summary.append(("simulate K=32 / K=1", sim["status"], "", "n/a"))
         else:
-            epochs = sim.get("epochs", 1)
-            lines += [(f"{sim['rows']} training rows, batch {sim['batch_size']}, {epochs} local epoch(s) per round (each of "
+            lines += [(f"{sim['rows']} training rows, batch {sim['batch_size']}, {sim['epochs']} local epoch(s) per round (each of "
                       "the 32 clients trains one full batch per epoch; K = 1 trains the same number of full batches)"), "",
                       ("| K | round_seconds (median over runs and rounds) | peak RSS | round_seconds of each run "
                       "| process CPU seconds (whole run, median) |"), "|---|---|---|---|---|"]

@@ -125,8 +125,8 @@ def local_train(
     """``epochs`` passes of plain SGD (no momentum, no weight decay: the paper's setup).
 
     ``seed`` fixes dropout and data order, so a round can be replayed exactly after a restart.
-    Embedding tables get sparse gradients and a BERT classifier's last layer computes only the
-    position its head reads (:mod:`fedsilo.last_layer`): the same update, less work.
+    Embedding tables get sparse gradients and a BERT or DistilBERT classifier's last layer computes
+    only the position its head reads (:mod:`fedsilo.last_layer`): the same update, less work.
     ``progress(done_batches, total_batches, loss)`` is called now and then for display, and
     after the last batch. The parameters are stepped in place (a flat binding stays valid).
     """
