@@ -50,6 +50,9 @@ def main() -> None:
     local = bind_flat(model)  # as fedsilo.simulate.simulate makes them
     weights, summed = local.clone(), torch.zeros_like(local)
 
+    def clients(shards: list) -> simulate.Clients:
+        return simulate.Clients(settings, model, local, weights, shards, shards[0], lambda _: None)
+
     # What each client's update costs on top of its training (form it, its norm, add it to the
     # sum, restore the global model), clocked apart: the part of the ratio that K itself adds.
     update_seconds = [0.0]
@@ -67,7 +70,7 @@ def main() -> None:
     def round_(shards: list) -> float:
         update_seconds[0] = 0.0
         for k in range(1, len(shards) + 1):
-            simulate.train_client(settings, model, local, weights, shards, k, 1, summed, lambda _: None)
+            simulate.train_client(clients(shards), k, 1, summed)
         return update_seconds[0]
 
     def padded_tokens(shards: list) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsilo.rows import WireRow
+
 WIDEN_SLICE = 1 << 20  # values per slice when widening a narrow sum: 4 MiB of fp32
 
 
@@ -76,39 +78,19 @@ def finish_average(reference: torch.Tensor, summed: torch.Tensor, total_examples
     return reference
 
 
-def weighted_average(models: Sequence[torch.Tensor], examples: Sequence[int]) -> torch.Tensor:
-    """Example-weighted mean of flat model vectors (the FedAvg reference definition)."""
-    if not models or len(models) != len(examples):
-        raise ValueError(f"need one example count per model, got {len(models)} and {len(examples)}")
-    shapes = {tuple(m.shape) for m in models}
-    if len(shapes) != 1:
-        raise ValueError(f"models differ in shape: {sorted(shapes)}")
-    if any(n <= 0 for n in examples):
-        raise ValueError(f"example counts must be positive, got {list(examples)}")
-    total = sum(examples)
-    out = torch.zeros_like(models[0], dtype=torch.float64)
-    for model, n in zip(models, examples):
-        out.add_(model.to(torch.float64), alpha=n / total)
-    return out.to(models[0].dtype)
-
-
 @dataclass(frozen=True)
-class Report:
-    """What a silo says about its update, before the update itself travels."""
+class Report(WireRow):
+    """What a silo says about its update, before the update itself travels (one row each)."""
 
     rank: int
     examples: int
     train_loss: float
     update_norm: float
 
-
-# Layout of the row each rank contributes to the report all-gather (rank 0's row is a placeholder).
-REPORT_FIELDS = ("examples", "train_loss", "update_norm")
-
-
-def read_reports(rows: torch.Tensor) -> list[Report]:
-    """The silos' reports from the all-gathered ``REPORT_FIELDS`` rows, one per rank, rank 0 skipped."""
-    return [Report(rank, int(examples), loss, norm) for rank, (examples, loss, norm) in enumerate(rows.tolist()) if rank]
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> list[Report]:
+        """The silos' reports from the all-gathered rows, one per rank, rank 0's skipped."""
+        return [cls.from_row(row, rank=rank) for rank, row in enumerate(rows.tolist()) if rank]
 
 
 def validate_updates(

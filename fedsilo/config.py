@@ -7,6 +7,8 @@ one section below; :func:`load_settings` routes keys to sections and rejects unk
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +103,12 @@ class TrainConfig(_Section):
         False,
         description="Batch texts of similar length together (less padding, faster; changes the "
         "data order).",
+    )
+    fast_paths: bool = Field(
+        True,
+        description="Speed-ups that give the same update: sparse embedding gradients, and a "
+        "BERT/DistilBERT last layer that computes only the [CLS] position its head reads (dropout "
+        "then draws other masks). Turn off to rule them out when debugging.",
     )
 
 
@@ -233,23 +241,29 @@ def build_settings(flat: dict[str, Any]) -> Settings:
         raise ConfigError(f"invalid setting '{key}': {first['msg']}{shown}") from None
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a flat YAML mapping of settings."""
+def read_yaml_mapping(path: Path, what: str, holds: str = "settings") -> dict[str, Any]:
+    """A YAML file holding one mapping (empty when the file is), with keys' dashes as underscores;
+    ``what`` names the file in errors ("config file", "sweep file") and ``holds`` its contents."""
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of {holds}, not {type(loaded).__name__}")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of settings."""
+    return read_yaml_mapping(path, "config file")
 
 
 def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
@@ -257,3 +271,24 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settin
     flat = read_config_file(config_file) if config_file else {}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     return build_settings(flat)
+
+
+# -- the federation's identity --------------------------------------------------------------------
+
+
+def fingerprint(blob: str | bytes) -> str:
+    """A short stable name for ``blob``: 16 hex digits of its SHA-256 (64 bits: no accidental
+    collisions among the runs, cells and models one consortium will ever have)."""
+    data = blob.encode() if isinstance(blob, str) else blob
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def agreed_settings(settings: Settings) -> dict[str, Any]:
+    """The settings every rank must share; with private data (partition none) the data paths may differ."""
+    private = {"dataset", "test_dataset"} if settings.data.partition == "none" else set()
+    return {k: v for k, v in settings.flat().items() if k not in LOCAL_KEYS | private}
+
+
+def settings_fingerprint(settings: Settings) -> str:
+    """Names a federation: equal on every rank of it, different when anything it computes differs."""
+    return fingerprint(json.dumps(agreed_settings(settings), sort_keys=True))

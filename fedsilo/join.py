@@ -21,12 +21,12 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from fedsilo.errors import ConfigError, FederationError, JoinRefused, first_line
+from fedsilo.progress import Log
 
 
 class Store(Protocol):
@@ -83,7 +83,7 @@ def admit_silos(
     silos: int,
     token: str | None,
     timeout: float,
-    log: Callable[[str], None],
+    log: Log,
 ) -> dict[int, Hello]:
     """Collect one authenticated hello per rank 1..K (aggregator side)."""
     nonce = secrets.token_hex(16)

@@ -2,17 +2,17 @@
 
 The model knows nothing of federation: the round code calls :func:`bind_flat` once, after which
 the model's tensors live inside one contiguous buffer that the wire and the averaging use as it
-is. :func:`flatten_into` and :func:`load_flat` copy between a model and a separate buffer.
+is. :func:`load_flat` copies a separate buffer into the model.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedsilo.config import fingerprint
 from fedsilo.errors import ModelError, first_line
 
 
@@ -79,22 +79,6 @@ def flat_size(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def flatten_into(model: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """Copy the model's state into ``out`` (fp32, flat) without allocating another full copy."""
-    offset = 0
-    for tensor in float_tensors(model):
-        n = tensor.numel()
-        out[offset : offset + n].copy_(tensor.detach().reshape(-1))
-        offset += n
-    return out
-
-
-def flatten(model: torch.nn.Module) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return flatten_into(model, torch.empty(flat_size(model), dtype=torch.float32, device=device))
-
-
-@torch.no_grad()
 def load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
     """Write a flat vector back into the model's tensors, in place."""
     offset = 0
@@ -155,7 +139,4 @@ def is_bound(model: torch.nn.Module, flat: torch.Tensor) -> bool:
 
 def architecture_fingerprint(model: torch.nn.Module) -> str:
     """Hash of tensor names, shapes and dtypes: equal exactly when flat vectors line up."""
-    spec = ";".join(
-        f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()
-    )
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return fingerprint(";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()))

@@ -5,21 +5,16 @@ Only model tensors and a few scalars leave this process; the rows never do.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
 
 from fedsilo import comm, join
-from fedsilo.averaging import UpdateRejected, read_reports, validate_updates
-from fedsilo.config import Settings
+from fedsilo.averaging import Report, UpdateRejected, validate_updates
+from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
 from fedsilo.model import architecture_fingerprint, bind_flat, build_model, load_tokenizer
+from fedsilo.progress import Log, batch_progress
 from fedsilo.train import evaluate, local_train, resolve_device
-from fedsilo.workload import SiloData, agreed_settings, silo_data
-
-Log = Callable[[str], None]
-PROGRESS_SECONDS = 15.0
+from fedsilo.workload import SiloData, silo_data
 
 
 def check_rank(rank: int, silos: int) -> None:
@@ -78,17 +73,11 @@ def run_rounds(
     for round_ in range(welcome.start_round, fed.rounds + 1):
         # start from the global model and train locally
         local.copy_(weights)
-        last = [time.monotonic()]
-
-        def progress(done: int, total: int, loss: float, round_: int = round_) -> None:
-            if time.monotonic() - last[0] > PROGRESS_SECONDS or done == total:
-                last[0] = time.monotonic()
-                log(f"round {round_}: batch {done}/{total} loss {loss:.4f}")
-
         result = local_train(
             model, data.train, epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
             seed=(train.seed, rank, round_), attention_mask=settings.model.attention_mask,
-            group_by_length=train.group_by_length, progress=progress,
+            group_by_length=train.group_by_length, fast_paths=train.fast_paths,
+            progress=batch_progress(log, f"round {round_}:", last_batch=True),
         )
 
         # report, then send n * (theta_local - theta_global) if it passes validation; the
@@ -98,11 +87,11 @@ def run_rounds(
         norm = float(update.sub_(weights).norm())
         update.mul_(n)
         with comm.collective_phase(group, f"round {round_}: reporting"):
-            rows = group.gather_rows(torch.tensor([n, result.mean_loss, norm], dtype=torch.float64))
+            reports = Report.from_rows(group.gather_rows(Report(rank, n, result.mean_loss, norm).to_row()))
         # Every rank holds every report: judge them as the aggregator does (the same pure check on
         # the same rows and agreed settings), so no verdict has to cross the wire before the reduce.
         try:
-            accepted, _ = validate_updates(read_reports(rows), round_, fed.norm_factor, fed.update_policy)
+            accepted, _ = validate_updates(reports, round_, fed.norm_factor, fed.update_policy)
         except UpdateRejected:
             accepted = []  # the aggregator stops the federation: the next collective fails and reads why
         if rank not in accepted:
@@ -117,6 +106,6 @@ def run_rounds(
             assert data.eval is not None
             local.copy_(weights)
             scores = evaluate(model, data.eval, batch_size=train.eval_batch_size,
-                              attention_mask=settings.model.attention_mask)
+                              attention_mask=settings.model.attention_mask, fast_paths=train.fast_paths)
             with comm.collective_phase(group, f"round {round_}: reporting evaluation"):
-                group.gather_rows(torch.tensor([scores.examples, scores.loss_sum, scores.correct], dtype=torch.float64))
+                group.gather_rows(scores.to_row())

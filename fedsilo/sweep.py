@@ -9,26 +9,22 @@ already finished; a cell interrupted mid-way resumes from its checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedsilo import checkpoint
-from fedsilo.config import SECTIONS, Settings, build_settings
+from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, fingerprint, read_yaml_mapping
 from fedsilo.errors import ConfigError, FedsiloError, first_line
+from fedsilo.ledger import discard_finished, simulation_key
+from fedsilo.progress import Log
 from fedsilo.report import PARENT_TAG, redact_uri
-from fedsilo.simulate import checkpoint_key, simulate
-from fedsilo.workload import agreed_settings
+from fedsilo.simulate import simulate
 
-Log = Callable[[str], None]
 
 # PARENT_TAG ("fedsilo.sweep" = "parent") marks the parent run; fedsilo.report reads it.
 SWEEP_KEY_TAG = "fedsilo.sweep_key"  # which sweep a parent runs: a restart finds it by this
@@ -138,20 +134,9 @@ class Cell:
 
 
 def read_spec(path: Path) -> SweepSpec:
+    loaded = read_yaml_mapping(path, "sweep file", holds="(grid:, settings:, ...)")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"sweep file {path} is not valid YAML{where}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"sweep file {path} must hold a mapping (grid:, settings:, ...)")
-    try:
-        return SweepSpec(**_normalise(loaded))
+        return SweepSpec(**loaded)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -161,14 +146,13 @@ def read_spec(path: Path) -> SweepSpec:
 
 def cell_key(settings: Settings, budget: int | None, threshold: int | None) -> str:
     """Hash of what decides a cell's result; where it runs (device, MLflow, paths) is left out."""
-    blob = json.dumps({"settings": agreed_settings(settings), "budget": budget, "threshold": threshold},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(json.dumps({"settings": agreed_settings(settings), "budget": budget, "threshold": threshold},
+                                  sort_keys=True))
 
 
 def sweep_key(cells: list[Cell]) -> str:
     """The same set of cells is the same sweep, whatever the file looks like."""
-    return hashlib.sha256(" ".join(sorted(c.key for c in cells)).encode()).hexdigest()[:16]
+    return fingerprint(" ".join(sorted(c.key for c in cells)))
 
 
 def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
@@ -258,16 +242,6 @@ class SweepParent:
         return f"sweep run {self.run_id} (experiment {self.experiment_id})"
 
 
-def discard_checkpoint(settings: Settings, parent_run_id: str) -> None:
-    """Remove a finished cell's checkpoint: its model is in MLflow, and a checkpoint per cell adds
-    up (the paper grid's 54 cells: ~14 GB). Anything else beside it is tracking data waiting for
-    MLflow: then everything stays."""
-    path = checkpoint.checkpoint_path(settings.checkpoint.checkpoint_dir, checkpoint_key(settings, parent_run_id))
-    if path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]:
-        path.unlink()
-        path.parent.rmdir()
-
-
 def _prefixed(log: Log, prefix: str) -> Log:
     return lambda line: log(prefix + line)
 
@@ -312,7 +286,7 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
                 failures.append(f"cell {cell.index} ({cell.label()}): MLflow was unreachable at the end")
                 continue
             done[cell.key] = outcome.run_id
-            discard_checkpoint(cell.settings, parent.run_id)
+            discard_finished(cell.settings, simulation_key(cell.settings, parent.run_id))
             parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
             log(f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
                 f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "

@@ -13,11 +13,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedsilo.config import Settings
+from fedsilo.progress import Log
 
 # Fail fast instead of MLflow's default minutes of HTTP retries: the outbox is our retry.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -46,15 +46,15 @@ class Tracker:
         settings: Settings,
         labels: list[str],
         run_id: str | None,
-        outbox: Path | None = None,
-        log: Callable[[str], None] = print,
+        outbox: Path,
+        log: Log = print,
         *,
         parent_run_id: str | None = None,
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
         """``parent_run_id`` nests the run under a sweep's parent; ``params`` and ``tags`` are
-        recorded beside the settings. ``outbox`` defaults to a folder in the checkpoint directory."""
+        recorded beside the settings. ``outbox`` is the folder for what waits for MLflow."""
         from mlflow.tracking import MlflowClient
 
         self.uri = settings.tracking.tracking_uri
@@ -63,7 +63,7 @@ class Tracker:
         self.run_id = run_id
         self.experiment_id: str | None = None
         self.parent_run_id, self.extra_params, self.tags = parent_run_id, params or {}, tags or {}
-        self.outbox = outbox or settings.checkpoint.checkpoint_dir / "tracking-outbox"
+        self.outbox = outbox
         self.outbox.mkdir(parents=True, exist_ok=True)
         self._pending = self.outbox / "outbox.jsonl"
         self._model_dir = self.outbox / "model-pending"

@@ -12,6 +12,7 @@ import torch
 
 from fedsilo.data import Encoded, iterate_batches
 from fedsilo.last_layer import cls_only_last_layer
+from fedsilo.rows import WireRow
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,17 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class EvalResult:
+class EvalResult(WireRow):
+    """Scores over a test set, as sums: silos' results add up to the federation's (one row each)."""
+
     examples: int
     loss_sum: float
     correct: int
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> EvalResult:
+        """The federation's scores: the silos' rows added up (rank 0's placeholder skipped)."""
+        return cls.from_row(rows[1:].sum(0).tolist())
 
     @property
     def accuracy(self) -> float:
@@ -120,13 +128,15 @@ def local_train(
     seed: Sequence[int],
     attention_mask: bool = True,
     group_by_length: bool = False,
+    fast_paths: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
     """``epochs`` passes of plain SGD (no momentum, no weight decay: the paper's setup).
 
     ``seed`` fixes dropout and data order, so a round can be replayed exactly after a restart.
-    Embedding tables get sparse gradients and a BERT or DistilBERT classifier's last layer computes
-    only the position its head reads (:mod:`fedsilo.last_layer`): the same update, less work.
+    With ``fast_paths`` embedding tables get sparse gradients and a BERT or DistilBERT
+    classifier's last layer computes only the position its head reads (:mod:`fedsilo.last_layer`):
+    the same update, less work (dropout draws other masks, so not the same bits).
     ``progress(done_batches, total_batches, loss)`` is called now and then for display, and
     after the last batch. The parameters are stepped in place (a flat binding stays valid).
     """
@@ -138,7 +148,11 @@ def local_train(
     total_batches = epochs * -(-len(data) // batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     seen, done = 0, 0
-    with sparse_embedding_grads(model) as changed, cls_only_last_layer(model):
+    changed: dict[torch.Tensor, torch.Tensor] = {}
+    with contextlib.ExitStack() as speedups:
+        if fast_paths:
+            changed = speedups.enter_context(sparse_embedding_grads(model))  # filled as the block ends
+            speedups.enter_context(cls_only_last_layer(model))
         for epoch in range(epochs):
             for batch in iterate_batches(
                 data, batch_size, (*seed, epoch),
@@ -163,13 +177,14 @@ def local_train(
 
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module, data: Encoded, *, batch_size: int, attention_mask: bool = True
+    model: torch.nn.Module, data: Encoded, *, batch_size: int, attention_mask: bool = True, fast_paths: bool = True
 ) -> EvalResult:
-    """Loss and accuracy over ``data``, in length-sorted batches (least padding)."""
+    """Loss and accuracy over ``data``, in length-sorted batches (least padding); ``fast_paths`` as
+    in :func:`local_train`."""
     device = next(model.parameters()).device
     model.eval()
     loss_sum, correct = 0.0, 0
-    with cls_only_last_layer(model):
+    with cls_only_last_layer(model) if fast_paths else contextlib.nullcontext():
         for batch in iterate_batches(
             data, batch_size, (0,), shuffle=False, group_by_length=True, attention_mask=attention_mask
         ):

@@ -6,14 +6,12 @@ The distributed roles and the in-process simulation both build from here, so a s
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedsilo.config import LOCAL_KEYS, Settings
+from fedsilo.config import Settings
 from fedsilo.data import Encoded, Examples, Splits, encode, label_ids, label_set, load_splits, load_test, partition
 from fedsilo.errors import ConfigError, DataError
 
@@ -28,17 +26,6 @@ class SiloData:
 def shared_dataset(settings: Settings) -> bool:
     """One dataset split into shards (iid, label-sorted, dirichlet) versus each silo's own."""
     return settings.data.partition != "none"
-
-
-def agreed_settings(settings: Settings) -> dict[str, Any]:
-    """The settings every rank must share; with private data the data paths may differ."""
-    private = set() if shared_dataset(settings) else {"dataset", "test_dataset"}
-    return {k: v for k, v in settings.flat().items() if k not in LOCAL_KEYS | private}
-
-
-def settings_fingerprint(settings: Settings) -> str:
-    blob = json.dumps(agreed_settings(settings), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _dataset(settings: Settings, who: str) -> str:

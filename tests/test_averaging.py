@@ -4,17 +4,9 @@ import pytest
 import torch
 
 from fedsilo import averaging
-from fedsilo.averaging import (
-    REPORT_FIELDS,
-    Report,
-    Rows,
-    UpdateRejected,
-    finish_average,
-    read_reports,
-    take_update,
-    validate_updates,
-    weighted_average,
-)
+from fedsilo.averaging import Report, Rows, UpdateRejected, finish_average, take_update, validate_updates
+from fedsilo.train import EvalResult
+from tests.reference import weighted_average
 
 
 def test_weighted_average_weights_by_examples() -> None:
@@ -99,11 +91,26 @@ def reports(*norms: float, loss: float = 0.5) -> list[Report]:
 def test_reports_are_read_from_the_gathered_rows_by_rank_without_the_aggregators() -> None:
     # The aggregator and every silo read the same all-gathered rows: rank 0's row is a placeholder.
     rows = torch.tensor([[0.0, 0.0, 0.0], [30.0, 0.7, 1.5], [270.0, 0.4, float("nan")]], dtype=torch.float64)
-    assert rows.shape[1] == len(REPORT_FIELDS)
-    (one, two) = read_reports(rows)
+    assert rows.shape[1] == Report.placeholder().numel()
+    (one, two) = Report.from_rows(rows)
     assert one == Report(1, 30, 0.7, 1.5)
     assert (two.rank, two.examples, two.train_loss) == (2, 270, 0.4) and math.isnan(two.update_norm)
     assert isinstance(one.examples, int)
+
+
+def test_a_report_survives_its_row_and_the_placeholder_is_the_same_shape() -> None:
+    report = Report(3, 2**40 + 1, 0.25, 7.5)  # a count beyond float32 still comes back exact
+    rows = torch.stack([Report.placeholder(), Report(1, 1, 0.0, 0.0).to_row(), Report(2, 1, 0.0, 0.0).to_row(),
+                        report.to_row()])
+    assert Report.from_rows(rows)[-1] == report and Report.placeholder().shape == report.to_row().shape
+
+
+def test_evaluation_rows_add_up_over_silos_without_the_aggregators() -> None:
+    rows = torch.stack([EvalResult.placeholder() + 99,  # rank 0's row is never counted
+                        EvalResult(40, 12.0, 30).to_row(), EvalResult(60, 30.0, 36).to_row()])
+    total = EvalResult.from_rows(rows)
+    assert total == EvalResult(100, 42.0, 66) and isinstance(total.correct, int)
+    assert total.accuracy == 0.66 and total.loss == 0.42
 
 
 def test_validation_accepts_ordinary_updates() -> None:

@@ -26,9 +26,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fedsilo.cli import app
-from fedsilo.config import load_settings
+from fedsilo.config import load_settings, settings_fingerprint
 from fedsilo.launcher import free_port
-from fedsilo.workload import settings_fingerprint
 from tests.procs import Watched, run, watch
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 

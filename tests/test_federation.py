@@ -9,13 +9,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedsilo.averaging import weighted_average
 from fedsilo.config import build_settings
 from fedsilo.launcher import free_port
-from fedsilo.model import build_model, flatten, load_tokenizer
+from fedsilo.model import build_model, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import silo_data
 from tests.procs import FAST, assert_one_line_error, final_weights, finish, run, start
+from tests.reference import flatten, weighted_average
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
 COMMON = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3", *FAST]

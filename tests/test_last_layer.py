@@ -131,3 +131,27 @@ def test_local_train_and_evaluate_run_the_last_layer_at_cls_only(monkeypatch: py
         assert torch.allclose(a, b, atol=1e-6)
     assert pruned_eval.correct == full_eval.correct
     assert pruned_eval.loss_sum == pytest.approx(full_eval.loss_sum, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", [bert, distilbert])
+def test_with_fast_paths_off_every_position_is_computed_and_gradients_are_dense(
+        arch: Callable[[], torch.nn.Module]) -> None:
+    # Prepare: two copies of one model and a few padded rows
+    rng = np.random.default_rng(0)
+    data = Encoded([rng.integers(1, 60, size=n).tolist() for n in (3, 7, 5, 9, 4, 6)], np.array([0, 1, 2, 0, 1, 2]), 0, 16)
+    fast, plain = arch(), arch()
+    # Execute: the same training and evaluation with the switch on and off
+    with rows_seen_by_last_feed_forward(fast) as seen_fast:
+        fast_result = local_train(fast, data, epochs=2, batch_size=4, lr=0.1, seed=(0, 1, 1), fast_paths=True)
+        fast_eval = evaluate(fast, data, batch_size=4, fast_paths=True)
+    with rows_seen_by_last_feed_forward(plain) as seen_plain:
+        plain_result = local_train(plain, data, epochs=2, batch_size=4, lr=0.1, seed=(0, 1, 1), fast_paths=False)
+        plain_eval = evaluate(plain, data, batch_size=4, fast_paths=False)
+    # Assert: off, the last layer sees every position and no table reports sparse rows; the same
+    # model and scores either way (no dropout here, so the same random stream too)
+    assert seen_fast == [1] * 6 and all(n > 1 for n in seen_plain) and len(seen_plain) == 6
+    assert fast_result.changed_rows and plain_result.changed_rows == ()
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert fast_eval.correct == plain_eval.correct
+    assert fast_eval.loss_sum == pytest.approx(plain_eval.loss_sum, rel=1e-5)

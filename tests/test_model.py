@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.model import bind_flat, build_model, flat_size, flatten, float_tensors, is_bound, load_flat, offset_in
+from fedsilo.model import bind_flat, build_model, flat_size, float_tensors, is_bound, load_flat, offset_in
+from tests.reference import flatten
 
 
 class Tied(torch.nn.Module):

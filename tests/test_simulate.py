@@ -13,14 +13,14 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from fedsilo import simulate as sim
-from fedsilo.averaging import weighted_average
 from fedsilo.cli import app
 from fedsilo.config import Settings, build_settings
 from fedsilo.errors import FederationError
-from fedsilo.model import build_model, flat_size, flatten, load_tokenizer
+from fedsilo.model import build_model, flat_size, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import client_shards
 from tests.procs import FAST, final_weights, run
+from tests.reference import flatten, weighted_average
 
 TRAIN = {"batch_size": 16, "lr": 0.3, "local_epochs": 2, "seed": 3}
 TRAIN_FLAGS = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "2", "--seed", "3"]
@@ -58,11 +58,16 @@ def simulated(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentime
     return work, outcome, lines
 
 
-def test_simulate_gives_the_distributed_federations_model(simulated, tmp_path, tiny_bert, sentiment_csv) -> None:
-    # Prepare: the same federation, as three processes over gloo
-    _, outcome, _ = simulated
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "no-fast-paths"])
+def test_simulate_gives_the_distributed_federations_model(fast_paths, simulated, tmp_path, tiny_bert,
+                                                          sentiment_csv) -> None:
+    # Prepare: the same federation in process (the shared one has the fast paths on), and as
+    # three processes over gloo
+    outcome = simulated[1] if fast_paths else sim.simulate(
+        settings_for(tmp_path / "sim", tiny_bert, sentiment_csv, fast_paths=False), lambda line: None)
+    switch = "--fast-paths" if fast_paths else "--no-fast-paths"
     result = run("run", "--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 *TRAIN_FLAGS, *FAST, "--checkpoint-dir", "ckpt", cwd=tmp_path)
+                 *TRAIN_FLAGS, *FAST, switch, "--checkpoint-dir", "ckpt", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # Assert
     distributed = final_weights(tmp_path / "ckpt")

@@ -126,7 +126,7 @@ def test_metrics_survive_a_server_outage_mid_run(tmp_path: Path, tiny_bert: Path
     model_dir = Path(client.download_artifacts(run_info.info.run_id, "model", str(tmp_path / "downloaded")))
     from transformers import AutoModelForSequenceClassification
 
-    from fedsilo.model import flatten
+    from tests.reference import flatten
 
     loaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
     assert torch.allclose(flatten(loaded), final_weights(tmp_path / "ckpt"))
