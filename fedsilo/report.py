@@ -16,10 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fedsilo.errors import FedsiloError
-from fedsilo.tracking import MAJORITY_PARAM
+from fedsilo.tracking import MAJORITY_PARAM, PARENT_TAG, redact_uri, search_all_runs
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -33,7 +32,6 @@ TARGET_FRACTION = 0.9
 _TOLERANCE = 1e-9
 
 METRIC = "test_accuracy"
-PARENT_TAG = "fedsilo.sweep"
 ARTIFACT_DIR = "report"
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
@@ -600,16 +598,6 @@ def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def redact_uri(uri: str) -> str:
-    """The URI without a password, fit for an error message or a log line."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _check_sqlite_exists(uri: str) -> None:
     """Reading a sqlite URI that names no file would create an empty database there."""
     prefix = "sqlite:///"
@@ -672,17 +660,6 @@ def _curve_from_run(client: MlflowClient, run: Run) -> Curve:
     )
 
 
-def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
-    runs: list[Run] = []
-    token: str | None = None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def load_curves(client: MlflowClient, experiment: str, uri: str) -> tuple[list[Curve], Run | None]:
     """The finished federation runs of `experiment` as curves, and its most recent parent run.
 
@@ -692,7 +669,7 @@ def load_curves(client: MlflowClient, experiment: str, uri: str) -> tuple[list[C
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ReportError(f"experiment '{experiment}' not found at {redact_uri(uri)}")
-    runs = _all_runs(client, exp.experiment_id)
+    runs = search_all_runs(client, exp.experiment_id)
     parents = sorted((r for r in runs if _is_parent(r)), key=lambda r: r.info.start_time or 0)
     members = [
         r

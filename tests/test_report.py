@@ -24,11 +24,11 @@ from fedsilo.report import (
     latest_per_seed,
     markdown_text,
     mean_curve,
-    redact_uri,
     rounds_to_target,
     summarise,
     write_report,
 )
+from fedsilo.tracking import redact_uri
 
 MAJORITY = "test_majority_accuracy"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
