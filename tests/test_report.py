@@ -19,7 +19,6 @@ from fedsilo.report import (
     RANDOM_LABEL,
     Curve,
     ReportError,
-    _float_param,
     csv_text,
     latest_per_seed,
     markdown_text,
@@ -28,6 +27,7 @@ from fedsilo.report import (
     summarise,
     write_report,
 )
+from fedsilo.report.runs import _float_param
 from fedsilo.tracking import redact_uri
 
 MAJORITY = "test_majority_accuracy"
