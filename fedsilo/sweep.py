@@ -22,14 +22,17 @@ from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, 
 from fedsilo.errors import ConfigError, FedsiloError, first_line
 from fedsilo.ledger import discard_finished, simulation_key
 from fedsilo.progress import Log
-from fedsilo.report import PARENT_TAG, redact_uri
 from fedsilo.simulate import simulate
+from fedsilo.tracking import (
+    CELL_TAG,
+    PARENT_RUN_TAG,
+    PARENT_TAG,
+    SWEEP_KEY_TAG,
+    get_or_create_experiment,
+    redact_uri,
+    search_all_runs,
+)
 
-
-# PARENT_TAG ("fedsilo.sweep" = "parent") marks the parent run; fedsilo.report reads it.
-SWEEP_KEY_TAG = "fedsilo.sweep_key"  # which sweep a parent runs: a restart finds it by this
-CELL_TAG = "fedsilo.cell"  # which cell of its sweep a nested run computes
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the Tracker sets it)
 
 SETTING_KEYS = frozenset(key for section in SECTIONS.values() for key in section.model_fields)
 # Sweep-only keys, logged as params of each cell for `fedsilo report`: accuracy is read at the
@@ -201,9 +204,7 @@ class SweepParent:
 
         self._client = client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            found = client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-            client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+            self.experiment_id = get_or_create_experiment(client, experiment)
             same_sweep = f"tags.`{PARENT_TAG}` = 'parent' and tags.`{SWEEP_KEY_TAG}` = '{key}'"
             previous = client.search_runs([self.experiment_id], filter_string=same_sweep,
                                           order_by=["attributes.start_time DESC"], max_results=1)
@@ -221,15 +222,8 @@ class SweepParent:
     def finished_cells(self) -> dict[str, str]:
         """Cell key -> run id of this parent's FINISHED children."""
         mine = f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}' and attributes.status = 'FINISHED'"
-        done: dict[str, str] = {}
-        token: str | None = None
-        while True:
-            page = self._client.search_runs([self.experiment_id], filter_string=mine, max_results=1000,
-                                            page_token=token)
-            done.update({r.data.tags[CELL_TAG]: r.info.run_id for r in page if CELL_TAG in r.data.tags})
-            token = page.token
-            if not token:
-                return done
+        runs = search_all_runs(self._client, self.experiment_id, mine)
+        return {r.data.tags[CELL_TAG]: r.info.run_id for r in runs if CELL_TAG in r.data.tags}
 
     def log_progress(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

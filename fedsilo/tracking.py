@@ -5,6 +5,9 @@ beside the checkpoint, then delivered; what MLflow does not accept (server down,
 stays in the outbox and is delivered at the next round, at the end, or at the next start with
 the same settings. Nothing is lost and, because delivery skips steps MLflow already holds,
 nothing is logged twice after a crash.
+
+It also owns the MLflow conventions the sweep and the report share (tag names, the experiment's
+creation, reading every run, a URI fit to print), so that writers and readers cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fedsilo.config import Settings
 from fedsilo.progress import Log
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 # Fail fast instead of MLflow's default minutes of HTTP retries: the outbox is our retry.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -31,11 +39,49 @@ MAJORITY_PARAM = "test_majority_accuracy"
 # MLflow accepts at most 1000 metrics in one log_batch.
 MAX_BATCH_METRICS = 1000
 
+# Run tags. A sweep's parent run carries PARENT_TAG = "parent" and its sweep's key; its cells are
+# ordinary federation runs nested under it, each tagged with its cell's key.
+PARENT_TAG = "fedsilo.sweep"  # "parent" on a sweep's parent run: the report tells it from the cells by this
+SWEEP_KEY_TAG = "fedsilo.sweep_key"  # which sweep a parent runs: a restart finds it by this
+CELL_TAG = "fedsilo.cell"  # which cell of its sweep a nested run computes
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+
 
 def _first_line(exc: BaseException) -> str:
     """A short reason; MLflow's long messages end in the cause (``Caused by ...``), so keep both ends."""
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return line if len(line) <= 240 else f"{line[:100]} ... {line[-140:]}"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a password, fit for an error message or a log line."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if it does not exist yet."""
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    # Open on the runs table rather than the GenAI overview.
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment_id
+
+
+def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
+    """Every run of the experiment that matches ``filter_string``, across all result pages."""
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 class Tracker:
@@ -76,15 +122,11 @@ class Tracker:
         if self.experiment_id is not None:
             return True
         try:
-            name = self.settings.tracking.experiment
-            found = self.client.get_experiment_by_name(name)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(name)
-            # Open on the runs table rather than the GenAI overview.
-            self.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+            experiment_id = get_or_create_experiment(self.client, self.settings.tracking.experiment)
             if self.run_id is None:
                 tags = dict(self.tags)
                 if self.parent_run_id:
-                    tags["mlflow.parentRunId"] = self.parent_run_id
+                    tags[PARENT_RUN_TAG] = self.parent_run_id
                 self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
                 params = {**self.settings.flat(), "num_labels": len(self.labels), **self.extra_params}
                 from mlflow.entities import Param

@@ -19,16 +19,16 @@ from fedsilo.report import (
     RANDOM_LABEL,
     Curve,
     ReportError,
-    _float_param,
     csv_text,
     latest_per_seed,
     markdown_text,
     mean_curve,
-    redact_uri,
     rounds_to_target,
     summarise,
     write_report,
 )
+from fedsilo.report.runs import _float_param
+from fedsilo.tracking import redact_uri
 
 MAJORITY = "test_majority_accuracy"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

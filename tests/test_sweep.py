@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from fedsilo import sweep
 from fedsilo.cli import app
 from fedsilo.errors import ConfigError, FedsiloError
-from fedsilo.report import PARENT_TAG, write_report
-from fedsilo.sweep import CELL_TAG, PARENT_RUN_TAG
+from fedsilo.report import write_report
+from fedsilo.tracking import CELL_TAG, PARENT_RUN_TAG, PARENT_TAG
 from tests.procs import kill_tree, watch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,0 +1,215 @@
+"""The paper's three figures (Fig. 1-3) from the rows of `summarise`.
+
+Only this module touches matplotlib, through `matplotlib.figure.Figure` (Agg canvas, no pyplot,
+no global backend), and only inside the functions: importing the report (as the CLI does for
+every command) loads no matplotlib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedsilo.report.summary import MAJORITY_LABEL, NO_BASELINE, RANDOM_LABEL, TARGET_FRACTION, SummaryRow
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+BUDGET_LABEL = "budget"
+THRESHOLD_LABEL = "threshold"
+NOT_REACHED_LABEL = "not reached by threshold"
+_REFERENCE_LABELS = frozenset({RANDOM_LABEL, MAJORITY_LABEL, BUDGET_LABEL, THRESHOLD_LABEL, NOT_REACHED_LABEL})
+
+
+def _colours(keys: Sequence[str]) -> dict[str, Any]:
+    """A stable colour per model, the same in every figure."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {k: cmap(i % 10) for i, k in enumerate(keys)}
+
+
+def _clients_axis(ax: Axes, ks: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ks), [str(k) for k in ks])
+    ax.minorticks_off()
+    lo, hi = min(ks), max(ks)
+    ax.set_xlim(lo / 2**0.4, hi * 2**0.4)
+    ax.set_xlabel("Number of clients (K)")
+    ax.grid(True, alpha=0.3)
+
+
+def _budget_phrase(rows: Sequence[SummaryRow]) -> str:
+    budgets = sorted({r.budget for r in rows})
+    return f"round {budgets[0]}" if len(budgets) == 1 else "each run's budget"
+
+
+def _width(per_panel: float, panels: Sequence[str]) -> float:
+    """Figure width in inches: wide enough for the legend row even with one panel."""
+    return max(per_panel * len(panels), 6.5)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _datasets_models(rows: Sequence[SummaryRow]) -> tuple[list[str], list[str]]:
+    return sorted({r.dataset for r in rows}), sorted({r.model for r in rows})
+
+
+def plot_accuracy_vs_clients(rows: Sequence[SummaryRow], path: Path) -> Path:
+    """Fig. 1: accuracy at the budget vs K (log2), a panel per dataset, a line per model."""
+    from matplotlib.figure import Figure
+
+    datasets, models = _datasets_models(rows)
+    colours = _colours(models)
+    ks = sorted({r.silos for r in rows})
+    fig = Figure(figsize=(_width(4.2, datasets), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets, strict=True):
+        drows = [r for r in rows if r.dataset == dataset]
+        for model in models:
+            pts = [r for r in drows if r.model == model and r.accuracy_at_budget is not None]
+            if not pts:
+                continue
+            ax.errorbar(
+                [r.silos for r in pts],
+                [r.accuracy_at_budget for r in pts],
+                yerr=[r.accuracy_at_budget_std or 0.0 for r in pts],
+                marker="o",
+                capsize=3,
+                color=colours[model],
+                label=model,
+            )
+        floor, name = drows[0].chance
+        ax.axhline(floor, ls="--", color="0.4", lw=1, label=name)
+        _clients_axis(ax, ks)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{dataset}\naccuracy at {_budget_phrase(drows)}", fontsize=11)
+        ax.set_ylabel("Test accuracy")
+    _figure_legend(fig, axes)
+    fig.suptitle("Test accuracy at a fixed budget of rounds (higher is better)")
+    return _save(fig, path)
+
+
+def _figure_legend(fig: Any, axes: Sequence[Axes], extra: Sequence[Any] = ()) -> None:
+    """One legend for the whole figure, below the panels: panels stay uncluttered.
+
+    Data series first, then the reference lines (dashed/dotted), then `extra` proxy handles.
+    """
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    for h in extra:
+        handles.setdefault(h.get_label(), h)
+    is_reference = {label: label in _REFERENCE_LABELS for label in handles}
+    labels = sorted(handles, key=lambda label: is_reference[label])  # stable: keeps plot order
+    if labels:
+        fig.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="outside lower center",
+            ncols=min(len(labels), 5),
+            frameon=False,
+        )
+
+
+def plot_rounds_to_target(rows: Sequence[SummaryRow], path: Path) -> Path:
+    """Fig. 2: rounds to reach 90% of K = 1 vs K, a panel per dataset, a line per model.
+
+    A "not reached" point is drawn as an x on the dashed threshold line in the model's colour
+    (the paper leaves a gap); "no baseline" groups are left out. A random-classifier line has no
+    meaning on a rounds axis (a random classifier never reaches the target), so the dashed line
+    here is the threshold.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    datasets, models = _datasets_models(rows)
+    colours = _colours(models)
+    ks = sorted({r.silos for r in rows})
+    fig = Figure(figsize=(_width(4.2, datasets), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets, strict=True):
+        drows = [r for r in rows if r.dataset == dataset and r.target_accuracy is not None]
+        thresholds = sorted({r.threshold for r in drows})
+        for i, model in enumerate(models):
+            mrows = [r for r in drows if r.model == model]
+            reached = [r for r in mrows if r.rounds_to_target is not None]
+            missed = [r for r in mrows if r.rounds_to_target is None]
+            if reached:
+                ax.plot(
+                    [r.silos for r in reached],
+                    [r.rounds_to_target for r in reached],
+                    marker="o",
+                    color=colours[model],
+                    label=model,
+                )
+            if missed:
+                # Nudge models sideways so their crosses do not hide each other.
+                nudge = 2 ** (0.12 * (i - (len(models) - 1) / 2))
+                ax.plot(
+                    [r.silos * nudge for r in missed],
+                    [r.threshold for r in missed],
+                    ls="none",
+                    marker="x",
+                    ms=9,
+                    mew=2,
+                    color=colours[model],
+                )
+        for t in thresholds:
+            ax.axhline(t, ls="--", color="0.4", lw=1, label=THRESHOLD_LABEL)
+        if not drows:
+            ax.text(0.5, 0.5, NO_BASELINE, transform=ax.transAxes, ha="center", va="center")
+        _clients_axis(ax, ks)
+        ax.set_ylim(bottom=0, top=max(thresholds, default=1) * 1.08)
+        ax.set_title(f"{dataset}", fontsize=11)
+        ax.set_ylabel(f"Rounds to {TARGET_FRACTION:.0%} of K = 1 accuracy")
+    proxies = [Line2D([], [], marker="o", color=colours[m], label=m) for m in models] + [
+        Line2D([], [], ls="none", marker="x", ms=9, mew=2, color="0.3", label=NOT_REACHED_LABEL)
+    ]
+    _figure_legend(fig, axes, extra=proxies)
+    fig.suptitle(f"Rounds to reach {TARGET_FRACTION:.0%} of the K = 1 baseline (lower is better)")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
+    """Fig. 3: seed-mean accuracy over rounds; rows = model, columns = dataset, a line per K."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    datasets, models = _datasets_models(rows)
+    ks = sorted({r.silos for r in rows})
+    cmap = colormaps["viridis"]
+    # Dark for K = 1 through light for the largest K; the top of viridis is too pale on white.
+    k_colour = {k: cmap(0.85 * i / max(len(ks) - 1, 1)) for i, k in enumerate(ks)}
+    fig = Figure(figsize=(_width(3.8, datasets), 2.9 * len(models) + 0.6), layout="constrained")
+    grid = fig.subplots(len(models), len(datasets), squeeze=False, sharex="col", sharey=True)
+    for i, model in enumerate(models):
+        for j, dataset in enumerate(datasets):
+            ax = grid[i][j]
+            cell = [r for r in rows if r.model == model and r.dataset == dataset]
+            for r in cell:
+                xs = sorted(r.mean_curve)
+                ys = [r.mean_curve[x] for x in xs]
+                ax.plot(xs, ys, color=k_colour[r.silos], lw=1.5, label=f"K = {r.silos}")
+            floor, name = [r.chance for r in rows if r.dataset == dataset][0]
+            ax.axhline(floor, ls="--", color="0.4", lw=1, label=name)
+            budgets = sorted({r.budget for r in cell})
+            for b in budgets:
+                ax.axvline(b, ls=":", color="0.6", lw=1, label=BUDGET_LABEL)
+            if not cell:
+                ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center")
+            ax.set_ylim(0, 1.02)
+            ax.grid(True, alpha=0.3)
+            ax.set_title(f"{model} · {dataset}", fontsize=10)
+            if i == len(models) - 1:
+                ax.set_xlabel("Communication round")
+            if j == 0:
+                ax.set_ylabel("Test accuracy")
+    _figure_legend(fig, [ax for row in grid for ax in row])
+    fig.suptitle("Test accuracy over communication rounds (mean over seeds)")
+    return _save(fig, path)

@@ -1,0 +1,103 @@
+"""Reading the report's input: an experiment's finished federation runs in MLflow, as `Curve`s.
+
+Which runs are sweep parents, and how to page through an experiment, are fedsilo.tracking's
+conventions; this module only turns a run's params and metric history into a `Curve`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedsilo.report.summary import Curve, ReportError
+from fedsilo.tracking import MAJORITY_PARAM, PARENT_TAG, redact_uri, search_all_runs
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+METRIC = "test_accuracy"
+
+
+def check_sqlite_exists(uri: str) -> None:
+    """Reading a sqlite URI that names no file would create an empty database there."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists():
+        raise ReportError(f"no MLflow database at {uri}")
+
+
+def _int_param(run: Run, name: str, default: int | None = None) -> int:
+    raw = run.data.params.get(name)
+    if raw is None or raw.strip() in ("", "None", "null"):
+        if default is None:
+            raise ReportError(f"run {run.info.run_id} has no param '{name}'")
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise ReportError(f"run {run.info.run_id}: param '{name}' = {raw!r} is not an integer")
+    return int(value)
+
+
+def _float_param(run: Run, name: str) -> float | None:
+    """An optional number (runs logged before it existed have none)."""
+    raw = run.data.params.get(name)
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        raise ReportError(f"run {run.info.run_id}: param '{name}' = {raw!r} is not a number") from None
+
+
+def _str_param(run: Run, name: str) -> str:
+    raw = run.data.params.get(name)
+    if not raw:
+        raise ReportError(f"run {run.info.run_id} has no param '{name}'")
+    return raw
+
+
+def _is_parent(run: Run) -> bool:
+    return run.data.tags.get(PARENT_TAG) == "parent"
+
+
+def _curve_from_run(client: MlflowClient, run: Run) -> Curve:
+    rounds = _int_param(run, "rounds")
+    history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.timestamp)
+    # A round logged twice (a resumed federation re-evaluates it): the later value stands.
+    accuracy = {int(m.step): float(m.value) for m in history}
+    return Curve(
+        model=_str_param(run, "model"),
+        dataset=_str_param(run, "dataset"),
+        silos=_int_param(run, "silos"),
+        seed=_int_param(run, "seed"),
+        num_labels=_int_param(run, "num_labels"),
+        budget=_int_param(run, "budget", default=rounds),
+        threshold=_int_param(run, "threshold", default=rounds),
+        accuracy=accuracy,
+        run_id=run.info.run_id,
+        start_time=int(run.info.start_time or 0),
+        majority_accuracy=_float_param(run, MAJORITY_PARAM),
+    )
+
+
+def load_curves(client: MlflowClient, experiment: str, uri: str) -> tuple[list[Curve], Run | None]:
+    """The finished federation runs of `experiment` as curves, and its most recent parent run.
+
+    A federation run is any run that is not a sweep parent and has a `silos` param; the parent
+    may still be running (a sweep reports before it ends).
+    """
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ReportError(f"experiment '{experiment}' not found at {redact_uri(uri)}")
+    runs = search_all_runs(client, exp.experiment_id)
+    parents = sorted((r for r in runs if _is_parent(r)), key=lambda r: r.info.start_time or 0)
+    members = [
+        r
+        for r in runs
+        if not _is_parent(r) and r.info.status == "FINISHED" and "silos" in r.data.params
+    ]
+    if not members:
+        raise ReportError(f"experiment '{experiment}' has no finished federation runs to report on")
+    return [_curve_from_run(client, r) for r in members], (parents[-1] if parents else None)
