@@ -8,6 +8,7 @@ torch.distributed group is unusable after any failed collective.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -163,7 +164,7 @@ class Group:
                     continue
                 key = f"fedsilo/alive/{rank}"
                 try:
-                    last = float(_within(PROBE_SECONDS, lambda key=key: self.store.get(key)).decode())
+                    last = float(_within(PROBE_SECONDS, functools.partial(self.store.get, key)).decode())
                 except Exception:
                     if self.rank != 0:
                         return [0]  # the store lives in the aggregator: no answer means it is gone

@@ -232,7 +232,7 @@ def build_settings(flat: dict[str, Any]) -> Settings:
     for key, value in flat.items():
         grouped[routes[key]][key] = value
     try:
-        return Settings(**{name: SECTIONS[name](**values) for name, values in grouped.items()})
+        return Settings.model_validate({name: SECTIONS[name](**values) for name, values in grouped.items()})
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "settings"

@@ -33,7 +33,7 @@ from fedsilo.config import Settings, fingerprint, settings_fingerprint
 from fedsilo.errors import FederationError
 from fedsilo.model import load_flat
 from fedsilo.progress import Log
-from fedsilo.tracking import Tracker, round_line
+from fedsilo.tracking import Tracker, redact_uri, round_line
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class FederationRun:
                 if not self._tracker(self.resumed.run_id).finish() and must_deliver:
                     raise FederationError(
                         f"the last federation with these settings finished, but its results still wait in "
-                        f"{self.path.parent} for MLflow at {self.settings.tracking.tracking_uri}; start again "
+                        f"{self.path.parent} for MLflow at {redact_uri(self.settings.tracking.tracking_uri)}; start again "
                         "once it is reachable")
                 self.resumed = None
         return self.start_round

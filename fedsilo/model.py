@@ -7,6 +7,7 @@ is. :func:`load_flat` copies a separate buffer into the model.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,8 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
         raise ModelError(f"a classifier needs at least two labels, got [{', '.join(labels)}]")
     # The "newly initialized classifier" warning and the loading bars are expected in every
     # run on every rank; keep the output readable.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.manual_seed(seed)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -57,7 +58,7 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
         where = ("from local directory" if Path(name).expanduser().is_dir()
                  else "(not a local directory and not reachable on the hub)")
         raise ModelError(f"cannot load model '{name}' {where}: {first_line(exc)}") from None
-    return model
+    return typing.cast(torch.nn.Module, model)
 
 
 def float_tensors(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -216,7 +216,7 @@ class SweepParent:
                                                 tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}).info.run_id
                 client.log_dict(self.run_id, spec, "sweep.yaml")
         except Exception as exc:  # noqa: BLE001 - transport, server and store errors alike
-            raise ConfigError(f"cannot use MLflow at {redact_uri(tracking_uri)}: {first_line(exc)}") from None
+            raise ConfigError(redact_uri(f"cannot use MLflow at {tracking_uri}: {first_line(exc)}")) from None
         self.resumed = bool(previous)
 
     def finished_cells(self) -> dict[str, str]:

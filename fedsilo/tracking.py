@@ -13,12 +13,12 @@ creation, reading every run, a URI fit to print), so that writers and readers ca
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fedsilo.config import Settings
 from fedsilo.progress import Log
@@ -53,14 +53,14 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else f"{line[:100]} ... {line[-140:]}"
 
 
-def redact_uri(uri: str) -> str:
-    """The URI without a password, fit for an error message or a log line."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+# scheme://user:password@ -> scheme://user:***@ (a password may be empty; it has no '/', '@' or space)
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
+
+
+def redact_uri(text: str) -> str:
+    """A URI, or a message that quotes one (MLflow's errors quote the full request URL), without
+    passwords: fit for an error message, a log line or an MLflow param."""
+    return _PASSWORD.sub(r"\g<head>***@", text)
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
@@ -103,8 +103,8 @@ class Tracker:
         recorded beside the settings. ``outbox`` is the folder for what waits for MLflow."""
         from mlflow.tracking import MlflowClient
 
-        self.uri = settings.tracking.tracking_uri
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = MlflowClient(tracking_uri=settings.tracking.tracking_uri)
+        self.uri = redact_uri(settings.tracking.tracking_uri)  # what messages show: never a password
         self.settings, self.labels, self.log = settings, labels, log
         self.run_id = run_id
         self.experiment_id: str | None = None
@@ -128,7 +128,7 @@ class Tracker:
                 if self.parent_run_id:
                     tags[PARENT_RUN_TAG] = self.parent_run_id
                 self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
-                params = {**self.settings.flat(), "num_labels": len(self.labels), **self.extra_params}
+                params = {**self.settings.flat(), "tracking_uri": self.uri, "num_labels": len(self.labels), **self.extra_params}
                 from mlflow.entities import Param
 
                 self.client.log_batch(self.run_id, params=[Param(k, "" if v is None else str(v)) for k, v in params.items()])
@@ -143,7 +143,7 @@ class Tracker:
 
     def _unreachable(self, exc: BaseException) -> None:
         # Warn once per outage, and again only when the reason changes (not once per round).
-        reason = _first_line(exc)
+        reason = redact_uri(_first_line(exc))
         if reason != self._warned:
             self.log(f"warning: MLflow at {self.uri} is unreachable ({reason}); training goes on, "
                      f"metrics wait in {self._pending} and are delivered when it is back")

@@ -105,7 +105,7 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
             return grad
         return coalesce
 
-    hooks = [m.weight.register_hook(hook(m)) for m in dense]
+    hooks = [m.weight.register_hook(hook(m)) for m in dense]  # type: ignore[no-untyped-call]
     for module in dense:
         module.sparse = True
     changed: dict[torch.Tensor, torch.Tensor] = {}

@@ -105,9 +105,9 @@ def aggregator_test_data(settings: Settings, tokenizer: Any) -> tuple[Encoded | 
         splits, labels = _shared(settings)
         assert splits.test is not None
         return _encode(splits.test, labels, "test data", tokenizer, settings), labels
-    labels = list(settings.data.labels) if settings.data.labels else None
+    given = list(settings.data.labels) if settings.data.labels else None
     if settings.data.test_dataset is None:
-        return None, labels
+        return None, given
     test = load_test(settings.data.test_dataset, settings.data)
-    labels = labels or label_set(test.labels)
+    labels = given or label_set(test.labels)
     return _encode(test, labels, f"test data ({settings.data.test_dataset})", tokenizer, settings), labels

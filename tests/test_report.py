@@ -290,6 +290,9 @@ def test_redact_uri_hides_password_only() -> None:
     uri = "https://u:secret@mlflow.example:5000/x"
     assert redact_uri(uri) == "https://u:***@mlflow.example:5000/x"
     assert redact_uri("sqlite:///tmp/m.db") == "sqlite:///tmp/m.db"
+    # in a message that quotes the URL (MLflow's errors do), every password goes
+    said = "API request to http://u:p%40ss@h:5000/api failed; retry https://v:w@h2/x"
+    assert redact_uri(said) == "API request to http://u:***@h:5000/api failed; retry https://v:***@h2/x"
 
 
 # --- write_report against a real MLflow store ----------------------------------------------------

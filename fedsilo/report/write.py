@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsilo.errors import first_line
 from fedsilo.report.figures import plot_accuracy_vs_clients, plot_accuracy_vs_rounds, plot_rounds_to_target
 from fedsilo.report.runs import check_sqlite_exists, load_curves
 from fedsilo.report.summary import ReportError, SummaryRow, latest_per_seed, summarise
@@ -56,8 +57,7 @@ def write_report(experiment: str, tracking_uri: str, out_dir: Path) -> ReportRes
     try:
         curves, parent = load_curves(client, experiment, tracking_uri)
     except MlflowException as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ReportError(f"cannot read MLflow at {redact_uri(tracking_uri)}: {first}") from e
+        raise ReportError(redact_uri(f"cannot read MLflow at {tracking_uri}: {first_line(e)}")) from e
     kept, superseded = latest_per_seed(curves)
     rows = summarise(kept)
 
