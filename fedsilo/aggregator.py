@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedsilo import comm, join
+from fedsilo import comm, join, transport
 from fedsilo.averaging import Report, UpdateRejected, finish_average, validate_updates
 from fedsilo.config import Settings, agreed_settings, settings_fingerprint
 from fedsilo.data import Encoded, majority_share
@@ -26,7 +26,7 @@ class Rounds:
     """What the aggregator's round loop works on."""
 
     settings: Settings
-    group: comm.Group
+    group: comm.Transport
     model: torch.nn.Module
     weights: torch.Tensor  # the global model, flat: best the model's own (bind_flat), updated in place
     test: Encoded | None  # None: the silos evaluate on their held-out rows
@@ -47,14 +47,14 @@ def _agree_on_labels(mine: list[str] | None, hellos: dict[int, join.Hello]) -> t
 
 
 def _admit(
-    settings: Settings, store: Any, token: str | None, labels: list[str] | None, log: Log
+    settings: Settings, door: transport.Listener, labels: list[str] | None
 ) -> tuple[dict[int, join.Hello], list[str]]:
-    hellos = join.admit_silos(store, settings.federation.silos, token, settings.federation.join_timeout, log)
+    hellos = door.admit_silos(settings.federation.join_timeout)
     try:
         labels, refusals = _agree_on_labels(labels, hellos)
     except FederationError as exc:
         for hello in hellos.values():
-            join.refuse(store, hello, str(exc))
+            door.refuse(hello, str(exc))
         raise
     mine = agreed_settings(settings)
     for rank, hello in hellos.items():
@@ -64,7 +64,7 @@ def _admit(
     if refusals:
         summary = "; ".join(f"silo {r}: {why}" for r, why in sorted(refusals.items()))
         for rank, hello in hellos.items():
-            join.refuse(store, hello, refusals.get(rank, f"the federation could not form ({summary})"))
+            door.refuse(hello, refusals.get(rank, f"the federation could not form ({summary})"))
         raise FederationError(f"refused {summary}")
     return hellos, labels
 
@@ -73,18 +73,18 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
     """Parse is done; build, run, close. The group is destroyed on every path out."""
     fed = settings.federation
     device = resolve_device(settings.train.device)
-    backend = comm.pick_backend(fed.backend, device)
+    wire = transport.describe(settings, device)
     address = comm.resolve_address(fed.aggregator)
     with FederationRun(settings, settings_fingerprint(settings), log) as ledger:
         tokenizer = load_tokenizer(settings.model.model)
         test, labels = aggregator_test_data(settings, tokenizer)
-        if token is None:
+        if token is None and fed.transport == "collective":
             log("warning: no join token set (FEDSILO_TOKEN or --token-file): any process that reaches the port can join")
 
         # admit the silos: authenticate, then check they agree on settings, labels and model
-        store = comm.open_store(0, address[0], address[1], fed.join_timeout)
-        log(f"waiting for {fed.silos} silo(s) on {address[0]}:{address[1]} ({backend})")
-        hellos, labels = _admit(settings, store, token, labels, log)
+        door = transport.listen(settings, token, device, log)
+        log(f"waiting for {fed.silos} silo(s) on {address[0]}:{address[1]} ({wire})")
+        hellos, labels = _admit(settings, door, labels)
         try:
             model = build_model(settings.model.model, labels, settings.train.seed).to(device)
             arch = architecture_fingerprint(model)
@@ -96,13 +96,13 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
         except FedsiloError as exc:
             # The admitted silos are blocked on their verdict: give them the reason, not a hang-up.
             for hello in hellos.values():
-                join.refuse(store, hello, str(exc))
+                door.refuse(hello, str(exc))
             raise
         ledger.restore(model)
         for hello in hellos.values():
-            join.welcome(store, hello, token, join.Welcome(labels, start, test is None))
+            door.welcome(hello, join.Welcome(labels, start, test is None))
 
-        group = comm.form_group(store, 0, fed.silos + 1, backend, device, fed.round_timeout, address)
+        group = door.form_group(fed.round_timeout)
         try:
             # Reach MLflow once the group has formed: the silos wait in their first collective,
             # under the round timeout (which covers a round of training), not in their verdict
@@ -129,12 +129,12 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     summed = torch.zeros(weights.numel(), dtype=getattr(torch, fed.transfer_dtype), device=weights.device)
     bound = is_bound(model, weights)
     bytes_per_silo = weights.numel() * (weights.element_size() + summed.element_size())
-    with comm.collective_phase(group, f"round {ledger.start_round}: sending the global model"):
+    with group.phase(f"round {ledger.start_round}: sending the global model"):
         group.broadcast_(weights)
     for round_ in range(ledger.start_round, fed.rounds + 1):
         started = time.perf_counter()
         # local training happens on the silos; each reports its example count, loss, update norm
-        with comm.collective_phase(group, f"round {round_}: local training"):
+        with group.phase(f"round {round_}: local training"):
             reports = Report.from_rows(group.gather_rows(Report.placeholder()))
 
         # validate the updates before any of them is summed; each silo runs the same check on the
@@ -150,13 +150,13 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
         # aggregate: one reduce brings sum_k n_k (theta_k - theta) from the accepted silos.
         # Every silo has reported, so from here the clock measures the wire, not training.
         comm_started = time.perf_counter()
-        with comm.collective_phase(group, f"round {round_}: receiving updates"):
+        with group.phase(f"round {round_}: receiving updates"):
             group.reduce_sum_(summed)  # zero on entry: rank 0's own term of the sum
         total = sum(r.examples for r in reports if r.rank in accepted)
         finish_average(weights, summed, total)
 
         # send the new global model: silos start the next round from it (and evaluate it)
-        with comm.collective_phase(group, f"round {round_}: sending the global model"):
+        with group.phase(f"round {round_}: sending the global model"):
             group.broadcast_(weights)
         comm_seconds = time.perf_counter() - comm_started
         summed.zero_()  # for the next round's reduce, while the silos train
@@ -168,7 +168,7 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
             result = evaluate(model, rounds.test, batch_size=settings.train.eval_batch_size,
                               attention_mask=settings.model.attention_mask, fast_paths=settings.train.fast_paths)
         else:
-            with comm.collective_phase(group, f"round {round_}: evaluation on the silos"):
+            with group.phase(f"round {round_}: evaluation on the silos"):
                 result = EvalResult.from_rows(group.gather_rows(EvalResult.placeholder()))
 
         # log and checkpoint

@@ -8,6 +8,7 @@ torch.distributed group is unusable after any failed collective.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,32 @@ STALE_SECONDS = 3 * HEARTBEAT_SECONDS
 PROBE_SECONDS = STALE_SECONDS + 2 * HEARTBEAT_SECONDS
 
 T = TypeVar("T")
+
+
+class Transport(Protocol):
+    """What the round loops use of a formed federation, over torch.distributed (:class:`Group`) or
+    the TLS star (:mod:`fedsilo.star`). Rank 0 is the aggregator."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def broadcast_(self, flat: torch.Tensor) -> None:
+        """Rank 0's ``flat`` overwrites everyone's (the global model going down)."""
+
+    def reduce_sum_(self, flat: torch.Tensor) -> None:
+        """Everyone's ``flat`` summed into rank 0's (weighted updates coming up)."""
+
+    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """Every rank's small fp64 ``row``, stacked by rank, on every rank."""
+
+    def announce_abort(self, reason: str, lost: Sequence[int] = ()) -> None:
+        """Rank 0: tell the silos still there why the federation stops."""
+
+    def phase(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """A failure inside the block becomes a FederationError naming the lost rank and ``what``."""
+
+    def close(self) -> None: ...
 
 
 def _within(seconds: float, call: Callable[[], T]) -> T:
@@ -210,6 +237,10 @@ class Group:
             raise
         except Exception:  # the store is gone; lost_ranks names the aggregator
             return None
+
+    def phase(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """A failed collective inside the block becomes one line naming the lost rank (:func:`collective_phase`)."""
+        return collective_phase(self, what)
 
     def close(self) -> None:
         self._stop.set()

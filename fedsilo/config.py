@@ -150,6 +150,31 @@ class FederationConfig(_Section):
         gt=1,
         description="An update whose norm exceeds this factor times the median norm is an outlier.",
     )
+    transport: Literal["collective", "tls"] = Field(
+        "collective",
+        description="How ranks talk: collective (torch.distributed, every rank to every rank, in clear: "
+        "one cluster) or tls (each silo dials out to the aggregator's one port over mutually "
+        "authenticated TLS 1.3: across organisations).",
+    )
+    tls_cert: Path | None = Field(
+        None, description="This rank's certificate (PEM), for --transport tls (see `fedsilo certs`)."
+    )
+    tls_key: Path | None = Field(
+        None, description="This rank's private key (PEM), for --transport tls; it never leaves this machine."
+    )
+    tls_ca: Path | None = Field(
+        None, description="The federation CA's certificate (PEM), for --transport tls: peers must chain to it."
+    )
+    tls_revoked: Path | None = Field(
+        None,
+        description="Revoked certificates, for --transport tls on the aggregator: a CRL (PEM or DER) or a text "
+        "file of serial numbers, one per line.",
+    )
+    tls_server_name: str | None = Field(
+        None,
+        description="The name the aggregator's certificate must carry, for --transport tls on a silo. "
+        "Default: the host of --aggregator.",
+    )
 
     @field_validator("aggregator")
     @classmethod
@@ -188,7 +213,8 @@ SECTIONS: dict[str, type[_Section]] = {
 # Keys that may differ between ranks: where a rank finds things, not what the federation computes.
 LOCAL_KEYS = frozenset(
     {"aggregator", "backend", "device", "join_timeout", "round_timeout", "token_file",
-     "tracking_uri", "experiment", "checkpoint_dir", "eval_batch_size"}
+     "tracking_uri", "experiment", "checkpoint_dir", "eval_batch_size",
+     "tls_cert", "tls_key", "tls_ca", "tls_revoked", "tls_server_name"}
 )
 
 

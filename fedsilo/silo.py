@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsilo import comm, join
+from fedsilo import comm, join, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
 from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
@@ -27,24 +27,23 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
     fed = settings.federation
     check_rank(rank, fed.silos)
     device = resolve_device(settings.train.device)
-    backend = comm.pick_backend(fed.backend, device)
     address = comm.resolve_address(fed.aggregator)
     tokenizer = load_tokenizer(settings.model.model)
     data = silo_data(settings, rank, tokenizer)
     model = build_model(settings.model.model, data.labels, settings.train.seed).to(device)
     log(f"silo {rank}: {len(data.train)} training examples; joining {address[0]}:{address[1]}")
 
-    store = comm.open_store(rank, address[0], address[1], fed.join_timeout)
-    welcome = join.request_admission(store, rank, token, {
+    link = transport.dial(settings, rank, token, device)
+    welcome = link.request_admission({
         "settings": agreed_settings(settings),
         "labels": data.labels,
         "architecture": architecture_fingerprint(model),
         "train_examples": len(data.train),
         "eval_examples": len(data.eval) if data.eval is not None else 0,
-    })
+    }, fed.join_timeout)
     if welcome.eval_on_silos and data.eval is None:
         raise ConfigError(f"silo {rank} has no held-out data to evaluate on")
-    group = comm.form_group(store, rank, fed.silos + 1, backend, device, fed.round_timeout, address)
+    group = link.form_group(fed.silos + 1, fed.round_timeout)
     try:
         run_rounds(settings, group, model, data, rank, welcome, log)
     finally:
@@ -53,7 +52,7 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
 
 def run_rounds(
     settings: Settings,
-    group: comm.Group,
+    group: comm.Transport,
     model: torch.nn.Module,
     data: SiloData,
     rank: int,
@@ -68,7 +67,7 @@ def run_rounds(
     update = local if local.device.type == group.device.type else torch.empty_like(weights)
     wire_dtype = getattr(torch, fed.transfer_dtype)
     n = len(data.train)
-    with comm.collective_phase(group, f"round {welcome.start_round}: receiving the global model"):
+    with group.phase(f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
     for round_ in range(welcome.start_round, fed.rounds + 1):
         # start from the global model and train locally
@@ -86,7 +85,7 @@ def run_rounds(
             update.copy_(local)
         norm = float(update.sub_(weights).norm())
         update.mul_(n)
-        with comm.collective_phase(group, f"round {round_}: reporting"):
+        with group.phase(f"round {round_}: reporting"):
             reports = Report.from_rows(group.gather_rows(Report(rank, n, result.mean_loss, norm).to_row()))
         # Every rank holds every report: judge them as the aggregator does (the same pure check on
         # the same rows and agreed settings), so no verdict has to cross the wire before the reduce.
@@ -96,16 +95,16 @@ def run_rounds(
             accepted = []  # the aggregator stops the federation: the next collective fails and reads why
         if rank not in accepted:
             update.zero_()  # not mul_(0): a rejected non-finite update would still be NaN
-        with comm.collective_phase(group, f"round {round_}: sending the update"):
+        with group.phase(f"round {round_}: sending the update"):
             group.reduce_sum_(update if wire_dtype == update.dtype else update.to(wire_dtype))
 
         # receive the new global model; evaluate it on held-out rows if the aggregator has none
-        with comm.collective_phase(group, f"round {round_}: receiving the global model"):
+        with group.phase(f"round {round_}: receiving the global model"):
             group.broadcast_(weights)
         if welcome.eval_on_silos:
             assert data.eval is not None
             local.copy_(weights)
             scores = evaluate(model, data.eval, batch_size=train.eval_batch_size,
                               attention_mask=settings.model.attention_mask, fast_paths=train.fast_paths)
-            with comm.collective_phase(group, f"round {round_}: reporting evaluation"):
+            with group.phase(f"round {round_}: reporting evaluation"):
                 group.gather_rows(scores.to_row())
