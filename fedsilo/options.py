@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic.fields import FieldInfo
+from typer._click.core import Context as ClickContext  # what Typer's classes are called with
 from typer.core import TyperCommand, TyperGroup
 from typer.models import OptionInfo
 
@@ -102,6 +103,7 @@ def settings_options(
     device: Annotated[Device | None, setting("device")] = None,
     eval_batch_size: Annotated[int | None, setting("eval_batch_size")] = None,
     group_by_length: Annotated[bool | None, setting("group_by_length")] = None,
+    fast_paths: Annotated[bool | None, setting("fast_paths")] = None,
     silos: Annotated[int | None, setting("silos")] = None,
     rounds: Annotated[int | None, setting("rounds")] = None,
     aggregator: Annotated[str | None, setting("aggregator")] = None,
@@ -137,7 +139,7 @@ class SettingsCommand(TyperCommand):
     def __init__(self, name: str | None, *, params: list[Any] | None = None, **attrs: Any) -> None:
         super().__init__(name, params=[*(params or []), *settings_parameters()], **attrs)
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: ClickContext) -> Any:
         overrides = {key: ctx.params.pop(key) for key in _FIELDS}
         ctx.obj = load_settings(ctx.params.pop("config"), overrides)
         return super().invoke(ctx)
@@ -197,13 +199,13 @@ class FedsiloGroup(TyperGroup):
     covers the group's own options (``fedsilo --bogus``).
     """
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
         if not args:  # no_args_is_help: Typer shows the help, which is not an error line
             return super().parse_args(ctx, args)
         with user_errors():
             return super().parse_args(ctx, args)
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: ClickContext) -> Any:
         with user_errors():
             return super().invoke(ctx)
 
