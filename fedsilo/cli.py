@@ -13,8 +13,10 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 import typer  # noqa: E402
 
 from fedsilo.commands import aggregator, report, run, silo, simulate, sweep  # noqa: E402
+from fedsilo.options import FedsiloGroup, SettingsCommand  # noqa: E402
 
 app = typer.Typer(
+    cls=FedsiloGroup,  # user errors, Click's usage errors among them, are one line
     name="fedsilo",
     help="Cross-silo federated fine-tuning of transformer text classifiers (FedAvg over "
     "torch.distributed, tracked in MLflow).\n\nEvery option can also be set with a FEDSILO_* "
@@ -24,9 +26,9 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
 )
-app.command("aggregator")(aggregator.command)
-app.command("silo")(silo.command)
-app.command("run")(run.command)
-app.command("simulate")(simulate.command)
+app.command("aggregator", cls=SettingsCommand)(aggregator.command)
+app.command("silo", cls=SettingsCommand)(silo.command)
+app.command("run", cls=SettingsCommand)(run.command)
+app.command("simulate", cls=SettingsCommand)(simulate.command)
 app.command("sweep")(sweep.command)
 app.command("report")(report.command)

@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedsilo.errors import ConfigError
 
+# The choices of a setting, named so that its command-line option (fedsilo.options) is typed by them too.
+Partition = Literal["iid", "none", "label-sorted", "dirichlet"]
+Device = Literal["auto", "cpu", "cuda"]
+Backend = Literal["auto", "gloo", "nccl"]
+UpdatePolicy = Literal["fail", "skip"]
+TransferDtype = Literal["float32", "bfloat16"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,7 +60,7 @@ class DataConfig(_Section):
         description="The federation's label set, in order. Default: the sorted labels found in "
         "the training data.",
     )
-    partition: Literal["iid", "none", "label-sorted", "dirichlet"] = Field(
+    partition: Partition = Field(
         "iid",
         description="How a shared dataset is split into silo shards: iid (seeded equal shards, as "
         "the paper), label-sorted (contiguous shards of label-sorted data), dirichlet (label "
@@ -95,7 +102,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Local batch size (paper: 32).")
     lr: float = Field(2e-5, gt=0, description="Plain SGD learning rate (paper: 2e-5).")
     seed: int = Field(0, ge=0, description="Seed for model initialisation, splits and data order.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Device = Field(
         "auto", description="Where to train: auto picks cuda when a GPU is visible."
     )
     eval_batch_size: int = Field(128, gt=0, description="Batch size for evaluation.")
@@ -120,7 +127,7 @@ class FederationConfig(_Section):
         description="HOST:PORT of the aggregator's rendezvous. Default: MASTER_ADDR:MASTER_PORT, "
         "else 127.0.0.1:29500.",
     )
-    backend: Literal["auto", "gloo", "nccl"] = Field(
+    backend: Backend = Field(
         "auto", description="torch.distributed backend: auto is nccl with a GPU, gloo without."
     )
     join_timeout: float = Field(
@@ -135,12 +142,12 @@ class FederationConfig(_Section):
     token_file: Path | None = Field(
         None, description="File holding the join token (else FEDSILO_TOKEN; never logged)."
     )
-    update_policy: Literal["fail", "skip"] = Field(
+    update_policy: UpdatePolicy = Field(
         "fail",
         description="What to do with a non-finite or outlying update: stop the federation, or "
         "leave that silo out of the round.",
     )
-    transfer_dtype: Literal["float32", "bfloat16"] = Field(
+    transfer_dtype: TransferDtype = Field(
         "float32",
         description="dtype of the updates sent to the aggregator: bfloat16 halves the upload; the "
         "global model always travels in float32.",
@@ -260,11 +267,26 @@ def build_settings(flat: dict[str, Any]) -> Settings:
     try:
         return Settings.model_validate({name: SECTIONS[name](**values) for name, values in grouped.items()})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "settings"
-        value = first.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        raise ConfigError(f"invalid setting '{key}': {first['msg']}{shown}") from None
+        raise _invalid(exc) from None
+
+
+def parse_setting(key: str, value: Any) -> Any:
+    """One setting's value from a flag or a ``FEDSILO_*`` variable, checked by its own field (type,
+    bounds, validators) as the same value in YAML would be, so that it fails with the same line."""
+    section = SECTIONS[_key_to_section()[key]]
+    try:
+        return getattr(section(**{key: value}), key)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> ConfigError:
+    """The first validation error as one line naming the setting and quoting the value."""
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "settings"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return ConfigError(f"invalid setting '{key}': {first['msg']}{shown}")
 
 
 def read_yaml_mapping(path: Path, what: str, holds: str = "settings") -> dict[str, Any]:

@@ -103,7 +103,12 @@ def run_local(settings: Settings, restarts: int) -> None:
     flat = settings.flat()
     if settings.federation.aggregator is None:
         flat["aggregator"] = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # children's lines must reach us as they happen
+    # The children read every setting from the file: a FEDSILO_* setting variable in our
+    # environment has been resolved into it already and, inherited, would win over it (a flag
+    # given to `fedsilo run` would lose to it). The token variable is not a setting: it stays.
+    settings_vars = {f"FEDSILO_{key.upper()}" for key in flat} | {"FEDSILO_CONFIG"}
+    env = {k: v for k, v in os.environ.items() if k not in settings_vars}
+    env["PYTHONUNBUFFERED"] = "1"  # children's lines must reach us as they happen
     if not env.get("FEDSILO_TOKEN") and settings.federation.token_file is None:
         env["FEDSILO_TOKEN"] = secrets.token_hex(16)  # private to this run's processes
     with tempfile.TemporaryDirectory(prefix="fedsilo-run-") as tmp:

@@ -1,121 +1,213 @@
-"""CLI options generated from the settings models, so a flag, its ``FEDSILO_*`` variable, its
-help text and its YAML key can never drift apart.
+"""Command-line options of the settings, and the one place where user errors become one line.
 
-Every generated option defaults to ``None``: a value counts only when the user gave it (by flag
-or environment variable), and then it wins over the ``--config`` file.
+A setting's flag, ``FEDSILO_*`` variable, help text and help panel derive from its pydantic field
+(:func:`setting`), whose name is also its YAML key, and a flag or variable value is parsed by that
+field (:func:`fedsilo.config.parse_setting`): one validator checks a value whichever layer it comes
+from, and a bad one is the same one line. Click puts a flag over its variable; then
+:func:`fedsilo.config.load_settings` puts both over the ``--config`` file: an option left unset is
+``None``, so the file (or the field's default) decides.
+
+Why the options are written out in :func:`settings_options` rather than built from the models:
+Typer makes options only from a function's signature, and since 0.26 it vendors Click and no
+longer accepts Click parameters or types from outside; pydantic-settings would layer variables and
+YAML, but parses flags with argparse, outside Typer and its help panels. So each setting is one
+typed parameter of that one signature, which :class:`SettingsCommand` adds to every command that
+takes settings; tests/test_options.py checks that it lists every field, typed as the field.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import signal
-import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic.fields import FieldInfo
+from typer._click.core import Context as ClickContext  # what Typer's classes are called with
+from typer.core import TyperCommand, TyperGroup
+from typer.models import OptionInfo
 
-from fedsilo.config import SECTIONS, Settings, load_settings
+from fedsilo.config import (
+    SECTIONS,
+    Backend,
+    Device,
+    Partition,
+    Settings,
+    TransferDtype,
+    UpdatePolicy,
+    load_settings,
+    parse_setting,
+)
 from fedsilo.errors import ConfigError, FedsiloError
 
+_FIELDS: dict[str, tuple[str, FieldInfo]] = {
+    key: (section_name, field)
+    for section_name, section in SECTIONS.items()
+    for key, field in section.model_fields.items()
+}
 
-def _cli_type(annotation: Any) -> Any:
-    """What Typer parses: bool for on/off flags, text for everything else.
 
-    Values arrive as text so that pydantic validates a flag exactly as the same value from YAML
-    or a ``FEDSILO_*`` variable: ``--rounds many`` then gets the one-line "invalid setting
-    'rounds'" error instead of Click's multi-line usage box.
+def parse_as(key: str) -> Callable[[Any], Any]:
+    """A Typer ``parser`` that reads an option as the setting ``key``: a bad value raises
+    ConfigError, whose line names the setting and quotes the value as typed."""
+
+    def parse(value: Any) -> Any:
+        return parse_setting(key, value)
+
+    return parse
+
+
+def setting(key: str) -> OptionInfo:
+    """The option of one setting: flag, variable, help and panel from its field.
+
+    On/off settings are ``--x/--no-x`` flags, which Typer reads itself (also from the variable);
+    every other value goes through the field (:func:`parse_as`).
     """
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return bool if annotation is bool or args == [bool] else str
+    section_name, field = _FIELDS[key]
+    flag = "--" + key.replace("_", "-")
+    is_flag = field.annotation is bool
+    return typer.Option(
+        f"{flag}/--no-{flag[2:]}" if is_flag else flag,
+        envvar=f"FEDSILO_{key.upper()}",
+        parser=None if is_flag else parse_as(key),
+        help=f"{field.description} [default: {'none' if field.default is None else field.default}]",
+        show_default=False,  # the option's own default is None (unset, so the file can decide)
+        rich_help_panel=section_name.capitalize(),
+    )
 
 
-def _metavar(annotation: Any) -> str:
-    """The placeholder shown in --help, named after the type pydantic will check."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    scalar = args[0] if typing.get_origin(annotation) is not typing.Literal and args else annotation
-    names = {int: "INTEGER", float: "FLOAT", Path: "PATH"}
-    return names.get(scalar, "TEXT")
+def settings_options(
+    config: Annotated[Path | None, typer.Option(
+        "--config", envvar="FEDSILO_CONFIG", rich_help_panel="Settings",
+        help="YAML file of settings (keys as the options below, with underscores); flags and FEDSILO_* "
+             "variables win over it.")] = None,
+    model: Annotated[str | None, setting("model")] = None,
+    max_length: Annotated[int | None, setting("max_length")] = None,
+    attention_mask: Annotated[bool | None, setting("attention_mask")] = None,
+    dataset: Annotated[str | None, setting("dataset")] = None,
+    test_dataset: Annotated[str | None, setting("test_dataset")] = None,
+    text_column: Annotated[str | None, setting("text_column")] = None,
+    label_column: Annotated[str | None, setting("label_column")] = None,
+    # One comma-separated value (neg,pos), which the field splits into the list.
+    labels: Annotated[str | None, setting("labels")] = None,
+    partition: Annotated[Partition | None, setting("partition")] = None,
+    dirichlet_alpha: Annotated[float | None, setting("dirichlet_alpha")] = None,
+    eval_fraction: Annotated[float | None, setting("eval_fraction")] = None,
+    max_examples: Annotated[int | None, setting("max_examples")] = None,
+    local_epochs: Annotated[int | None, setting("local_epochs")] = None,
+    batch_size: Annotated[int | None, setting("batch_size")] = None,
+    lr: Annotated[float | None, setting("lr")] = None,
+    seed: Annotated[int | None, setting("seed")] = None,
+    device: Annotated[Device | None, setting("device")] = None,
+    eval_batch_size: Annotated[int | None, setting("eval_batch_size")] = None,
+    group_by_length: Annotated[bool | None, setting("group_by_length")] = None,
+    fast_paths: Annotated[bool | None, setting("fast_paths")] = None,
+    silos: Annotated[int | None, setting("silos")] = None,
+    rounds: Annotated[int | None, setting("rounds")] = None,
+    aggregator: Annotated[str | None, setting("aggregator")] = None,
+    backend: Annotated[Backend | None, setting("backend")] = None,
+    join_timeout: Annotated[float | None, setting("join_timeout")] = None,
+    round_timeout: Annotated[float | None, setting("round_timeout")] = None,
+    token_file: Annotated[Path | None, setting("token_file")] = None,
+    update_policy: Annotated[UpdatePolicy | None, setting("update_policy")] = None,
+    transfer_dtype: Annotated[TransferDtype | None, setting("transfer_dtype")] = None,
+    norm_factor: Annotated[float | None, setting("norm_factor")] = None,
+    tracking_uri: Annotated[str | None, setting("tracking_uri")] = None,
+    experiment: Annotated[str | None, setting("experiment")] = None,
+    checkpoint_dir: Annotated[Path | None, setting("checkpoint_dir")] = None,
+) -> None:
+    """Never called: its signature declares ``--config`` and the option of every setting, in the
+    order of the sections, for :class:`SettingsCommand` to add to a command."""
 
 
-def _help(field: FieldInfo) -> str:
-    text = field.description or ""
-    annotation = field.annotation
-    choices = [a for a in typing.get_args(annotation)] if typing.get_origin(annotation) is typing.Literal else []
-    if choices:
-        text += f" [choices: {', '.join(choices)}]"
-    if not field.is_required():
-        default = field.default
-        text += f" [default: {'none' if default is None else default}]"
-    return text
+def settings_parameters() -> list[Any]:
+    """Typer's parameters for :func:`settings_options`, new for each command that takes them."""
+    template = typer.Typer(add_completion=False)
+    template.command()(settings_options)
+    return typer.main.get_command(template).params
 
 
-def settings_parameters() -> list[inspect.Parameter]:
-    """One keyword parameter per settings field, plus ``--config``."""
-    params = [
-        inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[Optional[Path], typer.Option(
-                "--config", envvar="FEDSILO_CONFIG", rich_help_panel="Settings",
-                help="YAML file of settings (keys as the options below, with underscores); "
-                     "flags and FEDSILO_* variables win over it.")],
-        )
-    ]
-    for section_name, section in SECTIONS.items():
-        for key, field in section.model_fields.items():
-            flag = "--" + key.replace("_", "-")
-            cli_type = _cli_type(field.annotation)
-            decls = [f"{flag}/--no-{key.replace('_', '-')}"] if cli_type is bool else [flag]
-            option = typer.Option(
-                *decls, envvar=f"FEDSILO_{key.upper()}", help=_help(field), show_default=False,
-                rich_help_panel=section_name.capitalize(),
-                metavar=None if cli_type is bool else _metavar(field.annotation),
-            )
-            params.append(inspect.Parameter(
-                key, inspect.Parameter.KEYWORD_ONLY, default=None,
-                annotation=Annotated[Optional[cli_type], option],
-            ))
-    return params
+class SettingsCommand(TyperCommand):
+    """A command that also takes every settings option: register it with ``cls=SettingsCommand``.
+
+    Before the command's function runs, ``--config`` and the settings options are resolved into
+    one :class:`Settings` for :func:`settings_of`; the function's parameters are its own options.
+    """
+
+    def __init__(self, name: str | None, *, params: list[Any] | None = None, **attrs: Any) -> None:
+        super().__init__(name, params=[*(params or []), *settings_parameters()], **attrs)
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        overrides = {key: ctx.params.pop(key) for key in _FIELDS}
+        ctx.obj = load_settings(ctx.params.pop("config"), overrides)
+        return super().invoke(ctx)
 
 
-def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give ``command(settings, **own)`` every settings option; resolve them into ``Settings``."""
-    hints = typing.get_type_hints(command, include_extras=True)
-    own = [p.replace(annotation=hints[name])
-           for name, p in inspect.signature(command).parameters.items() if name != "settings"]
-    generated = settings_parameters()
-    keys = [p.name for p in generated if p.name != "config"]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
-        config = kwargs.pop("config")
-        overrides = {key: kwargs.pop(key) for key in keys}
-        return command(load_settings(config, overrides), **kwargs)
-
-    # Typer reads the signature and the annotations: give it the generated ones.
-    signature = inspect.Signature([*own, *generated])
-    wrapper.__signature__ = signature  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
-    del wrapper.__wrapped__
-    return user_errors(wrapper)
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings resolved for the running command (a :class:`SettingsCommand`)."""
+    if not isinstance(ctx.obj, Settings):
+        raise TypeError(f"command {ctx.info_name!r} takes settings but is not registered with cls=SettingsCommand")
+    return ctx.obj
 
 
-def whole_number(value: str | None, flag: str, minimum: int | None = None) -> int | None:
-    """A command's own integer option, read as the settings are: a bad value is one line that
-    names the flag (Typer's own int parsing would print Click's usage box instead)."""
-    if value is None:
-        return None
+def whole_number(flag: str, *, minimum: int | None = None, **option: Any) -> OptionInfo:
+    """A command's own integer option (not a setting), ``option`` being further ``typer.Option``
+    arguments. Parsed here rather than by Typer's int so that a bad value, like a bad setting, is
+    a line that names the flag and quotes the value, with exit code 1."""
+
+    def parse(value: Any) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"invalid option '{flag}': expected a whole number (got {value!r})") from None
+        if minimum is not None and number < minimum:
+            raise ConfigError(f"invalid option '{flag}': must be at least {minimum} (got {value!r})")
+        return number
+
+    return typer.Option(flag, parser=parse, **option)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors a user can fix become one line on stderr; bugs keep their traceback.
+
+    A FedsiloError (a bad setting from any layer, bad data, a refused join) exits 1. Typer's own
+    errors, Click's usage errors (unknown option, missing value, unknown command) among them, keep
+    their exit code (2 for usage errors, which the Helm chart fails fast on). Ctrl-C, and SIGTERM
+    inside :func:`stop_on_sigterm`, exit 130.
+    """
     try:
-        number = int(value.strip())
-    except ValueError:
-        raise ConfigError(f"invalid option '{flag}': expected a whole number (got {value!r})") from None
-    if minimum is not None and number < minimum:
-        raise ConfigError(f"invalid option '{flag}': must be at least {minimum} (got {value!r})")
-    return number
+        yield
+    except FedsiloError as exc:
+        typer.echo(f"fedsilo: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except typer.TyperException as exc:  # the base of the Click exceptions Typer vendors
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"fedsilo: error: {message[:1].lower()}{message[1:]}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("fedsilo: interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+class FedsiloGroup(TyperGroup):
+    """The ``fedsilo`` command group: every user error below it passes through :func:`user_errors`.
+
+    ``invoke`` covers each command's whole life, from parsing its options to its end; ``parse_args``
+    covers the group's own options (``fedsilo --bogus``).
+    """
+
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        if not args:  # no_args_is_help: Typer shows the help, which is not an error line
+            return super().parse_args(ctx, args)
+        with user_errors():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        with user_errors():
+            return super().invoke(ctx)
 
 
 @contextlib.contextmanager
@@ -135,29 +227,3 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors a user can fix become one line on stderr and exit code 1; bugs keep a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except FedsiloError as exc:
-            typer.echo(f"fedsilo: error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("fedsilo: interrupted", err=True)
-            raise typer.Exit(130) from None
-
-    del wrapper.__wrapped__
-    hints = typing.get_type_hints(command, include_extras=True)
-    wrapper.__signature__ = inspect.signature(command).replace(  # type: ignore[attr-defined]
-        parameters=[p.replace(annotation=hints.get(n, p.annotation)) for n, p in inspect.signature(command).parameters.items()]
-    )
-    wrapper.__annotations__ = hints
-    return wrapper
-
-
-__all__ = ["Settings", "settings_parameters", "stop_on_sigterm", "user_errors", "whole_number", "with_settings"]

@@ -38,7 +38,9 @@ def dirichlet_run(tmp_path_factory, tiny_bert, sentiment_csv):
     work = tmp_path_factory.mktemp("dirichlet")
     args = ["--silos", "2", "--rounds", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
             "--partition", "dirichlet", "--dirichlet-alpha", "1.0", *COMMON]
-    result = run("run", *args, "--checkpoint-dir", "ckpt", cwd=work)
+    # A setting variable left in the environment must not reach the children over the flags
+    # `fedsilo run` resolved: with 3 rounds they would not compute the one-round average below.
+    result = run("run", *args, "--checkpoint-dir", "ckpt", cwd=work, FEDSILO_ROUNDS="3")
     assert result.returncode == 0, result.stdout + result.stderr
     return work, args, result
 

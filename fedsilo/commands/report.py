@@ -7,11 +7,9 @@ from typing import Annotated
 
 import typer
 
-from fedsilo.options import user_errors
 from fedsilo.report import write_report
 
 
-@user_errors
 def command(
     experiment: Annotated[str, typer.Option("--experiment", envvar="FEDSILO_EXPERIMENT",
                                             help="MLflow experiment holding the federation runs.")],

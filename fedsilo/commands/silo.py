@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from fedsilo.config import Settings
 from fedsilo.errors import ConfigError
 from fedsilo.join import read_token
-from fedsilo.options import whole_number, with_settings
+from fedsilo.options import settings_of, whole_number
 
 
 def resolve_rank(rank: int | None) -> int:
@@ -25,11 +24,10 @@ def resolve_rank(rank: int | None) -> int:
     return int(index) + 1
 
 
-@with_settings
 def command(
-    settings: Settings,
-    rank: Annotated[Optional[str], typer.Option(
-        "--rank", envvar="FEDSILO_RANK", metavar="INTEGER",
+    ctx: typer.Context,
+    rank: Annotated[int | None, whole_number(
+        "--rank", envvar="FEDSILO_RANK",
         help="This silo's rank, 1..K. Default: JOB_COMPLETION_INDEX + 1 (Kubernetes Indexed Job).")] = None,
 ) -> None:
     """Run one silo: train on local data each round and send only the weighted model update.
@@ -38,4 +36,5 @@ def command(
     """
     from fedsilo import silo
 
-    silo.serve(settings, resolve_rank(whole_number(rank, "--rank")), read_token(settings.federation.token_file))
+    settings = settings_of(ctx)
+    silo.serve(settings, resolve_rank(rank), read_token(settings.federation.token_file))

@@ -6,15 +6,13 @@ from typing import Annotated
 
 import typer
 
-from fedsilo.config import Settings
-from fedsilo.options import stop_on_sigterm, with_settings
+from fedsilo.options import parse_as, settings_of, stop_on_sigterm
 
 
-@with_settings
 def command(
-    settings: Settings,
-    clients: Annotated[str | None, typer.Option(
-        "--clients", envvar="FEDSILO_CLIENTS", metavar="INTEGER",
+    ctx: typer.Context,
+    clients: Annotated[int | None, typer.Option(
+        "--clients", envvar="FEDSILO_CLIENTS", parser=parse_as("silos"),  # a bad value reads as a bad --silos
         help="Number of clients K, at least 1 (overrides --silos).")] = None,
 ) -> None:
     """Simulate a federation of K clients in this process: the same local training, seeds, shards and averaging as `fedsilo run`, so the same global model, without the network.
@@ -23,7 +21,8 @@ def command(
     """
     from fedsilo.simulate import simulate
 
-    if clients is not None:  # validated as the silos setting it overrides: one line if bad
+    settings = settings_of(ctx)
+    if clients is not None:
         settings = settings.replace(silos=clients)
     with stop_on_sigterm():
         simulate(settings)

@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from fedsilo.options import stop_on_sigterm, user_errors
+from fedsilo.options import stop_on_sigterm
 
 
-@user_errors
 def command(
     config: Annotated[Path, typer.Option(
         "--config", envvar="FEDSILO_SWEEP", help="Sweep YAML file (see configs/sweep-example.yaml).")],
