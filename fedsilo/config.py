@@ -23,6 +23,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["auto", "gloo", "nccl"]
 UpdatePolicy = Literal["fail", "skip"]
 TransferDtype = Literal["float32", "bfloat16"]
+Transport = Literal["collective", "tls"]
 
 
 class _Section(BaseModel):
@@ -157,7 +158,7 @@ class FederationConfig(_Section):
         gt=1,
         description="An update whose norm exceeds this factor times the median norm is an outlier.",
     )
-    transport: Literal["collective", "tls"] = Field(
+    transport: Transport = Field(
         "collective",
         description="How ranks talk: collective (torch.distributed, every rank to every rank, in clear: "
         "one cluster) or tls (each silo dials out to the aggregator's one port over mutually "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from fedsilo import certs
 from fedsilo.config import Settings
 from fedsilo.errors import FederationError
 
@@ -77,15 +78,29 @@ def _stop_all(children: list[Child]) -> None:
         child.reader.join(timeout=2)
 
 
-def launch_once(config_path: Path, silos: int, env: dict[str, str]) -> None:
+def throwaway_identities(directory: Path, silos: int, host: str) -> dict[int, list[str]]:
+    """A federation CA and a certificate per rank in ``directory`` (the run's own, removed with it),
+    for ``--transport tls`` without certificates given: the flags each rank adds (0: the aggregator)."""
+    ca_cert, ca_key = certs.init_ca(directory, "fedsilo run (throwaway) CA", days=2)
+    flags = {}
+    for rank in range(silos + 1):
+        role: certs.Role = "aggregator" if rank == 0 else "silo"
+        key, cert = certs.issue(directory, ca_cert, ca_key, role, rank or None, hosts=[host] if rank == 0 else (),
+                                days=2)
+        flags[rank] = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca_cert)]
+    return flags
+
+
+def launch_once(config_path: Path, silos: int, env: dict[str, str], rank_flags: dict[int, list[str]]) -> None:
     """Start the aggregator and K silos; return when all succeed, raise naming the first failure."""
     base = [sys.executable, "-m", "fedsilo"]
     silo_env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", _threads_per_process(silos))}
-    children = [_start("aggregator", [*base, "aggregator", "--config", str(config_path)],
+    children = [_start("aggregator", [*base, "aggregator", "--config", str(config_path), *rank_flags.get(0, [])],
                        {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})]
     try:
         for rank in range(1, silos + 1):
-            children.append(_start(f"silo {rank}", [*base, "silo", "--rank", str(rank), "--config", str(config_path)], silo_env))
+            argv = [*base, "silo", "--rank", str(rank), "--config", str(config_path), *rank_flags.get(rank, [])]
+            children.append(_start(f"silo {rank}", argv, silo_env))
         while True:
             for child in children:
                 code = child.process.poll()
@@ -114,9 +129,14 @@ def run_local(settings: Settings, restarts: int) -> None:
     with tempfile.TemporaryDirectory(prefix="fedsilo-run-") as tmp:
         config_path = Path(tmp) / "settings.yaml"
         config_path.write_text(yaml.safe_dump(flat, sort_keys=False))
+        fed = settings.federation
+        rank_flags: dict[int, list[str]] = {}
+        if fed.transport == "tls" and fed.tls_cert is None:
+            host = flat["aggregator"].rpartition(":")[0].strip("[]")
+            rank_flags = throwaway_identities(Path(tmp), fed.silos, host)
         for attempt in range(restarts + 1):
             try:
-                launch_once(config_path, settings.federation.silos, env)
+                launch_once(config_path, fed.silos, env, rank_flags)
                 return
             except FederationError as exc:
                 if attempt == restarts:

@@ -149,10 +149,10 @@ class StarListener:
     says nothing is logged in one line and closed; the listener goes on admitting the real silos.
     """
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, identify: Callable[[bytes], int],
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, identify: Callable[[ssl.SSLSocket], int],
                  silos: int, log: Log) -> None:
-        """``identify`` maps a peer's DER certificate to its rank, or raises FedsiloError (revoked,
-        wrong role, no rank)."""
+        """``identify`` maps a connection whose handshake passed to the rank its certificate binds, or
+        raises FedsiloError (revoked, wrong role, no rank)."""
         self.context, self.identify, self.silos, self.log = context, identify, silos, log
         try:
             self.server = socket.create_server(address, backlog=max(16, 2 * silos))
@@ -184,10 +184,7 @@ class StarListener:
             return
         channel: Channel | None = None
         try:
-            der = tls.getpeercert(binary_form=True)
-            if der is None:
-                raise JoinRefused("it presented no certificate")
-            rank = self.identify(der)
+            rank = self.identify(tls)
             channel = Channel(tls, rank)
             body = channel.recv_json(Kind.HELLO)
             if body.get("rank") != rank:
@@ -255,6 +252,9 @@ class StarListener:
 
 
 def _reason(exc: BaseException) -> str:
+    """One short line for a failed connection: OpenSSL's reason, or what verification said."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message.rstrip('.')}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).lower().replace("_", " ")
     if isinstance(exc, (socket.timeout, TimeoutError)):

@@ -111,11 +111,11 @@ def listen(settings: Settings, token: str | None, device: torch.device, log: Log
     if fed.transport == "tls":
         cert, key, ca = _tls_files(settings)
         context = certs.server_context(cert, key, ca)
-        revoked = certs.load_revoked(fed.tls_revoked) if fed.tls_revoked else set()
-        authority = certs.load_certificate(ca)
+        revoked = certs.load_revoked(fed.tls_revoked) if fed.tls_revoked else frozenset()
+        authority = certs.load_certificate(ca, "CA certificate")
 
-        def identify(der: bytes) -> int:
-            return certs.check_peer(certs.from_der(der), authority, revoked, role="silo")
+        def identify(connection: ssl.SSLSocket) -> int:
+            return certs.check_peer(certs.peer_certificate(connection), authority, revoked, role="silo")
 
         return star.StarListener(address, context, identify, fed.silos, log)
     backend = comm.pick_backend(fed.backend, device)
@@ -132,9 +132,14 @@ def dial(settings: Settings, rank: int, token: str | None, device: torch.device)
         mine = certs.load_certificate(cert)
         if certs.rank_of(mine) != rank:  # fail here, with the reason, rather than be refused there
             raise ConfigError(f"certificate {cert} binds rank {certs.rank_of(mine)}, not {rank}")
-        context: ssl.SSLContext = certs.client_context(cert, key, ca)
+        context = certs.client_context(cert, key, ca)
         server_name = fed.tls_server_name or address[0]
-        return star.StarLink(star.dial(address, context, server_name, fed.join_timeout), rank)
+        connection = star.dial(address, context, server_name, fed.join_timeout)
+        # OpenSSL checked the chain and the name; that it is the aggregator's certificate, not another
+        # member's that happens to carry the name, is checked here.
+        certs.check_peer(certs.peer_certificate(connection), certs.load_certificate(ca, "CA certificate"),
+                         role="aggregator")
+        return star.StarLink(connection, rank)
     backend = comm.pick_backend(fed.backend, device)
     store = comm.open_store(rank, address[0], address[1], fed.join_timeout)
     return StoreLink(store, rank, token, backend, device, address)
