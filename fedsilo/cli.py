@@ -12,7 +12,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 import typer  # noqa: E402
 
-from fedsilo.commands import aggregator, report, run, silo, simulate, sweep  # noqa: E402
+from fedsilo.commands import aggregator, certs, report, run, silo, simulate, sweep  # noqa: E402
 from fedsilo.options import FedsiloGroup, SettingsCommand  # noqa: E402
 
 app = typer.Typer(
@@ -32,3 +32,4 @@ app.command("run", cls=SettingsCommand)(run.command)
 app.command("simulate", cls=SettingsCommand)(simulate.command)
 app.command("sweep")(sweep.command)
 app.command("report")(report.command)
+app.add_typer(certs.app, name="certs")

@@ -30,3 +30,7 @@ class FederationError(FedsiloError):
 
 class JoinRefused(FederationError):
     """The aggregator refused this process (wrong token, rank taken, fingerprint mismatch)."""
+
+
+class CertificateRefused(FederationError):
+    """A peer's certificate failed fedsilo's own checks (wrong CA, expired, revoked, wrong role or rank)."""
