@@ -20,6 +20,7 @@ import contextlib
 import enum
 import json
 import queue
+import select
 import socket
 import ssl
 import struct
@@ -49,6 +50,7 @@ MAX_JSON_BYTES = 1 << 20
 
 
 class Kind(enum.IntEnum):
+    IDENTIFIED = 0  # the aggregator accepted the silo's certificate: say hello
     HELLO = 1
     VERDICT = 2
     TENSOR = 3
@@ -81,11 +83,23 @@ def keep_alive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+class Stopped(Exception):
+    """A read was given up because another silo failed (see :meth:`Channel.stop_reading`)."""
+
+
 class Channel:
-    """One TLS connection speaking frames; ``rank`` is the peer's."""
+    """One TLS connection speaking frames; ``rank`` is the peer's.
+
+    Reads wait in ``select`` with a short poll, so that another thread can give them up
+    (:meth:`stop_reading`) without touching the TLS session, which must stay whole to tell the
+    peer why; the socket's own timeout, set by the owner, bounds the rest.
+    """
+
+    POLL_SECONDS = 0.25
 
     def __init__(self, sock: ssl.SSLSocket, rank: int) -> None:
         self.sock, self.rank = sock, rank
+        self._stop = threading.Event()
 
     def send(self, kind: Kind, payload: bytes | memoryview = b"") -> None:
         self.sock.sendall(HEADER.pack(kind, len(payload)))
@@ -95,8 +109,21 @@ class Channel:
     def send_json(self, kind: Kind, body: dict[str, Any]) -> None:
         self.send(kind, json.dumps(body).encode())
 
+    def _readable(self) -> None:
+        """Wait until the connection has bytes to read, or the socket's timeout passes without any."""
+        if self.sock.pending():  # decrypted already, inside the TLS layer
+            return
+        limit = self.sock.gettimeout()
+        deadline = None if limit is None else time.monotonic() + limit
+        while not select.select([self.sock], [], [], self.POLL_SECONDS)[0]:
+            if self._stop.is_set():
+                raise Stopped("another silo failed")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"nothing came within {limit:g}s")
+
     def _fill(self, view: memoryview) -> None:
         while len(view):
+            self._readable()
             got = self.sock.recv_into(view)
             if not got:
                 raise ConnectionError("the connection was closed")
@@ -133,6 +160,10 @@ class Channel:
         if length != len(view):
             raise ConnectionError(f"expected {len(view)} bytes of {kind.name}, got {length}")
         self._fill(view)
+
+    def stop_reading(self) -> None:
+        """Make a thread reading this connection give up within POLL_SECONDS (it raises Stopped)."""
+        self._stop.set()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -178,14 +209,17 @@ class StarListener:
         try:
             tls = self.context.wrap_socket(conn, server_side=True)
         except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
-            self.log(f"refused a connection from {where}: TLS handshake failed ({_reason(exc)})")
+            self.log(f"refused a connection from {where}: TLS handshake failed ({_reason(exc, GREETING_SECONDS)})")
             with contextlib.suppress(OSError):
                 conn.close()
             return
-        channel: Channel | None = None
+        channel = Channel(tls, 0)
         try:
-            rank = self.identify(tls)
-            channel = Channel(tls, rank)
+            # Answer at once, before the silo says anything: a refusal then reaches it whole (an
+            # ABORT frame, or OpenSSL's alert when the handshake failed on our side), never a reset.
+            channel.rank = self.identify(tls)
+            rank = channel.rank
+            channel.send_json(Kind.IDENTIFIED, {"rank": rank})
             body = channel.recv_json(Kind.HELLO)
             if body.get("rank") != rank:
                 raise JoinRefused(f"its certificate binds rank {rank}, not {body.get('rank')}")
@@ -194,12 +228,11 @@ class StarListener:
             keep_alive(tls)
             self.arrived.put((Hello(**{**body, "nonce": "", "proof": ""}), channel))
         except (FedsiloError, OSError, ValueError, TypeError, Aborted) as exc:
-            self.log(f"refused a connection from {where}: {_reason(exc)}")
-            if channel is not None and isinstance(exc, FedsiloError):
+            self.log(f"refused a connection from {where}: {_reason(exc, GREETING_SECONDS)}")
+            if isinstance(exc, FedsiloError):
                 with contextlib.suppress(OSError):
-                    channel.send_json(Kind.VERDICT, {"ok": False, "reason": str(exc)})
-            with contextlib.suppress(OSError):
-                tls.close()
+                    channel.send(Kind.ABORT, str(exc).encode())
+            channel.close()
 
     def admit_silos(self, timeout: float) -> dict[int, Hello]:
         """One hello per rank 1..K, or FederationError naming the missing ranks after ``timeout``."""
@@ -251,14 +284,15 @@ class StarListener:
             self.server.close()
 
 
-def _reason(exc: BaseException) -> str:
-    """One short line for a failed connection: OpenSSL's reason, or what verification said."""
+def _reason(exc: BaseException, waited: float | None = None) -> str:
+    """One short line for a failed connection: OpenSSL's reason, what verification said, or how
+    long nothing came (``waited``: the timeout in force, where the caller knows it)."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message.rstrip('.')}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).lower().replace("_", " ")
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return f"nothing was said within {GREETING_SECONDS:g}s"
+        return f"nothing was said within {waited:g}s" if waited else first_line(exc)
     return first_line(exc)
 
 
@@ -274,23 +308,38 @@ class StarGroup:
         self._lock = threading.Lock()
 
     def _each(self, work: Callable[[Channel], None]) -> None:
-        """``work`` on every silo's channel at once; the first failure raises LinkLost naming it."""
-        failures: dict[int, BaseException] = {}
+        """``work`` on every silo's channel at once. The first failure raises LinkLost naming that
+        silo as soon as it happens: a dead silo is named at once even while the others still train."""
+        failed: list[tuple[int, BaseException]] = []
+        lock, settled = threading.Lock(), threading.Event()
+        pending = [len(self.channels)]
 
         def run(channel: Channel) -> None:
             try:
                 work(channel)
             except BaseException as exc:  # handed to the caller below
-                failures[channel.rank] = exc
+                with lock:
+                    failed.append((channel.rank, exc))
+                settled.set()
+            finally:
+                with lock:
+                    pending[0] -= 1
+                    if not pending[0]:
+                        settled.set()
 
-        threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in self.channels.values()]
-        for thread in threads:
+        threads = {c.rank: threading.Thread(target=run, args=(c,), daemon=True) for c in self.channels.values()}
+        for thread in threads.values():
             thread.start()
-        for thread in threads:
+        settled.wait()
+        if failed:
+            rank, exc = failed[0]
+            for other, thread in threads.items():  # waiting on healthy silos: stop those reads
+                if thread.is_alive():
+                    self.channels[other].stop_reading()
+        for thread in threads.values():
             thread.join()
-        if failures:
-            rank = min(failures)
-            raise LinkLost(rank, _reason(failures[rank]))
+        if failed:
+            raise LinkLost(rank, _reason(exc))
 
     def broadcast_(self, flat: torch.Tensor) -> None:
         """The global model to every silo, concurrently."""
@@ -382,14 +431,20 @@ class StarLink:
         self.world_size = 0  # known once the group forms
 
     def request_admission(self, hello_fields: dict[str, Any], timeout: float) -> Welcome:
-        """Send the hello; wait for the verdict (the aggregator answers once all K are in)."""
+        """Wait for the aggregator to accept this certificate, send the hello, wait for the verdict
+        (the aggregator answers once all K are in)."""
         self.channel.sock.settimeout(timeout)
         try:
+            self.channel.recv_json(Kind.IDENTIFIED)
             self.channel.send_json(Kind.HELLO, {"rank": self.rank, **hello_fields})
             verdict = self.channel.recv_json(Kind.VERDICT)
+        except Aborted as exc:
+            raise JoinRefused(f"the aggregator refused silo {self.rank}: {exc}") from None
+        except ssl.SSLError as exc:  # the aggregator's OpenSSL refused our certificate: its alert says why
+            raise JoinRefused(f"the aggregator refused silo {self.rank}'s certificate ({_reason(exc)})") from None
         except (OSError, ValueError) as exc:
-            raise FederationError(f"silo {self.rank} got no verdict: {_reason(exc)}; the aggregator refused "
-                                  "this silo's certificate, went away, or did not answer in time") from None
+            raise FederationError(f"silo {self.rank} got no verdict: {_reason(exc)}; the aggregator went away or "
+                                  "did not answer in time") from None
         if not verdict.pop("ok"):
             raise JoinRefused(f"the aggregator refused silo {self.rank}: {verdict['reason']}")
         return Welcome(**verdict)

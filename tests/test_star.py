@@ -71,10 +71,12 @@ def formed(pki: Path) -> Iterator[tuple[star.StarGroup, list[star.StarLink], lis
     lines: list[str] = []
     door = listener(pki, 3, lines)
     links = [link(pki, door.address[1], rank) for rank in (1, 2, 3)]
-    asked = in_threads(*[lambda s=s: s.request_admission(HELLO, 10) for s in links], lambda: door.admit_silos(10))
-    hellos = asked[-1]
-    for hello in hellos.values():
-        door.welcome(hello, Welcome(["a", "b"], 1, False))
+
+    def admit() -> None:
+        for hello in door.admit_silos(10).values():
+            door.welcome(hello, Welcome(["a", "b"], 1, False))
+
+    asked = in_threads(*[lambda s=s: s.request_admission(HELLO, 10) for s in links], admit)
     assert all(isinstance(w, Welcome) for w in asked[:3]), asked
     group = door.form_group(30)
     for s in links:
