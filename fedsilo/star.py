@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import json
 import queue
 import select
@@ -185,10 +186,7 @@ class StarListener:
         """``identify`` maps a connection whose handshake passed to the rank its certificate binds, or
         raises FedsiloError (revoked, wrong role, no rank)."""
         self.context, self.identify, self.silos, self.log = context, identify, silos, log
-        try:
-            self.server = socket.create_server(address, backlog=max(16, 2 * silos))
-        except OSError as exc:
-            raise FederationError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
+        self.server = _listen(address, backlog=max(16, 2 * silos))
         self.address = self.server.getsockname()[:2]
         self.arrived: queue.Queue[tuple[Hello, Channel]] = queue.Queue()
         self.channels: dict[int, Channel] = {}
@@ -282,6 +280,22 @@ class StarListener:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.server.close()
+
+
+def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
+    """Listen on ``address`` when its host is this machine's (127.0.0.1 in a test, a site's own
+    interface); a name that is not, such as a Kubernetes Service in front of the pod, means
+    every interface, as torch.distributed's store does."""
+    host, port = address
+    try:
+        return socket.create_server((host, port), backlog=backlog)
+    except OSError as exc:
+        if exc.errno != errno.EADDRNOTAVAIL and not isinstance(exc, socket.gaierror):
+            raise FederationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    try:
+        return socket.create_server(("", port), backlog=backlog)
+    except OSError as exc:
+        raise FederationError(f"cannot listen on port {port}: {exc.strerror}") from None
 
 
 def _reason(exc: BaseException, waited: float | None = None) -> str:
