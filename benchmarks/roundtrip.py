@@ -8,6 +8,9 @@ alternating blocks (ABBA order, so drift in a shared machine's load hits both al
   broadcast, clocked after every silo has reported) is captured from its tracker.
 - raw floor: the same flat fp32 buffers, synchronised by a barrier, then one ``dist.reduce`` and
   one ``dist.broadcast`` written directly with torch.distributed, clocked on rank 0 the same way.
+- tls (with ``--tls-pki``): the same unmodified round loops over the TLS star
+  (:mod:`fedsilo.star`), which the ranks also form, on the next port. Rank 0 records its RSS
+  after every round of these blocks, for the slope.
 
 Only the model is a stand-in: :class:`ShapeAlike` has exactly the floating-point tensors (names
 aside) of ``BertForSequenceClassification`` at the chosen size, so the flat vector (the model's
@@ -84,16 +87,46 @@ class ShapeAlike(torch.nn.Module):
 
 
 class Capture:
-    """Stands in for fedsilo's FederationRun (MLflow and checkpoints): keeps the per-round metrics.
-    Their ``comm_seconds`` clocks the wire alone, so what the ledger would do is outside it anyway."""
+    """Stands in for fedsilo's FederationRun (MLflow and checkpoints): keeps the per-round metrics,
+    and this process's RSS after each round when given a list for it. ``comm_seconds`` clocks the
+    wire alone, so what the ledger would do is outside it anyway."""
 
     start_round = 1
 
-    def __init__(self) -> None:
+    def __init__(self, rss: list[int] | None = None) -> None:
         self.rounds: list[dict[str, float]] = []
+        self.rss = rss
 
     def record(self, round_: int, weights: torch.Tensor, metrics: dict[str, float]) -> None:
         self.rounds.append(metrics)
+        if self.rss is not None:
+            self.rss.append(rss_now())
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def star_group(rank: int, silos: int, port: int, pki: Path) -> comm.Transport:
+    """The TLS star among the same ranks, on ``port``, with the certificates in ``pki``."""
+    from fedsilo import certs, star
+
+    ca = pki / "ca.pem"
+    if rank == 0:
+        authority = certs.load_certificate(ca)
+        door = star.StarListener(("127.0.0.1", port), certs.server_context(pki / "aggregator.pem",
+                                 pki / "aggregator.key", ca),
+                                 lambda c: certs.check_peer(certs.peer_certificate(c), authority), silos,
+                                 lambda _: None)
+        for hello in door.admit_silos(300).values():
+            door.welcome(hello, join.Welcome(["0", "1"], 1, False))
+        return door.form_group(600)
+    context = certs.client_context(pki / f"silo-{rank}.pem", pki / f"silo-{rank}.key", ca)
+    link = star.StarLink(star.dial(("127.0.0.1", port), context, "127.0.0.1", 300), rank)
+    link.request_admission({"settings": {}, "labels": ["0", "1"], "architecture": "", "train_examples": 4,
+                            "eval_examples": 0}, 300)
+    return link.form_group(silos + 1, 600)
 
 
 def tiny_data(rows: int) -> Encoded:
@@ -125,15 +158,26 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2, help="blocks of each kind, alternating ABBA")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, help="rank 0 writes its timings here (JSON)")
+    parser.add_argument("--tls-pki", type=Path, help="directory of `fedsilo certs` files: add TLS star blocks")
+    parser.add_argument("--kinds", default="fedsilo,floor", help="which blocks, rotated: fedsilo, floor, tls")
     args = parser.parse_args()
+    # The import floor: what the aggregator imports in any case (transformers' BERT and DistilBERT
+    # modules, which evaluation reaches through fedsilo.last_layer, bring ~110 MiB; the TLS stack),
+    # measured before any model or buffer exists.
+    import transformers.models.bert.modeling_bert  # noqa: F401
+    import transformers.models.distilbert.modeling_distilbert  # noqa: F401
+
+    from fedsilo import certs, star  # noqa: F401
+
+    floor_rss = rss_now()
 
     shapes = [tuple(s) for s in json.loads(args.shapes.read_text())]
     model = ShapeAlike(shapes)
     numel = sum(int(np.prod(s)) for s in shapes)
-    # Blocks in ABBA order (fedsilo, floor, floor, fedsilo, ...): drift in a shared machine's
-    # load falls on both alike.
-    schedule = [kind for i in range(args.blocks) for kind in
-                (("fedsilo", "floor") if i % 2 == 0 else ("floor", "fedsilo"))]
+    # Blocks in ABBA order (fedsilo, floor, floor, fedsilo, ...; with three kinds, ABC CBA): drift
+    # in a shared machine's load falls on every kind alike.
+    kinds = tuple(args.kinds.split(","))
+    schedule = [kind for i in range(args.blocks) for kind in (kinds if i % 2 == 0 else kinds[::-1])]
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ckpt-") as ckpt:
         settings = build_settings({
             "model": "shape-alike", "dataset": "unused.csv", "silos": args.silos, "rounds": args.rounds,
@@ -141,31 +185,38 @@ def main() -> None:
             "device": "cpu", "join_timeout": 300, "round_timeout": 600, "checkpoint_dir": ckpt,
         })
         address = ("127.0.0.1", args.port)
-        store = comm.open_store(args.rank, *address, timeout=300)
-        group = comm.form_group(store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600, address)
-        fedsilo_s: list[float] = []
-        floor_s: list[float] = []
+        groups: dict[str, comm.Transport] = {}
+        if {"fedsilo", "floor"} & set(kinds):
+            store = comm.open_store(args.rank, *address, timeout=300)
+            groups["fedsilo"] = comm.form_group(store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600,
+                                                address)
+        if "tls" in kinds:
+            groups["tls"] = star_group(args.rank, args.silos, args.port + 1, args.tls_pki)
+        seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+        rss_by_round: list[int] = []
         try:
             for kind in schedule:
                 if kind == "floor":
-                    floor_s += raw_floor(args.rank, numel, args.rounds)
+                    seconds["floor"] += raw_floor(args.rank, numel, args.rounds)
                 elif args.rank == 0:
-                    ledger = Capture()
+                    ledger = Capture(rss_by_round if kind == "tls" else None)
                     weights = bind_flat(model)  # as aggregator.serve makes it
-                    rounds = aggregator.Rounds(settings, group, model, weights, tiny_data(2), lambda _: None)
+                    rounds = aggregator.Rounds(settings, groups[kind], model, weights, tiny_data(2), lambda _: None)
                     aggregator.run_rounds(rounds, ledger)  # type: ignore[arg-type]
                     del weights, rounds
-                    fedsilo_s += [m["comm_seconds"] for m in ledger.rounds]
+                    seconds[kind] += [m["comm_seconds"] for m in ledger.rounds]
                 else:
                     data = SiloData(tiny_data(4), None, ["0", "1"])
-                    silo.run_rounds(settings, group, model, data, args.rank,
+                    silo.run_rounds(settings, groups[kind], model, data, args.rank,
                                     join.Welcome(["0", "1"], 1, False), lambda _: None)
         finally:
-            group.close()
+            for group in groups.values():
+                group.close()
     if args.rank == 0 and args.out:
         args.out.write_text(json.dumps({
             "silos": args.silos, "numel": numel, "model_bytes": numel * 4,
-            "fedsilo_comm_seconds": fedsilo_s, "floor_seconds": floor_s,
+            "fedsilo_comm_seconds": seconds.get("fedsilo", []), "floor_seconds": seconds.get("floor", []),
+            "tls_comm_seconds": seconds.get("tls", []), "tls_rss_by_round": rss_by_round, "import_floor_rss": floor_rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
         }))

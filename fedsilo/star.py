@@ -21,7 +21,6 @@ import enum
 import errno
 import json
 import queue
-import select
 import socket
 import ssl
 import struct
@@ -38,8 +37,8 @@ from fedsilo.join import Hello, Welcome
 from fedsilo.progress import Log
 
 HEADER = struct.Struct("!BQ")
-# What one silo's update is read in: 4 MiB, so K silos arriving at once hold K chunks, not K models.
-CHUNK_BYTES = 4 << 20
+# What one silo's update is read in: 1 MiB, so K silos arriving at once hold K chunks, not K models.
+CHUNK_BYTES = 1 << 20
 # A connection must finish its TLS handshake and hello within this long: a port scanner or a
 # half-open connection then costs one thread for seconds, never the federation.
 GREETING_SECONDS = 10.0
@@ -91,44 +90,58 @@ class Stopped(Exception):
 class Channel:
     """One TLS connection speaking frames; ``rank`` is the peer's.
 
-    Reads wait in ``select`` with a short poll, so that another thread can give them up
+    The socket waits at most POLL_SECONDS at a time; reads and writes go on after such a pause
+    until ``limit`` seconds pass without progress. So another thread can make a read give up
     (:meth:`stop_reading`) without touching the TLS session, which must stay whole to tell the
-    peer why; the socket's own timeout, set by the owner, bounds the rest.
+    peer why. (OpenSSL resumes a read or a write that timed out when it is called again with the
+    same buffer.)
     """
 
     POLL_SECONDS = 0.25
 
-    def __init__(self, sock: ssl.SSLSocket, rank: int) -> None:
-        self.sock, self.rank = sock, rank
+    def __init__(self, sock: ssl.SSLSocket, rank: int, limit: float | None = None) -> None:
+        self.sock, self.rank, self.limit = sock, rank, limit
         self._stop = threading.Event()
+        sock.settimeout(self.POLL_SECONDS)
+
+    def _pause(self, waited: float, what: str) -> float:
+        """After a POLL_SECONDS pause with nothing moved: give up, or how long we have waited."""
+        if self._stop.is_set():
+            raise Stopped("another silo failed")
+        waited += self.POLL_SECONDS
+        if self.limit is not None and waited >= self.limit:
+            raise TimeoutError(f"nothing was {what} within {self.limit:g}s")
+        return waited
+
+    def _send_all(self, data: bytes | memoryview) -> None:
+        view, waited = memoryview(data).cast("B"), 0.0
+        while len(view):
+            try:
+                sent = self.sock.send(view)
+            except TimeoutError:
+                waited = self._pause(waited, "sent")
+                continue
+            view, waited = view[sent:], 0.0
 
     def send(self, kind: Kind, payload: bytes | memoryview = b"") -> None:
-        self.sock.sendall(HEADER.pack(kind, len(payload)))
+        self._send_all(HEADER.pack(kind, len(payload)))
         if len(payload):
-            self.sock.sendall(payload)
+            self._send_all(payload)
 
     def send_json(self, kind: Kind, body: dict[str, Any]) -> None:
         self.send(kind, json.dumps(body).encode())
 
-    def _readable(self) -> None:
-        """Wait until the connection has bytes to read, or the socket's timeout passes without any."""
-        if self.sock.pending():  # decrypted already, inside the TLS layer
-            return
-        limit = self.sock.gettimeout()
-        deadline = None if limit is None else time.monotonic() + limit
-        while not select.select([self.sock], [], [], self.POLL_SECONDS)[0]:
-            if self._stop.is_set():
-                raise Stopped("another silo failed")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"nothing came within {limit:g}s")
-
     def _fill(self, view: memoryview) -> None:
+        waited = 0.0
         while len(view):
-            self._readable()
-            got = self.sock.recv_into(view)
+            try:
+                got = self.sock.recv_into(view)
+            except TimeoutError:
+                waited = self._pause(waited, "received")
+                continue
             if not got:
                 raise ConnectionError("the connection was closed")
-            view = view[got:]
+            view, waited = view[got:], 0.0
 
     def expect(self, kind: Kind) -> int:
         """Read a frame header of ``kind`` and return its payload length; an ABORT raises Aborted."""
@@ -203,7 +216,7 @@ class StarListener:
 
     def _greet(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         where = f"{peer[0]}:{peer[1]}"
-        conn.settimeout(GREETING_SECONDS)
+        conn.settimeout(GREETING_SECONDS)  # for the handshake; the channel then counts its own
         try:
             tls = self.context.wrap_socket(conn, server_side=True)
         except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
@@ -211,7 +224,7 @@ class StarListener:
             with contextlib.suppress(OSError):
                 conn.close()
             return
-        channel = Channel(tls, 0)
+        channel = Channel(tls, 0, GREETING_SECONDS)
         try:
             # Answer at once, before the silo says anything: a refusal then reaches it whole (an
             # ABORT frame, or OpenSSL's alert when the handshake failed on our side), never a reset.
@@ -274,7 +287,7 @@ class StarListener:
         """The admitted silos as a group; later connections are refused with a line."""
         self._formed.set()
         for channel in self.channels.values():
-            channel.sock.settimeout(round_timeout)
+            channel.limit = round_timeout
         return StarGroup(self, dict(sorted(self.channels.items())))
 
     def close(self) -> None:
@@ -390,7 +403,7 @@ class StarGroup:
         for rank, channel in self.channels.items():
             if rank not in lost:
                 with contextlib.suppress(OSError):
-                    channel.sock.settimeout(2.0)  # a silo that stopped reading must not hold us
+                    channel.limit = 2.0  # a silo that stopped reading must not hold us
                     channel.send(Kind.ABORT, reason.encode())
 
     @contextlib.contextmanager
@@ -447,7 +460,7 @@ class StarLink:
     def request_admission(self, hello_fields: dict[str, Any], timeout: float) -> Welcome:
         """Wait for the aggregator to accept this certificate, send the hello, wait for the verdict
         (the aggregator answers once all K are in)."""
-        self.channel.sock.settimeout(timeout)
+        self.channel.limit = timeout
         try:
             self.channel.recv_json(Kind.IDENTIFIED)
             self.channel.send_json(Kind.HELLO, {"rank": self.rank, **hello_fields})
@@ -465,7 +478,7 @@ class StarLink:
 
     def form_group(self, world_size: int, round_timeout: float) -> StarLink:
         self.world_size = world_size
-        self.channel.sock.settimeout(round_timeout)
+        self.channel.limit = round_timeout
         return self
 
     def broadcast_(self, flat: torch.Tensor) -> None:
@@ -500,7 +513,7 @@ class StarLink:
     def _pending_abort(self) -> str | None:
         """An ABORT the aggregator sent while this silo was still writing (its write then fails)."""
         try:
-            self.channel.sock.settimeout(1.0)
+            self.channel.limit = 1.0
             self.channel.expect(Kind.ABORT)
         except Aborted as exc:
             return str(exc)
