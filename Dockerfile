@@ -3,6 +3,10 @@
 #   docker build -t fedsilo:0.1.0 .
 #   docker run --rm fedsilo:0.1.0 --help
 #   docker run --rm --gpus all --network=host -e FEDSILO_TOKEN=... fedsilo:0.1.0 silo --rank 1 ...
+#   docker run --rm --user "$(id -u):$(id -g)" -e HOME=/tmp -e HF_HOME=/tmp/huggingface \
+#     -v "$PWD/certs:/certs:ro" fedsilo:0.1.0 silo --rank 3 --transport tls \
+#     --aggregator fl.example.org:443 --tls-cert /certs/silo-3.pem --tls-key /certs/silo-3.key \
+#     --tls-ca /certs/ca.pem ...     (a site's silo over TLS: the site's uid reads its own key)
 #
 # torch 2.13.0 from PyPI is its CUDA 13.0 build (it pulls cuda-toolkit 13.0.3 and cuDNN 9 as
 # wheels), so the default base is a CUDA 13.0 runtime image; hosts need an NVIDIA driver that
@@ -66,7 +70,8 @@ USER 10001:10001
 WORKDIR /home/fedsilo
 ENV HOME=/home/fedsilo \
     HF_HOME=/home/fedsilo/.cache/huggingface
-# 29500: the aggregator's rendezvous; the collectives use further, ephemeral ports.
+# 29500: the aggregator's port. With --transport collective its rendezvous (the collectives use
+# further, ephemeral ports); with --transport tls the one port it takes connections on.
 EXPOSE 29500
 ENTRYPOINT ["fedsilo"]
 CMD ["--help"]

@@ -2,7 +2,9 @@
 # Static checks of the deployment files; no cluster and no Docker engine needed.
 #
 #   helm lint --strict           the chart, with its defaults and every charts/fedsilo/ci/*-values.yaml
-#   helm template + kubernetes-validate --strict, against each of $K8S_VERSIONS
+#   helm template + kubernetes-validate --strict, against each of $K8S_VERSIONS (it has no schema
+#                                for cert-manager's Certificate, a custom resource, and only warns:
+#                                tests/test_chart.py checks those against the CRD's fields)
 #   kubectl kustomize k8s/ + kubernetes-validate, the same way
 #   hadolint Dockerfile
 #   yamllint on the plain YAML (values, value sets, kustomize base)

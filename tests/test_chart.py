@@ -152,6 +152,10 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 HOSPITALS = CHART / "ci" / "hospitals-values.yaml"
 GPU = CHART / "ci" / "gpu-nccl-values.yaml"
+EXTERNAL = CHART / "ci" / "external-silo-values.yaml"
+CERT_MANAGER = CHART / "ci" / "tls-cert-manager-values.yaml"
+# The least that makes transport tls render: the aggregator's certificate from a Secret.
+TLS: dict[str, Any] = {"transport": "tls", "tls": {"existingSecret": "agg-tls"}}
 
 
 # ---- lint and schema validation --------------------------------------------------------------
@@ -167,6 +171,9 @@ def test_helm_lint_strict(values_file: Path | None) -> None:
 def test_rendered_manifests_validate(values_file: Path, k8s_version: str) -> None:
     validator = _kubernetes_validate()
     for doc in render(values_file=values_file):
+        if doc["apiVersion"] == "cert-manager.io/v1":  # a CRD: kubernetes-validate has no schema for it
+            assert_valid_certificate(doc)
+            continue
         validator.validate(doc, k8s_version, strict=True)
 
 
@@ -232,7 +239,7 @@ def test_silos_share_one_indexed_job_without_overrides() -> None:
 
 
 def test_external_silos_get_no_pod() -> None:
-    docs = render({"silos": 3, "externalSilos": 1})
+    docs = render({"silos": 3, "externalSilos": 1, **TLS, "externalSiloCidrs": ["198.51.100.7/32"]})
     assert sorted(p.rank for p in pods(docs)) == [0, 1, 2]
     assert fedsilo_yaml(docs)["silos"] == 3, "the world still counts the external silo"
 
@@ -318,7 +325,10 @@ def test_schema_offers_every_fedsilo_setting_the_chart_does_not_set_itself() -> 
     schema = json.loads((CHART / "values.schema.json").read_text())
     offered = set(schema["properties"]["config"]["properties"])
     chart_sets = {"silos", "backend", "join_timeout", "round_timeout", "aggregator", "token_file",
-                  "tracking_uri", "checkpoint_dir", "device"}
+                  "tracking_uri", "checkpoint_dir", "device",
+                  # transport tls: the top-level value, and per pod the files of its mounted Secret,
+                  # tls.revoked and tls.serverName.
+                  "transport", "tls_cert", "tls_key", "tls_ca", "tls_revoked", "tls_server_name"}
     fedsilo_keys = {key for section in config.SECTIONS.values() for key in section.model_fields}
     assert offered == fedsilo_keys - chart_sets, (
         "values.schema.json's config no longer matches fedsilo's settings: "
@@ -401,10 +411,11 @@ def test_network_policy_admits_only_this_federation() -> None:
     assert only["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "aggregator"
 
 
-def test_network_policy_extra_ingress_for_an_external_silo() -> None:
-    docs = render(values_file=CHART / "ci" / "external-silo-values.yaml")
+def test_network_policy_extra_ingress_is_added() -> None:
+    extra = {"from": [{"ipBlock": {"cidr": "10.99.0.3/32"}}], "ports": [{"protocol": "TCP"}]}
+    docs = render({"networkPolicy": {"extraIngress": [extra]}})
     rules = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]["ingress"]
-    assert rules[1]["from"] == [{"ipBlock": {"cidr": "10.99.0.3/32"}}]
+    assert rules[1] == extra
 
 
 # ---- restarts ------------------------------------------------------------------------------
@@ -500,3 +511,426 @@ def test_schema_describes_every_value() -> None:
             yield from walk(node["additionalProperties"], f"{where}.*")
 
     assert list(walk(schema, "")) == []
+
+
+# ---- transport tls ---------------------------------------------------------------------------
+
+# The fields of cert-manager's Certificate (cert-manager.io/v1, its CRD
+# deploy/crds/cert-manager.io_certificates.yaml), written out here because kubernetes-validate
+# carries no schemas of custom resources.
+CERTIFICATE_SPEC_FIELDS = {
+    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses",
+    "encodeUsagesInRequest", "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject",
+    "nameConstraints", "otherNames", "privateKey", "renewBefore", "renewBeforePercentage",
+    "revisionHistoryLimit", "secretName", "secretTemplate", "signatureAlgorithm", "subject", "uris", "usages",
+}
+CERTIFICATE_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+    "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+    "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+}
+GO_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)(ns|us|ms|s|m|h))+")
+DNS_1123_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _seconds(duration: str) -> float:
+    assert GO_DURATION.fullmatch(duration), f"{duration!r} is not a Go duration"
+    unit = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * unit[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)", duration))
+
+
+def assert_valid_certificate(doc: dict[str, Any]) -> None:
+    """A cert-manager.io/v1 Certificate as its CRD accepts it: known fields of the right types,
+    the required issuerRef.name and secretName, the enums, and durations cert-manager takes."""
+    assert doc["apiVersion"] == "cert-manager.io/v1" and doc["kind"] == "Certificate"
+    assert DNS_1123_NAME.fullmatch(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= 253
+    spec = doc["spec"]
+    assert set(spec) <= CERTIFICATE_SPEC_FIELDS, f"unknown fields {set(spec) - CERTIFICATE_SPEC_FIELDS}"
+    assert isinstance(spec["secretName"], str) and DNS_1123_NAME.fullmatch(spec["secretName"])
+    assert set(spec["issuerRef"]) <= {"name", "kind", "group"}
+    assert isinstance(spec["issuerRef"]["name"], str) and spec["issuerRef"]["name"]
+    assert all(isinstance(v, str) for v in spec["issuerRef"].values())
+    for key in ("dnsNames", "ipAddresses", "uris", "emailAddresses"):
+        assert isinstance(spec.get(key, []), list) and all(isinstance(v, str) for v in spec.get(key, []))
+    assert isinstance(spec.get("commonName", ""), str) and len(spec.get("commonName", "")) <= 64
+    assert set(spec.get("usages", [])) <= CERTIFICATE_USAGES, spec.get("usages")
+    key = spec.get("privateKey", {})
+    assert set(key) <= {"algorithm", "encoding", "rotationPolicy", "size"}
+    assert key.get("algorithm", "RSA") in {"RSA", "ECDSA", "Ed25519"}
+    assert key.get("encoding", "PKCS1") in {"PKCS1", "PKCS8"}
+    assert key.get("rotationPolicy", "Always") in {"Never", "Always"}
+    if key.get("algorithm") == "ECDSA":
+        assert key.get("size", 256) in {256, 384, 521}
+    if "duration" in spec:
+        assert _seconds(spec["duration"]) >= 3600, "cert-manager's minimum duration is 1h"
+    if "renewBefore" in spec:
+        assert _seconds(spec["renewBefore"]) >= 300, "cert-manager's minimum renewBefore is 5m"
+        assert _seconds(spec["renewBefore"]) < _seconds(spec.get("duration", "2160h"))
+
+
+def _issue_as_cert_manager(spec: dict[str, Any], ca_cert: Any, ca_key: Any) -> tuple[Any, Any]:
+    """What a cert-manager CA issuer makes of ``spec``, as (certificate, key): the subject CN, the
+    requested names and usages, a fresh key of the requested kind, signed by the CA (redone here
+    after its Go code: no subject key identifier on a leaf, the authority's from the CA)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    assert spec["privateKey"]["algorithm"] == "ECDSA" and spec["privateKey"]["size"] == 256
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in spec.get("dnsNames", [])]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in spec.get("ipAddresses", [])]
+    names += [x509.UniformResourceIdentifier(u) for u in spec.get("uris", [])]
+    usages = set(spec["usages"])
+    extended = [oid for usage, oid in (("server auth", ExtendedKeyUsageOID.SERVER_AUTH),
+                                       ("client auth", ExtendedKeyUsageOID.CLIENT_AUTH)) if usage in usages]
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(seconds=_seconds(spec["duration"])))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature="digital signature" in usages, content_commitment=False,
+            key_encipherment="key encipherment" in usages, data_encipherment=False, key_agreement=False,
+            key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(extended), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _tls_handshake(server: Any, client: Any, server_name: str) -> tuple[Any, Any]:
+    """One TLS handshake over a socket pair: the (server's, client's) view of the peer's certificate."""
+    import socket
+    import threading
+
+    from fedsilo import certs
+
+    left, right = socket.socketpair()
+    seen: dict[str, Any] = {}
+
+    def serve() -> None:
+        with server.wrap_socket(left, server_side=True) as connection:
+            seen["silo"] = certs.peer_certificate(connection)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(right, server_hostname=server_name) as connection:
+            seen["aggregator"] = certs.peer_certificate(connection)
+    finally:
+        thread.join(timeout=10)
+    return seen["silo"], seen["aggregator"]
+
+
+def tls_volume(pod: Pod) -> dict[str, Any]:
+    """The Secret behind the pod's TLS files, checked to hold all three where the env points."""
+    volume = pod.mount(pod.env["FEDSILO_TLS_CERT"])
+    for name, key in (("FEDSILO_TLS_CERT", "tls.crt"), ("FEDSILO_TLS_KEY", "tls.key"), ("FEDSILO_TLS_CA", "ca.crt")):
+        assert pod.mount(pod.env[name]) == volume, f"{name} is on another volume"
+        assert {"key": key, "path": Path(pod.env[name]).name} in volume["secret"]["items"]
+    return volume["secret"]
+
+
+def test_tls_members_each_mount_their_own_certificate_and_no_token() -> None:
+    docs = render({"silos": 3, **TLS, "comm": {"rendezvousPort": 8443}})
+    assert fedsilo_yaml(docs)["transport"] == "tls"
+    members = {p.rank: p for p in pods(docs)}
+    assert sorted(members) == [0, 1, 2, 3]
+    assert tls_volume(members[0])["secretName"] == "agg-tls"
+    for rank in (1, 2, 3):
+        silo = members[rank]
+        assert silo.env["FEDSILO_RANK"] == str(rank), "a certificate binds a rank: no Indexed Job"
+        assert tls_volume(silo)["secretName"] == f"{RELEASE}-fedsilo-silo-{rank}-tls"
+    assert not [j for j in of_kind(docs, "Job") if j["spec"].get("completionMode") == "Indexed"]
+    for pod in members.values():
+        assert tls_volume(pod)["defaultMode"] == 0o440
+        assert "FEDSILO_TOKEN_FILE" not in pod.env and "GLOO_SOCKET_IFNAME" not in pod.env
+        assert not [v for v in pod.spec["volumes"] if v["name"] == "token"]
+        assert pod.env["FEDSILO_AGGREGATOR"].endswith(":8443")
+        assert "FEDSILO_TLS_SERVER_NAME" not in pod.env, "by default silos check the name they dial"
+    assert not of_kind(docs, "Secret"), "no join token with transport tls"
+    assert {"containerPort": 8443, "name": "tls", "protocol": "TCP"} in members[0].container["ports"]
+    assert "ports" not in members[1].container, "nothing listens on a silo"
+
+
+def test_tls_server_name_revocations_and_silo_secret_names() -> None:
+    values = {"silos": 2, **TLS}
+    values["tls"] = {**values["tls"], "serverName": "fl.example.org", "siloSecretName": "hospital-{rank}-cert",
+                     "revoked": {"configMap": "fl-revoked", "key": "serials.txt"}}
+    members = {p.rank: p for p in pods(render(values))}
+    aggregator = members.pop(0)
+    revoked = aggregator.mount(aggregator.env["FEDSILO_TLS_REVOKED"])
+    assert revoked["configMap"] == {"name": "fl-revoked", "items": [{"key": "serials.txt", "path": "serials.txt"}]}
+    assert Path(aggregator.env["FEDSILO_TLS_REVOKED"]).name == "serials.txt"
+    assert "FEDSILO_TLS_SERVER_NAME" not in aggregator.env
+    for rank, silo in members.items():
+        assert silo.env["FEDSILO_TLS_SERVER_NAME"] == "fl.example.org"
+        assert "FEDSILO_TLS_REVOKED" not in silo.env, "only the aggregator checks revocations"
+        assert tls_volume(silo)["secretName"] == f"hospital-{rank}-cert"
+
+
+def test_tls_pods_are_configs_fedsilo_accepts() -> None:
+    config = pytest.importorskip("fedsilo.config")
+    for docs in (render(values_file=EXTERNAL), render(values_file=CERT_MANAGER)):
+        shared = fedsilo_yaml(docs)
+        for pod in pods(docs):
+            env = {k.removeprefix("FEDSILO_").lower(): v for k, v in pod.env.items()
+                   if k.startswith("FEDSILO_") and k not in ("FEDSILO_CONFIG", "FEDSILO_RANK")}
+            fed = config.build_settings({**shared, **env}).federation
+            assert fed.transport == "tls" and fed.token_file is None
+            assert fed.tls_cert and fed.tls_key and fed.tls_ca
+
+
+@pytest.mark.parametrize("service_type", ["ClusterIP", "NodePort", "LoadBalancer"])
+def test_expose_service_reaches_the_aggregator_tls_port(service_type: str) -> None:
+    expose: dict[str, Any] = {"type": service_type, "port": 443, "annotations": {"example.org/lb": "nlb"}}
+    if service_type != "ClusterIP":
+        expose["nodePort"] = 30443
+    if service_type == "LoadBalancer":
+        expose["loadBalancerSourceRanges"] = ["198.51.100.0/24"]
+    values = {"silos": 2, "comm": {"rendezvousPort": 8443}, **TLS, "expose": expose}
+    docs = render(values)
+    validator = _kubernetes_validate()
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            validator.validate(doc, version, strict=True)
+    service = one(docs, "Service", f"{RELEASE}-fedsilo-aggregator")
+    spec = service["spec"]
+    assert spec["type"] == service_type
+    assert service["metadata"]["annotations"] == {"example.org/lb": "nlb"}
+    (port,) = spec["ports"]
+    assert port["port"] == 443 and port["protocol"] == "TCP"
+    selected = [p for p in pods(docs) if matches(spec["selector"], p.labels)]
+    assert [p.rank for p in selected] == [0], "the Service must select the aggregator alone"
+    (target,) = [c for c in selected[0].container["ports"] if c["name"] == port["targetPort"]]
+    assert target["containerPort"] == 8443
+    if service_type == "ClusterIP":
+        assert "nodePort" not in port and "externalTrafficPolicy" not in spec
+    else:
+        assert port["nodePort"] == 30443
+        assert spec["externalTrafficPolicy"] == "Local", "the NetworkPolicy needs the silos' own addresses"
+    if service_type == "LoadBalancer":
+        assert spec["loadBalancerSourceRanges"] == ["198.51.100.0/24"]
+    else:
+        assert "loadBalancerSourceRanges" not in spec
+
+
+def test_no_aggregator_service_ingress_or_certificate_with_collective() -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in render()}
+    assert ("Service", f"{RELEASE}-fedsilo-aggregator") not in names
+    assert not [n for n in names if n[0] in ("Ingress", "Certificate")]
+
+
+def test_ingress_passes_tls_through_to_the_aggregator() -> None:
+    docs = render(values_file=CERT_MANAGER)
+    ingress = one(docs, "Ingress", f"{RELEASE}-fedsilo-aggregator")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-passthrough"] == "true"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert "tls" not in ingress["spec"], "passthrough: the aggregator terminates TLS with its own certificate"
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "fl.example.org"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    service = one(docs, "Service", backend["name"])
+    (port,) = service["spec"]["ports"]
+    assert backend["port"] == {"name": port["name"]}
+    assert service["spec"]["type"] == "ClusterIP"
+
+
+def test_cert_manager_certificates_are_what_fedsilo_accepts(tmp_path: Path) -> None:
+    certs = pytest.importorskip("fedsilo.certs")
+    from cryptography.hazmat.primitives import serialization
+
+    docs = render(values_file=CERT_MANAGER)  # silos 4, of which 2 external; an Ingress at fl.example.org
+    members = {p.rank: p for p in pods(docs)}
+    assert sorted(members) == [0, 1, 2]
+    certificates = {d["metadata"]["name"]: d for d in of_kind(docs, "Certificate")}
+    assert sorted(certificates) == [f"{RELEASE}-fedsilo-aggregator", f"{RELEASE}-fedsilo-silo-1",
+                                    f"{RELEASE}-fedsilo-silo-2"], "one per in-cluster member, none for external silos"
+    ca_pem, ca_key_pem = certs.init_ca(tmp_path)
+    ca = certs.load_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), password=None)
+    files: dict[int, tuple[Path, Path]] = {}
+    for name, doc in certificates.items():
+        assert_valid_certificate(doc)
+        spec = doc["spec"]
+        assert spec["issuerRef"] == {"name": "fedsilo-ca", "kind": "Issuer", "group": "cert-manager.io"}
+        assert spec["duration"] == "720h" and spec["renewBefore"] == "240h"
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+        rank = 0 if name.endswith("-aggregator") else int(name.rsplit("-", 1)[1])
+        assert tls_volume(members[rank])["secretName"] == spec["secretName"], "the pod mounts what cert-manager writes"
+        issued, key = _issue_as_cert_manager(spec, ca, ca_key)
+        role = "aggregator" if rank == 0 else "silo"
+        assert certs.check_peer(issued, ca, role=role, expected_rank=rank if rank else None) == rank
+        # The Secret's tls.crt (with the CA after the leaf, as a CA issuer may write it) and tls.key.
+        files[rank] = (tmp_path / f"{rank}.crt", tmp_path / f"{rank}.key")
+        files[rank][0].write_bytes(issued.public_bytes(serialization.Encoding.PEM) + ca_pem.read_bytes())
+        files[rank][1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    aggregator = certificates[f"{RELEASE}-fedsilo-aggregator"]["spec"]
+    assert "server auth" in aggregator["usages"] and "client auth" not in aggregator["usages"]
+    in_cluster_host = members[1].env["FEDSILO_AGGREGATOR"].rsplit(":", 1)[0]
+    assert aggregator["dnsNames"] == [in_cluster_host, "fl.example.org"], "the names the silos dial"
+    # fedsilo's own TLS contexts shake hands over these files, by either name the silos dial.
+    server = certs.server_context(*files[0], ca_pem)
+    for host in (in_cluster_host, "fl.example.org"):
+        silo_cert, aggregator_cert = _tls_handshake(server, certs.client_context(*files[2], ca_pem), host)
+        assert certs.check_peer(silo_cert, ca, role="silo", expected_rank=2) == 2
+        assert certs.check_peer(aggregator_cert, ca, role="aggregator") == 0
+    silo = certificates[f"{RELEASE}-fedsilo-silo-1"]["spec"]
+    assert "client auth" in silo["usages"] and "server auth" not in silo["usages"]
+    assert "dnsNames" not in silo, "a silo is known by its rank, not a host"
+
+
+def test_cert_manager_adds_ip_addresses_and_the_server_name() -> None:
+    values = {"transport": "tls", "tls": {"serverName": "fl.example.org"},
+              "certManager": {"enabled": True, "issuerRef": {"name": "fed", "kind": "ClusterIssuer"},
+                              "ipAddresses": ["203.0.113.10"]}}
+    (aggregator,) = [d for d in of_kind(render(values), "Certificate") if d["metadata"]["name"].endswith("-aggregator")]
+    assert aggregator["spec"]["ipAddresses"] == ["203.0.113.10"]
+    assert "fl.example.org" in aggregator["spec"]["dnsNames"]
+    assert aggregator["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
+    assert "renewBefore" not in aggregator["spec"], "empty: cert-manager's default"
+
+
+def _ports(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return rule.get("ports", [])
+
+
+@pytest.mark.parametrize("values_file", [EXTERNAL, CERT_MANAGER], ids=lambda p: p.stem)
+def test_network_policy_admits_only_the_tls_port_from_declared_peers(values_file: Path) -> None:
+    docs = render(values_file=values_file)
+    values = yaml.safe_load(values_file.read_text())
+    members = pods(docs)
+    port = members[0].env["FEDSILO_AGGREGATOR"].rsplit(":", 1)[1]
+    policies = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "NetworkPolicy")}
+    # Every member is selected by a policy that admits nothing: the silos take no connections.
+    everyone = policies[f"{RELEASE}-fedsilo"]
+    assert all(matches(everyone["podSelector"]["matchLabels"], p.labels) for p in members)
+    assert everyone["policyTypes"] == ["Ingress"] and not everyone.get("ingress")
+    # The aggregator alone: one rule, one port, from the members and the declared peers only.
+    aggregator = policies[f"{RELEASE}-fedsilo-aggregator"]
+    assert [p.rank for p in members if matches(aggregator["podSelector"]["matchLabels"], p.labels)] == [0]
+    (rule,) = aggregator["ingress"]
+    assert _ports(rule) == [{"protocol": "TCP", "port": int(port)}], "the TLS port and no other"
+    peers = rule["from"]
+    assert peers[0] == {"podSelector": {"matchLabels": everyone["podSelector"]["matchLabels"]}}
+    cidrs = [p["ipBlock"]["cidr"] for p in peers if "ipBlock" in p]
+    assert cidrs == values.get("externalSiloCidrs", [])
+    others = [p for p in peers[1:] if "ipBlock" not in p]
+    if values.get("ingress", {}).get("enabled"):
+        assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    else:
+        assert others == []
+    # No ipBlock anywhere else: outside addresses reach nothing but that port.
+    for name, spec in policies.items():
+        for other in spec.get("ingress", []):
+            if other is not rule:
+                assert not [p for p in other.get("from", []) if "ipBlock" in p], name
+
+
+def test_network_policy_of_tls_keeps_extra_ingress() -> None:
+    extra = {"from": [{"ipBlock": {"cidr": "10.99.0.3/32"}}], "ports": [{"protocol": "TCP", "port": 9100}]}
+    docs = render({**TLS, "networkPolicy": {"extraIngress": [extra]}})
+    assert one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]["ingress"] == [extra]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"transport": "tls"}, "transport=tls needs the aggregator's certificate: set tls.existingSecret"),
+    ({**TLS, "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}},
+     "set either tls.existingSecret or certManager"),
+    ({"transport": "tls", "certManager": {"enabled": True}}, "certManager.enabled needs certManager.issuerRef.name"),
+    ({"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}, "certManager.enabled needs transport=tls"),
+    ({"silos": 3, "externalSilos": 1}, "externalSilos=1 needs transport=tls"),
+    ({"silos": 3, "externalSilos": 1, **TLS}, "externalSilos=1 with networkPolicy.enabled needs externalSiloCidrs"),
+    ({"ingress": {"enabled": True, "host": "fl.example.org"}}, "ingress.enabled needs transport=tls"),
+    ({**TLS, "ingress": {"enabled": True}}, "ingress.enabled needs ingress.host"),
+    ({**TLS, "ingress": {"enabled": True, "host": "fl.example.org", "allowFrom": []}}, "needs ingress.allowFrom"),
+    ({"expose": {"type": "LoadBalancer"}}, "expose.type=LoadBalancer needs transport=tls"),
+    ({**TLS, "expose": {"nodePort": 30443}}, "expose.nodePort needs expose.type NodePort or LoadBalancer"),
+    ({**TLS, "expose": {"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
+     "expose.loadBalancerSourceRanges needs expose.type=LoadBalancer"),
+    ({**TLS, "joinToken": {"value": "t"}}, "joinToken is not used with transport=tls"),
+    ({**TLS, "tls": {"existingSecret": "s", "siloSecretName": "silo-cert"}}, "does not match pattern"),
+    ({"externalSiloCidrs": ["10.0.0.1"]}, "does not match pattern"),
+    ({"transport": "wireguard"}, "value must be one of"),
+    ({"config": {"transport": "tls"}}, "additional properties 'transport' not allowed"),
+    ({"config": {"tls_cert": "/x"}}, "additional properties 'tls_cert' not allowed"),
+])
+def test_illegal_tls_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render(values)
+
+
+def _fedsilo_command_lines(text: str) -> list[str]:
+    """`fedsilo silo ...` and `fedsilo certs ...` commands in ``text`` (continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    return [m.group(0) for m in re.finditer(r"\bfedsilo (?:silo|certs \w+)\b[^\n`]*", text)]
+
+
+def assert_real_flags(line: str) -> None:
+    """Every --flag of a fedsilo command line in the docs is one that command has."""
+    typer = pytest.importorskip("typer")
+    from fedsilo.cli import app
+
+    words = line.split()
+    command = typer.main.get_command(app)
+    for word in words[1:]:
+        if word.startswith("-") or word not in getattr(command, "commands", {}):
+            break
+        command = command.commands[word]
+    known = {opt for param in command.params for opt in param.opts}
+    flags = {w.split("=", 1)[0] for w in words if w.startswith("--")}
+    assert flags <= known, f"{line!r}: no such option {sorted(flags - known)} of `{command.name}`"
+
+
+def test_notes_tell_an_external_silo_how_to_join() -> None:
+    result = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                  "--values", str(CERT_MANAGER))
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "Silos 3..4 join from outside the cluster" in notes
+    assert "--enable-ssl-passthrough" in notes
+    lines = _fedsilo_command_lines(notes)
+    assert any(line.startswith("fedsilo certs request --rank R") for line in lines)
+    assert any(line.startswith("fedsilo certs sign silo-R.csr --rank R") for line in lines)
+    (join,) = [line for line in lines if line.startswith("fedsilo silo")]
+    assert "--transport tls --aggregator fl.example.org:443" in join
+    assert "--tls-cert certs/silo-R.pem --tls-key certs/silo-R.key --tls-ca certs/ca.pem" in join
+    for line in lines:
+        assert_real_flags(line)
+    assert "one outbound TCP connection to fl.example.org:443; nothing inbound" in notes
+
+
+def test_notes_of_tls_without_cert_manager_list_the_silo_secrets() -> None:
+    result = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                  "--values", str(EXTERNAL))
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert f"{RELEASE}-fedsilo-silo-1-tls" in notes and f"{RELEASE}-fedsilo-silo-2-tls" in notes
+    assert f"get svc {RELEASE}-fedsilo-aggregator" in notes, "how to find the load balancer's address"
+    assert "The NetworkPolicy admits only 198.51.100.7/32" in notes
+    for line in _fedsilo_command_lines(notes):
+        assert_real_flags(line)
+
+
+def test_deploy_docs_external_silo_commands_are_real() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("## Add a silo outside the cluster", 1)[1].split("\n## ", 1)[0]
+    lines = _fedsilo_command_lines(section)
+    assert any("--transport tls" in line for line in lines if line.startswith("fedsilo silo"))
+    assert "VPN" not in section.replace("no VPN", "")
+    for line in lines:
+        assert_real_flags(line)

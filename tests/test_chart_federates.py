@@ -298,3 +298,54 @@ def test_job_per_silo_federates_each_on_its_own_data_volume(tmp_path: Path) -> N
     assert examples[1] > examples[2], f"each silo must read its own volume: {examples}"
     assert all(examples[rank] <= sizes[rank] for rank in sizes), examples
     assert "test_accuracy" in run.data.metrics, "the aggregator evaluated on its own test set"
+
+
+def _secret(name: str, files: dict[str, Path]) -> dict[str, Any]:
+    """What `kubectl create secret generic NAME --from-file=KEY=PATH ...` would make."""
+    data = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "data": data}
+
+
+@pytest.mark.timeout(420)
+def test_tls_transport_federates_each_member_on_its_own_certificate(tmp_path: Path) -> None:
+    certs = pytest.importorskip("fedsilo.certs")
+    # Prepare: a shared dataset on a node directory, as in the first test; transport tls with the
+    # aggregator's Secret named, the name its certificate carries, and a revocation list.
+    node = tmp_path / "node"
+    node.mkdir()
+    model = make_tiny_model(node / "model")
+    write_csv(node / "train.csv", sentiment_rows(160))
+    mlflow_port = free_port()
+    values = base_values(model, mlflow_port)
+    values["config"].update(dataset=str(node / "train.csv"), partition="iid")
+    volume = {"hostPath": {"path": str(node), "type": "Directory"}}
+    values.update(
+        dataMountPath=str(node), aggregator={"dataVolume": volume}, silo={"dataVolume": volume},
+        transport="tls",
+        # The in-cluster name becomes 127.0.0.1 here, so the certificate carries an outside name.
+        tls={"existingSecret": "fl-aggregator", "serverName": "fl.example.org",
+             "revoked": {"configMap": "fl-revoked", "key": "serials"}},
+    )
+    docs = render(values)
+    assert sorted((p.rank, p.env.get("FEDSILO_RANK")) for p in pods(docs)) == [(0, None), (1, "1"), (2, "2")]
+    # The operator's part, as docs/deploy.md says: a CA, the aggregator's certificate, one per
+    # in-cluster silo in the Secret the chart names, and a retired silo certificate revoked.
+    pki = tmp_path / "pki"
+    ca_cert, ca_key = certs.init_ca(pki)
+    key, cert = certs.issue(pki, ca_cert, ca_key, "aggregator", hosts=["fl.example.org"])
+    cluster = [_secret("fl-aggregator", {"tls.crt": cert, "tls.key": key, "ca.crt": ca_cert})]
+    for rank in (1, 2):
+        key, cert = certs.issue(pki, ca_cert, ca_key, "silo", rank)
+        cluster.append(_secret(f"exp-fedsilo-silo-{rank}-tls", {"tls.crt": cert, "tls.key": key, "ca.crt": ca_cert}))
+    _, retired = certs.issue(pki / "retired", ca_cert, ca_key, "silo", 1)
+    serial = certs.load_certificate(retired).serial_number
+    cluster.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fl-revoked"},
+                    "data": {"serials": f"{serial:#x}  # silo 1's old certificate\n"}})
+
+    # Execute
+    run = run_chart(docs + cluster, tmp_path / "cluster", mlflow_port)
+
+    # Assert: the run finished with both silos over TLS.
+    assert run.info.status == "FINISHED"
+    assert run.data.params["transport"] == "tls"
+    assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)

@@ -55,6 +55,27 @@ Wiring shared by several templates.
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The aggregator's port's name: the rendezvous (collective) or its one TLS port (tls). */}}
+{{- define "fedsilo.portName" -}}
+{{- ternary "tls" "rendezvous" (eq .Values.transport "tls") }}
+{{- end }}
+
+{{/* transport tls: the Service in front of the aggregator's TLS port (expose, Ingress). */}}
+{{- define "fedsilo.exposeName" -}}
+{{- printf "%s-aggregator" (include "fedsilo.fullname" .) }}
+{{- end }}
+
+{{/* transport tls: the aggregator's Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "fedsilo.aggregatorTlsSecret" -}}
+{{- default (printf "%s-aggregator-tls" (include "fedsilo.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/* transport tls: in-cluster silo R's Secret. Called with a dict: root, rank. */}}
+{{- define "fedsilo.siloTlsSecret" -}}
+{{- $template := default (printf "%s-silo-{rank}-tls" (include "fedsilo.fullname" .root)) .root.Values.tls.siloSecretName }}
+{{- replace "{rank}" (toString .rank) $template }}
+{{- end }}
+
 {{- define "fedsilo.tokenSecretName" -}}
 {{- default (printf "%s-token" (include "fedsilo.fullname" .)) .Values.joinToken.existingSecret }}
 {{- end }}
@@ -143,6 +164,55 @@ range errors first; these are the checks a schema cannot express.
 {{- if and (not .Values.checkpoints.enabled) (gt (int .Values.restart.maxFederationRestarts) 0) }}
 {{- fail "restart.maxFederationRestarts > 0 needs checkpoints.enabled=true: a restarted aggregator resumes from its checkpoint volume, without it every restart begins again at round 1" }}
 {{- end }}
+{{- include "fedsilo.validateTransport" . }}
+{{- end }}
+
+{{/* The checks of transport, tls, certManager, expose and ingress (part of fedsilo.validate). */}}
+{{- define "fedsilo.validateTransport" -}}
+{{- $tls := eq .Values.transport "tls" }}
+{{- $external := int .Values.externalSilos }}
+{{- if not $tls }}
+{{- if gt $external 0 }}
+{{- fail (printf "externalSilos=%d needs transport=tls: a silo outside the cluster dials out to the aggregator's one TLS port with its own certificate (no VPN). Set transport=tls and tls.existingSecret or certManager.enabled=true; see docs/deploy.md" $external) }}
+{{- end }}
+{{- if .Values.ingress.enabled }}
+{{- fail "ingress.enabled needs transport=tls: the Ingress passes the aggregator's TLS port through, and transport collective has none" }}
+{{- end }}
+{{- if ne .Values.expose.type "ClusterIP" }}
+{{- fail (printf "expose.type=%s needs transport=tls: never expose the collective transport's rendezvous port (clear text) outside the cluster" .Values.expose.type) }}
+{{- end }}
+{{- if .Values.certManager.enabled }}
+{{- fail "certManager.enabled needs transport=tls: the certificates are for the TLS transport" }}
+{{- end }}
+{{- else }}
+{{- if and (not .Values.tls.existingSecret) (not .Values.certManager.enabled) }}
+{{- fail "transport=tls needs the aggregator's certificate: set tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt; see docs/certificates.md) or certManager.enabled=true" }}
+{{- end }}
+{{- if and .Values.tls.existingSecret .Values.certManager.enabled }}
+{{- fail "set either tls.existingSecret or certManager.enabled=true (cert-manager writes the aggregator's Secret itself), not both" }}
+{{- end }}
+{{- if and .Values.certManager.enabled (not .Values.certManager.issuerRef.name) }}
+{{- fail "certManager.enabled needs certManager.issuerRef.name: a CA issuer backed by the federation CA (see docs/deploy.md)" }}
+{{- end }}
+{{- if or .Values.joinToken.existingSecret .Values.joinToken.value }}
+{{- fail "joinToken is not used with transport=tls (each member's certificate is its identity): unset joinToken.existingSecret and joinToken.value" }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.host) }}
+{{- fail "ingress.enabled needs ingress.host: the name external silos dial, which the controller routes on (SNI) and the aggregator's certificate must carry" }}
+{{- end }}
+{{- if and .Values.ingress.enabled .Values.networkPolicy.enabled (not .Values.ingress.allowFrom) }}
+{{- fail "ingress.enabled with networkPolicy.enabled needs ingress.allowFrom: the ingress controller's pods, which connect to the aggregator on the silos' behalf" }}
+{{- end }}
+{{- if and (gt $external 0) .Values.networkPolicy.enabled (not .Values.externalSiloCidrs) (not .Values.ingress.enabled) (not .Values.networkPolicy.extraIngress) }}
+{{- fail (printf "externalSilos=%d with networkPolicy.enabled needs externalSiloCidrs: the external silos' source addresses, the only ones the NetworkPolicy admits to the aggregator's TLS port (or expose it through ingress.enabled)" $external) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.expose.nodePort (eq .Values.expose.type "ClusterIP") }}
+{{- fail "expose.nodePort needs expose.type NodePort or LoadBalancer" }}
+{{- end }}
+{{- if and .Values.expose.loadBalancerSourceRanges (ne .Values.expose.type "LoadBalancer") }}
+{{- fail (printf "expose.loadBalancerSourceRanges needs expose.type=LoadBalancer (got %s); the NetworkPolicy's externalSiloCidrs restrict the other types" .Values.expose.type) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -154,6 +224,15 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
   value: /etc/fedsilo/fedsilo.yaml
 - name: FEDSILO_AGGREGATOR
   value: {{ printf "%s:%d" (include "fedsilo.aggregatorHost" .) (int .Values.comm.rendezvousPort) | quote }}
+{{- if eq .Values.transport "tls" }}
+# This member's certificate and key, and the federation CA, from its own Secret.
+- name: FEDSILO_TLS_CERT
+  value: /var/run/secrets/fedsilo-tls/tls.crt
+- name: FEDSILO_TLS_KEY
+  value: /var/run/secrets/fedsilo-tls/tls.key
+- name: FEDSILO_TLS_CA
+  value: /var/run/secrets/fedsilo-tls/ca.crt
+{{- else }}
 - name: FEDSILO_TOKEN_FILE
   value: /var/run/secrets/fedsilo/{{ .Values.joinToken.key }}
 {{- with .Values.comm.socketIfname }}
@@ -171,6 +250,7 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
 # A stalled collective becomes an error (and the pod fails) instead of a hang.
 - name: TORCH_NCCL_ASYNC_ERROR_HANDLING
   value: "1"
+{{- end }}
 {{- end }}
 # Caches on the writable emptyDir: the root filesystem is read-only.
 - name: HF_HOME
@@ -203,8 +283,9 @@ The pod template of a federation member (aggregator or silo).
 Called with a dict:
   root       the chart's top context
   component  "aggregator" or "silo"
-  rank       the rank as a string; "" for the Indexed Job (rank = JOB_COMPLETION_INDEX + 1,
-             which fedsilo derives itself)
+  rank       the rank as a string; "" for the aggregator and the Indexed Job (rank =
+             JOB_COMPLETION_INDEX + 1, which fedsilo derives itself); always set for a silo with
+             transport tls, whose Secret binds its rank
   spec       the merged per-pod settings: nodeSelector, affinity, tolerations, dataVolume,
              config, env, resources
 */}}
@@ -212,6 +293,7 @@ Called with a dict:
 {{- $root := .root }}
 {{- $spec := .spec }}
 {{- $gpu := and $root.Values.gpu.enabled (or (eq .component "silo") $root.Values.gpu.aggregator) -}}
+{{- $tls := eq $root.Values.transport "tls" -}}
 metadata:
   labels:
     {{- include "fedsilo.memberLabels" $root | nindent 4 }}
@@ -265,7 +347,7 @@ spec:
       workingDir: /tmp
       {{- if eq .component "aggregator" }}
       ports:
-        - name: rendezvous
+        - name: {{ include "fedsilo.portName" $root }}
           containerPort: {{ $root.Values.comm.rendezvousPort }}
           protocol: TCP
       {{- end }}
@@ -282,6 +364,13 @@ spec:
           value: {{ include "fedsilo.trackingUri" $root | quote }}
         - name: FEDSILO_CHECKPOINT_DIR
           value: /var/lib/fedsilo/checkpoints
+        {{- if and $tls $root.Values.tls.revoked.configMap }}
+        - name: FEDSILO_TLS_REVOKED
+          value: {{ printf "/etc/fedsilo-revoked/%s" $root.Values.tls.revoked.key | quote }}
+        {{- end }}
+        {{- else if and $tls $root.Values.tls.serverName }}
+        - name: FEDSILO_TLS_SERVER_NAME
+          value: {{ $root.Values.tls.serverName | quote }}
         {{- end }}
         # fedsilo settings of this pod only; env vars win over the ConfigMap's file.
         {{- range $key, $value := $spec.config }}
@@ -306,9 +395,20 @@ spec:
         - name: config
           mountPath: /etc/fedsilo
           readOnly: true
+        {{- if $tls }}
+        - name: tls
+          mountPath: /var/run/secrets/fedsilo-tls
+          readOnly: true
+        {{- if and (eq .component "aggregator") $root.Values.tls.revoked.configMap }}
+        - name: revoked
+          mountPath: /etc/fedsilo-revoked
+          readOnly: true
+        {{- end }}
+        {{- else }}
         - name: token
           mountPath: /var/run/secrets/fedsilo
           readOnly: true
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         - name: shm
@@ -326,6 +426,29 @@ spec:
     - name: config
       configMap:
         name: {{ include "fedsilo.fullname" $root }}-config
+    {{- if $tls }}
+    # This member's own certificate and key (a silo's binds its rank) and the federation CA.
+    - name: tls
+      secret:
+        secretName: {{ if eq .component "aggregator" }}{{ include "fedsilo.aggregatorTlsSecret" $root }}{{ else }}{{ include "fedsilo.siloTlsSecret" (dict "root" $root "rank" .rank) }}{{ end }}
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+          - key: ca.crt
+            path: ca.crt
+        # Readable by the pod's fsGroup only.
+        defaultMode: 0440
+    {{- if and (eq .component "aggregator") $root.Values.tls.revoked.configMap }}
+    - name: revoked
+      configMap:
+        name: {{ $root.Values.tls.revoked.configMap }}
+        items:
+          - key: {{ $root.Values.tls.revoked.key }}
+            path: {{ $root.Values.tls.revoked.key }}
+    {{- end }}
+    {{- else }}
     - name: token
       secret:
         secretName: {{ include "fedsilo.tokenSecretName" $root }}
@@ -334,6 +457,7 @@ spec:
             path: {{ $root.Values.joinToken.key }}
         # Readable by the pod's fsGroup only.
         defaultMode: 0440
+    {{- end }}
     - name: tmp
       emptyDir: {}
     # PyTorch's DataLoader workers pass batches through shared memory; the runtime's default
@@ -397,4 +521,26 @@ activeDeadlineSeconds: {{ . }}
 {{- with $r.ttlSecondsAfterFinished }}
 ttlSecondsAfterFinished: {{ . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The part of every cert-manager Certificate that is the same for all members: lifetime, an EC
+P-256 key (fedsilo's own choice, in PKCS#8 as `fedsilo certs` writes it) made anew at every
+renewal, and the issuer.
+*/}}
+{{- define "fedsilo.certificateCommon" -}}
+{{- $cm := .Values.certManager -}}
+duration: {{ $cm.duration | quote }}
+{{- with $cm.renewBefore }}
+renewBefore: {{ . | quote }}
+{{- end }}
+privateKey:
+  algorithm: ECDSA
+  size: 256
+  encoding: PKCS8
+  rotationPolicy: Always
+issuerRef:
+  name: {{ $cm.issuerRef.name | quote }}
+  kind: {{ $cm.issuerRef.kind }}
+  group: {{ $cm.issuerRef.group }}
 {{- end }}
