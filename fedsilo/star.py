@@ -72,7 +72,7 @@ class LinkLost(Exception):
 
 def bytes_of(flat: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, writable and without a copy (bf16 included)."""
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def keep_alive(sock: socket.socket) -> None:
