@@ -44,10 +44,10 @@ def round_seconds(line: str) -> float:
 
 
 def kill_mid_round_and_resume(tmp_path: Path, model: Path, data: Path, reference: torch.Tensor, victim: str,
-                              reaper: list[Watched]) -> None:
+                              reaper: list[Watched], *extra: str) -> None:
     started = time.monotonic()
     run = Watched(start("run", *SETTINGS, "--model", str(model), "--dataset", str(data),
-                        "--checkpoint-dir", "ckpt", "--restarts", "1", cwd=tmp_path))
+                        "--checkpoint-dir", "ckpt", "--restarts", "1", *extra, cwd=tmp_path))
     reaper.append(run)
     # Round 2 starts as round 1's line arrives; kill at a random instant of it, guessing its length
     # from round 1's (should the guess overshoot, the kill lands in round 3: still a mid-round kill).
@@ -81,6 +81,15 @@ def kill_mid_round_and_resume(tmp_path: Path, model: Path, data: Path, reference
 def test_a_silo_killed_mid_round_resumes_to_the_uninterrupted_model(tmp_path, tiny_bert, sentiment_csv,
                                                                     uninterrupted, reaper) -> None:
     kill_mid_round_and_resume(tmp_path, tiny_bert, sentiment_csv, uninterrupted, "silo --rank 1", reaper)
+
+
+@pytest.mark.slow
+def test_over_tls_a_silo_killed_mid_round_resumes_to_the_collective_model(tmp_path, tiny_bert, sentiment_csv,
+                                                                          uninterrupted, reaper) -> None:
+    # The same restart and exact resume on the TLS star (fedsilo run makes its certificates); the
+    # reference is the uninterrupted run over torch.distributed.
+    kill_mid_round_and_resume(tmp_path, tiny_bert, sentiment_csv, uninterrupted, "silo --rank 1", reaper,
+                              "--transport", "tls")
 
 
 @pytest.mark.slow
