@@ -43,6 +43,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # this checkout's fedsilo, as the children get it (Group.start)
+
+from fedsilo.launcher import free_port  # noqa: E402 (needs ROOT on the path)
+
 PY = sys.executable
 FLOWER_PY = HERE / ".venv-flower" / "bin" / "python"
 TRAINER_DEPS = HERE / ".deps-trainer"
@@ -113,12 +117,6 @@ def mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float) -> bool:

@@ -9,10 +9,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
+import psutil
 import torch
 
-FAST = ["--join-timeout", "60", "--round-timeout", "120"]
+# Margins. Federations in tests run with fedsilo's own join and round timeouts (600 s and
+# 7200 s): a test that does not test a timeout passes no --join-timeout or --round-timeout, so a
+# loaded machine (start-up, MLflow's first sqlite store, a round of training all slow down several
+# times over) cannot break it, and only a failing test would ever wait on them. The waits below
+# only guard against a hang: HANG_GUARD exceeds the join timeout, so a process that waits in
+# vain names its own failure before the test gives up on it.
+HANG_GUARD = 900.0
 
 
 def command(*args: str) -> list[str]:
@@ -23,8 +31,37 @@ def environment(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
-def run(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path, timeout: float = HANG_GUARD, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command(*args), cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_timed(*args: str, cwd: Path, timeout: float = HANG_GUARD,
+              **env: str) -> tuple[subprocess.CompletedProcess[str], list[tuple[float, str]]]:
+    """``run``, and when each line arrived: (seconds since the start, line) for stdout and stderr
+    together, so that a test can time one phase of a process without its start-up."""
+    process = subprocess.Popen(command(*args), cwd=cwd, env=environment(**env), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    started, arrivals, texts = time.monotonic(), [], {}
+
+    def read(name: str, stream: IO[str]) -> None:
+        lines = []
+        for line in stream:
+            arrivals.append((time.monotonic() - started, line))
+            lines.append(line)
+        texts[name] = "".join(lines)
+
+    readers = [threading.Thread(target=read, args=(name, stream), daemon=True)
+               for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
+    for reader in readers:
+        reader.start()
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        raise
+    for reader in readers:
+        reader.join(timeout=10)
+    return subprocess.CompletedProcess(process.args, code, texts.get("stdout", ""), texts.get("stderr", "")), arrivals
 
 
 def start(*args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
@@ -32,7 +69,7 @@ def start(*args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def finish(process: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
+def finish(process: subprocess.Popen[str], timeout: float = HANG_GUARD) -> tuple[int, str]:
     try:
         out, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -72,7 +109,7 @@ class Watched:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, text: str, timeout: float = 180) -> float:
+    def wait_for(self, text: str, timeout: float = HANG_GUARD) -> float:
         """Wait for a line containing ``text``; return when it arrived."""
         deadline = time.monotonic() + timeout
         while True:
@@ -84,7 +121,7 @@ class Watched:
             assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{self.output}"
             time.sleep(0.02)
 
-    def result(self, timeout: float = 300) -> tuple[int, str]:
+    def result(self, timeout: float = HANG_GUARD) -> tuple[int, str]:
         """Exit code and whole output; a process still running after ``timeout`` is killed and fails the test."""
         try:
             code = self.process.wait(timeout=timeout)
@@ -100,26 +137,27 @@ def watch(*args: str, cwd: Path, **env: str) -> Watched:
 
 
 def children(parent: int) -> dict[int, str]:
-    """Command lines of ``parent``'s child processes, from /proc."""
+    """Command lines of ``parent``'s child processes."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, ValueError, IndexError):
-                continue
+    for child in psutil.Process(parent).children():
+        try:
+            found[child.pid] = " ".join(child.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
     return found
 
 
 def kill_tree(process: subprocess.Popen[str]) -> None:
-    """SIGKILL a process that is still running, and its children (``fedsilo run``'s roles) first."""
+    """SIGKILL a process that is still running, and everything below it (``fedsilo run``'s roles) first."""
     if process.poll() is None:
-        for pid in children(process.pid):
+        try:
+            below = psutil.Process(process.pid).children(recursive=True)
+        except psutil.Error:
+            below = []
+        for child in below:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                child.kill()
+            except psutil.Error:
                 pass
         process.kill()
         process.wait()

@@ -6,13 +6,15 @@ no checkpoint file under ``--checkpoint-dir`` and no MLflow run left RUNNING or 
 ``mlflow.db`` of the working directory.
 
 Most cases fail within the few seconds of one process start. The federation cases (several
-processes) use a generous join timeout, which only a failing test ever waits out. Variants of a
-default-run case and the costlier extras are marked ``slow``.
+processes) use fedsilo's default join and round timeouts, which only a failing test ever waits
+out. Variants of a default-run case and the costlier extras are marked ``slow``.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -28,16 +30,16 @@ from typer.testing import CliRunner
 from fedsilo.cli import app
 from fedsilo.config import load_settings, settings_fingerprint
 from fedsilo.launcher import free_port
-from tests.procs import Watched, run, watch
+from tests.procs import HANG_GUARD, Watched, run, run_timed, watch
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
 ERROR = "fedsilo: error: "
 # A failing process must not wait long for a federation it will never see.
 QUICK = ["--join-timeout", "2", "--round-timeout", "5", "--checkpoint-dir", "ckpt"]
-# Ranks that must find each other: generous, since a test only waits this long when it fails.
-MEET = ["--join-timeout", "90", "--round-timeout", "60", "--checkpoint-dir", "ckpt",
-        "--rounds", "1", "--local-epochs", "1", "--batch-size", "16", "--lr", "0.1"]
-MISSING_RANK_TIMEOUT = 15
+# Ranks that must find each other: fedsilo's default join and round timeouts (600 s, 7200 s),
+# which a loaded machine cannot break and only a failing test ever waits on.
+MEET = ["--checkpoint-dir", "ckpt", "--rounds", "1", "--local-epochs", "1", "--batch-size", "16", "--lr", "0.1"]
+MISSING_RANK_TIMEOUT = 10
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 
 
@@ -87,7 +89,7 @@ def no_native_stack(output: str) -> None:
 
 
 # -- processes ----------------------------------------------------------------------------------------
-def first_to_exit(processes: list[Watched], timeout: float = 180) -> Watched:
+def first_to_exit(processes: list[Watched], timeout: float = HANG_GUARD) -> Watched:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in processes:
@@ -347,19 +349,25 @@ def test_port_in_use(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def unreachable(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path):
+def unreachable(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path):
+    """A silo that gets as far as looking for its aggregator, where nobody listens. Its data has
+    three labels: tiny_bert's 2-label head must be replaced to get there (a test of its own)."""
     workdir = tmp_path_factory.mktemp("unreachable")
+    data = write_csv(workdir / "data.csv", three_labels())
     port = free_port()  # bound and closed again: nobody listens there
-    started = time.monotonic()
-    result = run("silo", "--rank", "1", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 "--aggregator", f"127.0.0.1:{port}", *QUICK, cwd=workdir)
-    return workdir, port, result, time.monotonic() - started
+    result, arrivals = run_timed("silo", "--rank", "1", "--silos", "1", "--model", str(tiny_bert),
+                                 "--dataset", str(data), "--aggregator", f"127.0.0.1:{port}", *QUICK, cwd=workdir)
+    # From the line that says it starts looking to its error line: the join timeout, not start-up
+    joining = next((at for at, line in arrivals if "training examples; joining" in line), None)
+    said = next((at for at, line in arrivals if line.startswith(ERROR)), None)
+    seconds = None if joining is None or said is None else said - joining
+    return workdir, port, result, seconds
 
 
 def test_unreachable_aggregator(unreachable) -> None:
     workdir, port, result, seconds = unreachable
     refused(result, workdir, f"cannot reach the aggregator at 127.0.0.1:{port} within 2s")
-    assert seconds < 60
+    assert seconds is not None and seconds < 60
 
 
 def test_unreachable_aggregator_prints_no_native_stack(unreachable) -> None:
@@ -383,13 +391,11 @@ def test_duplicate_labels_are_refused(tmp_path: Path, encoder: Path, sentiment_c
     assert "cannot reach the aggregator" not in result.stderr
 
 
-def test_a_local_classifier_with_another_label_count_gets_a_fresh_head(tmp_path: Path, tiny_bert: Path) -> None:
+def test_a_local_classifier_with_another_label_count_gets_a_fresh_head(unreachable) -> None:
     # tiny_bert has a 2-label head; three labels need a new one, and the encoder is kept. The
     # silo then gets as far as looking for the (absent) aggregator.
-    data = write_csv(tmp_path / "data.csv", three_labels())
-    result = run("silo", "--rank", "1", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(data),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, cwd=tmp_path)
-    refused(result, tmp_path, "cannot reach the aggregator")
+    workdir, _, result, _ = unreachable
+    refused(result, workdir, "cannot reach the aggregator")
     assert "training examples; joining" in result.stdout
 
 
@@ -434,15 +440,22 @@ def missing_rank(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sent
     workdir = tmp_path_factory.mktemp("missing_rank")
     shared = ["--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
               "--aggregator", f"127.0.0.1:{free_port()}", "--checkpoint-dir", "ckpt", "--round-timeout", "10"]
-    silo = watch("silo", "--rank", "1", *shared, "--join-timeout", "120", cwd=workdir)
+    silo = watch("silo", "--rank", "1", *shared, cwd=workdir)  # fedsilo's default join timeout
     try:
-        # Start the aggregator only once silo 1 is knocking, so that its join timeout measures the
-        # missing silo 2 rather than process start-up. A knocking silo gets in a few seconds after
-        # the port opens (the store client backs off between attempts): give it 15.
+        # The aggregator's join timeout must measure the missing silo 2, not silo 1's start-up or
+        # its knocking: the store client backs off between attempts, by longer and longer waits
+        # while the port stays closed (as it does for the aggregator's start-up, which a loaded
+        # machine stretches to a minute). So silo 1 is held (SIGSTOP) from the moment it starts
+        # knocking until the port is open, and then knocks again at once.
         silo.wait_for("joining")
-        aggregator = watch("aggregator", *shared, "--join-timeout", str(MISSING_RANK_TIMEOUT), cwd=workdir)
+        os.kill(silo.process.pid, signal.SIGSTOP)
+        try:
+            aggregator = watch("aggregator", *shared, "--join-timeout", str(MISSING_RANK_TIMEOUT), cwd=workdir)
+            aggregator.wait_for("waiting for 2 silo(s)")
+        finally:
+            os.kill(silo.process.pid, signal.SIGCONT)
         agg_code, agg_output = aggregator.result()
-        silo_code, silo_output = silo.result(timeout=60)
+        silo_code, silo_output = silo.result()
     finally:
         if silo.process.poll() is None:
             silo.process.kill()

@@ -7,6 +7,7 @@ helm, kubectl, kubernetes-validate and hadolint come from scripts/install-deploy
 from __future__ import annotations
 
 import base64
+import fcntl
 import functools
 import json
 import os
@@ -39,13 +40,17 @@ def tools_bin() -> Path:
     """Directory with helm and kubectl, installing them on first use."""
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("VIRTUAL_ENV", None)  # install the Python tools where this interpreter looks
-    try:
-        result = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "install-deploy-tools.sh")],
-            capture_output=True, text=True, timeout=300, env=env, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot install helm: {exc}")
+    (ROOT / ".tools").mkdir(exist_ok=True)
+    # One installer at a time: the test processes (pytest-xdist workers) each call this once.
+    with (ROOT / ".tools" / "install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            result = subprocess.run(
+                ["bash", str(ROOT / "scripts" / "install-deploy-tools.sh")],
+                capture_output=True, text=True, timeout=300, env=env, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot install helm: {exc}")
     bin_dir = ROOT / ".tools" / "bin"
     if not (bin_dir / "helm").exists() or not (bin_dir / "kubectl").exists():
         pytest.skip(f"cannot install helm: {result.stderr.strip()[-500:]}")

@@ -12,7 +12,8 @@ command, args and env. What a cluster would provide is emulated, and nothing els
 - cluster DNS: a ``*.svc.cluster.local`` name becomes 127.0.0.1 (every "pod" is on loopback).
 
 Settings that a real cluster would have too come in as values: loopback as the socket
-interface, free ports, short timeouts, a tiny model and small CSVs on hostPath data volumes.
+interface, free ports, a tiny model and small CSVs on hostPath data volumes; the join and round
+timeouts are the chart's defaults, which a loaded machine cannot break.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -31,17 +31,15 @@ from typing import Any
 
 import pytest
 
-from tests.procs import stop_group
+from fedsilo.launcher import free_port
+from tests.procs import HANG_GUARD, stop_group
 from tests.test_chart import ROOT, one, pods, render
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
 CLUSTER_DNS = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc\.cluster\.local\b")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# How long a test waits for its federation: only a hang guard, beyond the chart's join timeout
+# (900 s), so that a rank that waits in vain names its own failure first.
+FEDERATION_GUARD = 1200.0
 
 
 @dataclass
@@ -191,13 +189,13 @@ def run_chart(docs: list[dict[str, Any]], root: Path, mlflow_port: int) -> Any:
         # calls anyway; waiting keeps the test's timing simple). Then the silos before the
         # aggregator: they must wait for it.
         server = cluster.start("mlflow", mlflow_spec)
-        wait_ready(server, probe_url(mlflow_spec), timeout=120)
+        wait_ready(server, probe_url(mlflow_spec), timeout=HANG_GUARD)
         for pod in sorted(members, key=lambda p: -p.rank):
             index = pod.completion_index
             name = pod.job if index is None else f"{pod.job}-{index}"
             cluster.start(name, pod.spec, {} if index is None else {"JOB_COMPLETION_INDEX": str(index)})
         federation = [p for p in cluster.processes if p is not server]
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + FEDERATION_GUARD
         while any(p.popen.poll() is None for p in federation) and time.monotonic() < deadline:
             if any(p.popen.poll() not in (None, 0) for p in federation):
                 # One rank failed: the others follow within seconds (or at their timeouts).
@@ -225,13 +223,14 @@ def base_values(model: Path, mlflow_port: int) -> dict[str, Any]:
         "silos": 2,
         "config": {"experiment": "chart-e2e", "model": str(model), "rounds": 2, "local_epochs": 1,
                    "batch_size": 16, "max_length": 32, "eval_batch_size": 64},
-        # Loopback is this test's pod network; small timeouts so that a wiring fault fails fast.
-        "comm": {"rendezvousPort": free_port(), "socketIfname": "lo", "joinTimeout": 120, "roundTimeout": 120},
+        # Loopback is this test's pod network. The join and round timeouts are the chart's defaults:
+        # a loaded machine cannot break them, and only a failing test waits on them.
+        "comm": {"rendezvousPort": free_port(), "socketIfname": "lo"},
         "mlflow": {"server": {"port": mlflow_port, "service": {"port": mlflow_port}}},
     }
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(HANG_GUARD + FEDERATION_GUARD)
 def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: Path) -> None:
     # Prepare: a node directory with a tiny model and a CSV, mounted in every pod at its own path.
     node = tmp_path / "node"
@@ -258,7 +257,7 @@ def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: 
     assert (tmp_path / "cluster" / "pvc" / "exp-fedsilo-mlflow" / "mlflow.db").exists()
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(HANG_GUARD + FEDERATION_GUARD)
 def test_job_per_silo_federates_each_on_its_own_data_volume(tmp_path: Path) -> None:
     # Prepare: two "hospital nodes" with different amounts of their own data, the same file name
     # on each, and a held-out set on the aggregator's volume.

@@ -14,11 +14,11 @@ from fedsilo.launcher import free_port
 from fedsilo.model import build_model, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import silo_data
-from tests.procs import FAST, assert_one_line_error, final_weights, finish, run, start
+from tests.procs import assert_one_line_error, final_weights, finish, run, start
 from tests.reference import flatten, weighted_average
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
 
-COMMON = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3", *FAST]
+COMMON = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3"]
 
 
 def train_like_a_silo(settings, rank: int, rounds: int, start_weights: torch.Tensor | None = None):
@@ -132,7 +132,7 @@ def test_hospital_silos_train_on_their_own_files_and_evaluate_locally(tmp_path, 
 def test_run_stops_everyone_and_names_the_failed_role(tmp_path, tiny_bert, sentiment_csv) -> None:
     # every silo finds 'pos' rows that the declared label set lacks
     result = run("run", "--silos", "2", "--rounds", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 "--labels", "neg", *COMMON, cwd=tmp_path, timeout=120)
+                 "--labels", "neg", *COMMON, cwd=tmp_path)
     assert result.returncode != 0
     assert "label 'pos' is not in the federation's label set [neg]" in result.stdout
     assert_one_line_error(result.stderr, "failed (exit code 1); stopped the others")

@@ -1,8 +1,8 @@
 """Load: 32 silo processes and the aggregator on this machine, a tiny model, three rounds.
 
 Not in the default run (``-m slow``): 33 Python processes importing torch take minutes on two
-cores. The test prints its wall time and peak memory (summed over the process tree, sampled from
-/proc), the figures docs/reliability.md quotes.
+cores. The test prints its wall time and peak memory (summed over the process tree, sampled with
+psutil), the figures docs/reliability.md quotes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -23,34 +24,21 @@ ROWS_PER_SILO = 8
 ROUNDS = 3
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree.extend(frontier)
-    return tree
+def descendants(root: int) -> list[psutil.Process]:
+    """``root`` and every process below it."""
+    try:
+        process = psutil.Process(root)
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:  # the root is gone
+        return []
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
+def memory_kib(process: psutil.Process) -> tuple[int, int]:
     """(RSS, PSS) of one process in KiB; (0, 0) once it is gone."""
     try:
-        rss = pss = 0
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1])
-            elif line.startswith("Pss:"):
-                pss = int(line.split()[1])
-        return rss, pss
-    except (OSError, ValueError):
+        memory = process.memory_full_info()
+        return memory.rss // 1024, memory.pss // 1024
+    except psutil.Error:
         return 0, 0
 
 
@@ -67,7 +55,7 @@ class Peak:
     def _run(self) -> None:
         while not self._stop.is_set():
             tree = descendants(self.root)
-            sizes = [memory_kib(pid) for pid in tree]
+            sizes = [memory_kib(process) for process in tree]
             self.rss = max(self.rss, sum(r for r, _ in sizes))
             self.pss = max(self.pss, sum(p for _, p in sizes))
             self.processes = max(self.processes, sum(1 for r, _ in sizes if r))
@@ -80,6 +68,7 @@ class Peak:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
+@pytest.mark.usefixtures("one_at_a_time")  # never beside the tests that time failure detection
 def test_32_silos_on_one_machine(tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: 8 training rows per silo, a separate test file so that every silo gets exactly 8
     train = write_csv(tmp_path / "train.csv", sentiment_rows(SILOS * ROWS_PER_SILO, seed=1))
@@ -87,8 +76,9 @@ def test_32_silos_on_one_machine(tmp_path: Path, tiny_bert: Path, capsys: pytest
     args = ["run", "--silos", str(SILOS), "--rounds", str(ROUNDS), "--model", str(tiny_bert),
             "--dataset", str(train), "--test-dataset", str(test), "--batch-size", "8", "--local-epochs", "1",
             "--lr", "0.1", "--checkpoint-dir", "ckpt",
-            # 33 processes importing torch on two cores: joining alone takes minutes
-            "--join-timeout", "1800", "--round-timeout", "900"]
+            # 33 processes importing torch on two cores: joining alone takes minutes, so three times
+            # fedsilo's default join timeout; the round timeout is fedsilo's default (7200 s)
+            "--join-timeout", "1800"]
 
     # Execute, sampling memory; the output is drained as it comes so no child blocks on a pipe
     started = time.monotonic()

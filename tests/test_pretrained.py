@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.procs import FAST, run
+from tests.procs import run
 from tests.tiny import MINILM, write_csv
 
 
@@ -35,8 +35,7 @@ def test_pretrained_minilm_learns_rotten_tomatoes_in_a_federation(tmp_path: Path
     train, test = write_csv(tmp_path / "train.csv", rows[:600]), write_csv(tmp_path / "test.csv", rows[600:])
     result = run("run", "--silos", "2", "--rounds", "4", "--model", str(MINILM), "--dataset", str(train),
                  "--test-dataset", str(test), "--max-length", "48", "--batch-size", "8", "--lr", "0.05",
-                 "--local-epochs", "1", "--seed", "0", *FAST,
-                 cwd=tmp_path, timeout=540)
+                 "--local-epochs", "1", "--seed", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

@@ -19,7 +19,7 @@ from fedsilo.errors import FederationError
 from fedsilo.model import build_model, flat_size, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import client_shards
-from tests.procs import FAST, final_weights, run
+from tests.procs import final_weights, run
 from tests.reference import flatten, weighted_average
 
 TRAIN = {"batch_size": 16, "lr": 0.3, "local_epochs": 2, "seed": 3}
@@ -67,7 +67,7 @@ def test_simulate_gives_the_distributed_federations_model(fast_paths, simulated,
         settings_for(tmp_path / "sim", tiny_bert, sentiment_csv, fast_paths=False), lambda line: None)
     switch = "--fast-paths" if fast_paths else "--no-fast-paths"
     result = run("run", "--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 *TRAIN_FLAGS, *FAST, switch, "--checkpoint-dir", "ckpt", cwd=tmp_path)
+                 *TRAIN_FLAGS, switch, "--checkpoint-dir", "ckpt", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # Assert
     distributed = final_weights(tmp_path / "ckpt")

@@ -78,9 +78,10 @@ def formed(pki: Path) -> Iterator[tuple[star.StarGroup, list[star.StarLink], lis
 
     asked = in_threads(*[lambda s=s: s.request_admission(HELLO, 10) for s in links], admit)
     assert all(isinstance(w, Welcome) for w in asked[:3]), asked
-    group = door.form_group(30)
+    # Round timeouts far above anything the tests wait: a failure they see is not a timeout's.
+    group = door.form_group(600)
     for s in links:
-        s.form_group(4, 30)
+        s.form_group(4, 600)
     yield group, links, lines
     group.close()
     for s in links:
@@ -117,7 +118,7 @@ def test_a_lost_silo_is_named_at_once_and_the_others_hear_why(formed) -> None:
     with pytest.raises(FederationError, match=r"lost silo 2 during round 3: local training"):
         with group.phase("round 3: local training"):
             group.gather_rows(torch.zeros(2))
-    assert time.monotonic() - started < 10  # named by the closed connection, not by a timeout
+    assert time.monotonic() - started < 300  # named by the closed connection, not by the 600 s timeout
     # silos 1 and 3 were waiting on the same gather: they read the aggregator's reason
     for silo in (links[0], links[2]):
         with pytest.raises(FederationError, match="the aggregator stopped the federation: lost silo 2"):

@@ -16,12 +16,12 @@ from mlflow.tracking import MlflowClient
 
 from fedsilo import certs
 from fedsilo.launcher import free_port
-from tests.procs import FAST, assert_one_line_error, final_weights, finish, run, start, watch
+from tests.procs import assert_one_line_error, final_weights, finish, run, start, watch
 from tests.tiny import sentiment_rows, write_csv
 
 # Labels and a data file name long enough that finding them in ciphertext by chance is impossible.
 LABELS = ("unmistakably-negative-review", "unmistakably-positive-review")
-COMMON = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3", *FAST]
+COMMON = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")

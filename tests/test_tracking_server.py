@@ -22,9 +22,10 @@ from mlflow.tracking import MlflowClient
 from fedsilo.config import build_settings
 from fedsilo.launcher import free_port
 from fedsilo.tracking import Tracker
-from tests.procs import Watched, children, final_weights, kill_tree, start, stop_group
+from tests.procs import HANG_GUARD, Watched, children, final_weights, kill_tree, start, stop_group
 
-pytestmark = pytest.mark.slow
+# Timed (rounds must not all pass while the server restarts): never beside the load test.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_at_a_time")]
 
 ROUNDS = 6
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -38,7 +39,7 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 180) -> float:
+    def start(self, timeout: float = HANG_GUARD) -> float:
         """Start and wait until ``/health`` answers; returns the seconds that took."""
         started = time.monotonic()
         log = (self.directory / "server.log").open("ab")
@@ -92,21 +93,20 @@ def test_metrics_survive_a_server_outage_mid_run(tmp_path: Path, tiny_bert: Path
     print(f"\nmlflow server healthy after {server.start():.1f}s")
     run = Watched(start("run", "--silos", "2", "--rounds", str(ROUNDS), "--model", str(tiny_bert),
                         "--dataset", str(sentiment_csv), "--batch-size", "8", "--lr", "0.3", "--local-epochs", "4",
-                        "--tracking-uri", server.uri, "--checkpoint-dir", "ckpt", "--join-timeout", "120",
-                        "--round-timeout", "300", cwd=tmp_path))
+                        "--tracking-uri", server.uri, "--checkpoint-dir", "ckpt", cwd=tmp_path))
     try:
         # Execute: the server goes down after round 2 and stays down for two rounds. The aggregator
-        # is held (SIGSTOP; the silos wait in their collective, the round timeout is generous)
+        # is held (SIGSTOP; the silos wait in their collective, under fedsilo's default round timeout)
         # while the server stops and while it restarts, which take seconds to a minute: rounds of
         # a tiny model take one or two, and must not all pass meanwhile.
         run.wait_for(f"round 2/{ROUNDS}")
         (aggregator,) = [pid for pid, cmd in children(run.process.pid).items() if "fedsilo aggregator " in cmd]
         with paused(aggregator):
             server.stop()
-        run.wait_for(f"round 4/{ROUNDS}", timeout=120)
+        run.wait_for(f"round 4/{ROUNDS}")
         with paused(aggregator):
             print(f"mlflow server back after {server.start():.1f}s")
-        code, out = run.result(timeout=300)
+        code, out = run.result()
     finally:
         kill_tree(run.process)
 

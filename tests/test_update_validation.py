@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo.launcher import free_port
-from tests.procs import FAST, finish, start
+from tests.procs import finish, start
 from tests.tiny import sentiment_rows, write_csv
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def test_a_non_finite_update_stops_the_federation_naming_silo_and_round(tmp_path
     port = free_port()
     shared = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
               "--lr", "1e30", "--local-epochs", "1", "--batch-size", "16", "--checkpoint-dir", "ckpt",
-              "--aggregator", f"127.0.0.1:{port}", *FAST]
+              "--aggregator", f"127.0.0.1:{port}"]
     aggregator = start("aggregator", *shared, cwd=tmp_path)
     silos = [start("silo", "--rank", str(rank), *shared, cwd=tmp_path) for rank in (1, 2)]
     (code, out), *silo_results = [finish(p) for p in (aggregator, *silos)]
@@ -53,7 +53,7 @@ def test_an_outlying_update_is_skipped_and_the_skip_is_recorded(tmp_path: Path, 
     port = free_port()
     shared = ["--silos", "3", "--partition", "none", "--rounds", "1", "--model", str(tiny_bert), "--lr", "0.3",
               "--local-epochs", "1", "--batch-size", "8", "--norm-factor", "1.01", "--update-policy", "skip",
-              "--checkpoint-dir", "ckpt", "--aggregator", f"127.0.0.1:{port}", *FAST]
+              "--checkpoint-dir", "ckpt", "--aggregator", f"127.0.0.1:{port}"]
     aggregator = start("aggregator", *shared, cwd=tmp_path)
     silos = [start("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path) for r in (1, 2, 3)]
     outputs = [finish(p) for p in (aggregator, *silos)]
