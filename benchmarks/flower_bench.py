@@ -53,18 +53,27 @@ def serve(address: str, clients: int, rounds: int, shapes: list[list[int]], out:
             return aggregated
 
     def write() -> None:
-        out.write_text(json.dumps({
-            "round_seconds": [finished[r] - started[r] for r in sorted(finished)],
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "flwr": fl.__version__,
-        }))
+        out.write_text(
+            json.dumps(
+                {
+                    "round_seconds": [finished[r] - started[r] for r in sorted(finished)],
+                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "flwr": fl.__version__,
+                }
+            )
+        )
 
     strategy = TimedFedAvg(
-        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=clients, min_available_clients=clients,
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=clients,
+        min_available_clients=clients,
         initial_parameters=fl.common.ndarrays_to_parameters(arrays(shapes)),
     )
     fl.server.start_server(
-        server_address=address, config=fl.server.ServerConfig(num_rounds=rounds), strategy=strategy,
+        server_address=address,
+        config=fl.server.ServerConfig(num_rounds=rounds),
+        strategy=strategy,
     )
     write()
 
@@ -73,7 +82,9 @@ def client(address: str) -> None:
     import flwr as fl
 
     class EchoClient(fl.client.NumPyClient):
-        def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        def fit(
+            self, parameters: list[np.ndarray], config: dict[str, Any]
+        ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
             return parameters, 4, {}  # "trained" on 4 examples; the model goes back as it came
 
     fl.client.start_client(server_address=address, client=EchoClient().to_client(), insecure=True)

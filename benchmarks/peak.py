@@ -33,8 +33,14 @@ def main() -> None:
     finally:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         with open(out, "w", encoding="utf-8") as handle:
-            json.dump({"peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - started,
-                       "cpu_seconds": usage.ru_utime + usage.ru_stime}, handle)
+            json.dump(
+                {
+                    "peak_rss_bytes": usage.ru_maxrss * 1024,
+                    "seconds": time.perf_counter() - started,
+                    "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                },
+                handle,
+            )
 
 
 if __name__ == "__main__":

@@ -115,17 +115,21 @@ def star_group(rank: int, silos: int, port: int, pki: Path) -> comm.Transport:
     ca = pki / "ca.pem"
     if rank == 0:
         authority = certs.load_certificate(ca)
-        door = star.StarListener(("127.0.0.1", port), certs.server_context(pki / "aggregator.pem",
-                                 pki / "aggregator.key", ca),
-                                 lambda c: certs.check_peer(certs.peer_certificate(c), authority), silos,
-                                 lambda _: None)
+        door = star.StarListener(
+            ("127.0.0.1", port),
+            certs.server_context(pki / "aggregator.pem", pki / "aggregator.key", ca),
+            lambda c: certs.check_peer(certs.peer_certificate(c), authority),
+            silos,
+            lambda _: None,
+        )
         for hello in door.admit_silos(300).values():
             door.welcome(hello, join.Welcome(["0", "1"], 1, False))
         return door.form_group(600)
     context = certs.client_context(pki / f"silo-{rank}.pem", pki / f"silo-{rank}.key", ca)
     link = star.StarLink(star.dial(("127.0.0.1", port), context, "127.0.0.1", 300), rank)
-    link.request_admission({"settings": {}, "labels": ["0", "1"], "architecture": "", "train_examples": 4,
-                            "eval_examples": 0}, 300)
+    link.request_admission(
+        {"settings": {}, "labels": ["0", "1"], "architecture": "", "train_examples": 4, "eval_examples": 0}, 300
+    )
     return link.form_group(silos + 1, 600)
 
 
@@ -179,17 +183,29 @@ def main() -> None:
     kinds = tuple(args.kinds.split(","))
     schedule = [kind for i in range(args.blocks) for kind in (kinds if i % 2 == 0 else kinds[::-1])]
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ckpt-") as ckpt:
-        settings = build_settings({
-            "model": "shape-alike", "dataset": "unused.csv", "silos": args.silos, "rounds": args.rounds,
-            "local_epochs": 1, "batch_size": 32, "aggregator": f"127.0.0.1:{args.port}", "backend": "gloo",
-            "device": "cpu", "join_timeout": 300, "round_timeout": 600, "checkpoint_dir": ckpt,
-        })
+        settings = build_settings(
+            {
+                "model": "shape-alike",
+                "dataset": "unused.csv",
+                "silos": args.silos,
+                "rounds": args.rounds,
+                "local_epochs": 1,
+                "batch_size": 32,
+                "aggregator": f"127.0.0.1:{args.port}",
+                "backend": "gloo",
+                "device": "cpu",
+                "join_timeout": 300,
+                "round_timeout": 600,
+                "checkpoint_dir": ckpt,
+            }
+        )
         address = ("127.0.0.1", args.port)
         groups: dict[str, comm.Transport] = {}
         if {"fedsilo", "floor"} & set(kinds):
             store = comm.open_store(args.rank, *address, timeout=300)
-            groups["fedsilo"] = comm.form_group(store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600,
-                                                address)
+            groups["fedsilo"] = comm.form_group(
+                store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600, address
+            )
         if "tls" in kinds:
             groups["tls"] = star_group(args.rank, args.silos, args.port + 1, args.tls_pki)
         seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -207,19 +223,36 @@ def main() -> None:
                     seconds[kind] += [m["comm_seconds"] for m in ledger.rounds]
                 else:
                     data = SiloData(tiny_data(4), None, ["0", "1"])
-                    silo.run_rounds(settings, groups[kind], model, data, args.rank,
-                                    join.Welcome(["0", "1"], 1, False), lambda _: None)
+                    silo.run_rounds(
+                        settings,
+                        groups[kind],
+                        model,
+                        data,
+                        args.rank,
+                        join.Welcome(["0", "1"], 1, False),
+                        lambda _: None,
+                    )
         finally:
             for group in groups.values():
                 group.close()
     if args.rank == 0 and args.out:
-        args.out.write_text(json.dumps({
-            "silos": args.silos, "numel": numel, "model_bytes": numel * 4,
-            "fedsilo_comm_seconds": seconds.get("fedsilo", []), "floor_seconds": seconds.get("floor", []),
-            "tls_comm_seconds": seconds.get("tls", []), "tls_rss_by_round": rss_by_round, "import_floor_rss": floor_rss,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
-        }))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "silos": args.silos,
+                    "numel": numel,
+                    "model_bytes": numel * 4,
+                    "fedsilo_comm_seconds": seconds.get("fedsilo", []),
+                    "floor_seconds": seconds.get("floor", []),
+                    "tls_comm_seconds": seconds.get("tls", []),
+                    "tls_rss_by_round": rss_by_round,
+                    "import_floor_rss": floor_rss,
+                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "threads": torch.get_num_threads(),
+                    "omp": os.environ.get("OMP_NUM_THREADS"),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

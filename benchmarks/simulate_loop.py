@@ -44,9 +44,16 @@ def main() -> None:
     frame = pd.read_csv(args.data).sample(n * clients, random_state=2)
     texts, labels = frame["text"].tolist(), (frame["label"].astype(str) == "rotten").to_numpy(np.int64)
     one = [encode(texts, labels, tokenizer, 128)]
-    many = [encode(texts[i * n:(i + 1) * n], labels[i * n:(i + 1) * n], tokenizer, 128) for i in range(clients)]
-    settings = build_settings({"model": str(args.model), "dataset": str(args.data), "local_epochs": args.epochs,
-                               "batch_size": n, "device": "cpu"})
+    many = [encode(texts[i * n : (i + 1) * n], labels[i * n : (i + 1) * n], tokenizer, 128) for i in range(clients)]
+    settings = build_settings(
+        {
+            "model": str(args.model),
+            "dataset": str(args.data),
+            "local_epochs": args.epochs,
+            "batch_size": n,
+            "device": "cpu",
+        }
+    )
     local = bind_flat(model)  # as fedsilo.simulate.simulate makes them
     weights, summed = local.clone(), torch.zeros_like(local)
 
@@ -77,25 +84,38 @@ def main() -> None:
         """Tokens the forward passes see (rows x longest row, per batch), as local_train batches
         client k in round 1, every epoch: the two sides' data differ in padding, not only in client count."""
         t = settings.train
-        return sum(len(rows) * max(len(shard.input_ids[i]) for i in rows)
-                   for k, shard in enumerate(shards, start=1) for epoch in range(args.epochs)
-                   for rows in batch_order([len(s) for s in shard.input_ids], n, (t.seed, k, 1, epoch), True,
-                                           t.group_by_length))
+        return sum(
+            len(rows) * max(len(shard.input_ids[i]) for i in rows)
+            for k, shard in enumerate(shards, start=1)
+            for epoch in range(args.epochs)
+            for rows in batch_order(
+                [len(s) for s in shard.input_ids], n, (t.seed, k, 1, epoch), True, t.group_by_length
+            )
+        )
 
     seconds: dict[str, list[float]] = {"1": [], "32": []}
     updates: dict[str, list[float]] = {"1": [], "32": []}
     round_(many[:2])  # warm-up
     for rep in range(args.reps):
-        for k, shards in ((("1", one), ("32", many)) if rep % 2 == 0 else (("32", many), ("1", one))):
+        for k, shards in (("1", one), ("32", many)) if rep % 2 == 0 else (("32", many), ("1", one)):
             started = time.perf_counter()
             updates[k].append(round_(shards))
             seconds[k].append(time.perf_counter() - started)
     # Each repetition runs the two back to back, so their ratio is free of the drift between
     # repetitions (on these machines a round's time wanders by 10-15 % over minutes).
-    pairs = [b / a for a, b in zip(seconds["1"], seconds["32"])]
-    args.out.write_text(json.dumps({"seconds": seconds, "update_seconds": updates, "rows": n * clients, "pair_ratios": pairs,
-                                    "padded_tokens": {"1": padded_tokens(one), "32": padded_tokens(many)},
-                                    "ratio": statistics.median(pairs)}))
+    pairs = [b / a for a, b in zip(seconds["1"], seconds["32"], strict=False)]
+    args.out.write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "update_seconds": updates,
+                "rows": n * clients,
+                "pair_ratios": pairs,
+                "padded_tokens": {"1": padded_tokens(one), "32": padded_tokens(many)},
+                "ratio": statistics.median(pairs),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,17 +41,41 @@ def make_pki(work: Path, silos: int) -> Path:
     return pki
 
 
-def ranks(size: str, silos: int, kinds: str, rounds: int, blocks: int, work: Path, pki: Path,
-          shapes: Path) -> dict[str, Any]:
+def ranks(
+    size: str, silos: int, kinds: str, rounds: int, blocks: int, work: Path, pki: Path, shapes: Path
+) -> dict[str, Any]:
     port, out = bench.free_port(), work / f"tls-{size}-k{silos}-{kinds.replace(',', '-')}.json"
     out.unlink(missing_ok=True)
     group = Group(work / "logs" / out.stem, bench.mem_available() - GIB, timeout=1800)
     for rank in range(silos + 1):
-        group.start(f"rank {rank}", [PY, str(HERE / "roundtrip.py"), "--rank", str(rank), "--silos", str(silos),
-                                     "--shapes", str(shapes), "--port", str(port), "--rounds", str(rounds),
-                                     "--blocks", str(blocks), "--workdir", str(work), "--out", str(out),
-                                     "--kinds", kinds, "--tls-pki", str(pki)],
-                    {"OMP_NUM_THREADS": "1" if rank == 0 else silo_threads(silos)})
+        group.start(
+            f"rank {rank}",
+            [
+                PY,
+                str(HERE / "roundtrip.py"),
+                "--rank",
+                str(rank),
+                "--silos",
+                str(silos),
+                "--shapes",
+                str(shapes),
+                "--port",
+                str(port),
+                "--rounds",
+                str(rounds),
+                "--blocks",
+                str(blocks),
+                "--workdir",
+                str(work),
+                "--out",
+                str(out),
+                "--kinds",
+                kinds,
+                "--tls-pki",
+                str(pki),
+            ],
+            {"OMP_NUM_THREADS": "1" if rank == 0 else silo_threads(silos)},
+        )
     result = group.wait()
     if result.status != "ok":
         return {"status": result.status}
@@ -62,7 +86,9 @@ def slope(values: list[int]) -> float:
     """Least-squares bytes per round."""
     xs = range(len(values))
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(values)
-    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, values)) / sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, values, strict=False)) / sum(
+        (x - mean_x) ** 2 for x in xs
+    )
 
 
 def main() -> None:
@@ -76,19 +102,26 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     pki = make_pki(work, max(plan.silos))
-    flower_missing = "skipped (--no-flower)" if args.no_flower else bench.ensure_setup(
-        "setup-flower.sh", bench.FLOWER_PY, True, work / "setup-flower.log")
+    flower_missing = (
+        "skipped (--no-flower)"
+        if args.no_flower
+        else bench.ensure_setup("setup-flower.sh", bench.FLOWER_PY, True, work / "setup-flower.log")
+    )
 
-    lines = ["| size | K | gloo floor (s) | fedsilo gloo (s) | TLS star (s) | TLS / floor | Flower (s) | "
-             "Flower / TLS | limit: in + out per round at the aggregator |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| size | K | gloo floor (s) | fedsilo gloo (s) | TLS star (s) | TLS / floor | Flower (s) | "
+        "Flower / TLS | limit: in + out per round at the aggregator |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     verdicts: list[str] = []
     for size in plan.sizes:
         shapes, numel = shapes_file(size, work)
         for silos in plan.silos:
             print(f"{size} K={silos}: gloo, floor and TLS blocks ...", flush=True)
             got = ranks(size, silos, "fedsilo,floor,tls", plan.rounds, plan.blocks, work, pki, shapes)
-            floor, gloo, tls = (median(steady(got.get(k, []))) for k in
-                                ("floor_seconds", "fedsilo_comm_seconds", "tls_comm_seconds"))
+            floor, gloo, tls = (
+                median(steady(got.get(k, []))) for k in ("floor_seconds", "fedsilo_comm_seconds", "tls_comm_seconds")
+            )
             if flower_missing:
                 flower, flower_note = float("nan"), flower_missing
             else:
@@ -96,19 +129,29 @@ def main() -> None:
                 f = bench.flower_roundtrip(size, silos, plan, work, shapes, int(args.flower_mem_gb * GIB))
                 flower, flower_note = median(steady(f.get("rounds", []))), f["status"]
             moved = silos * numel * 4 / 1e6
-            lines.append(f"| {size} | {silos} | {fmt_s(floor)} | {fmt_s(gloo)} | {fmt_s(tls)} | {fmt_x(tls / floor)} | "
-                         f"{fmt_s(flower) if flower == flower else flower_note} | {fmt_x(flower / tls)} | "
-                         f"{moved:.0f} MB in + {moved:.0f} MB out |")
+            lines.append(
+                f"| {size} | {silos} | {fmt_s(floor)} | {fmt_s(gloo)} | {fmt_s(tls)} | {fmt_x(tls / floor)} | "
+                f"{fmt_s(flower) if flower == flower else flower_note} | {fmt_x(flower / tls)} | "
+                f"{moved:.0f} MB in + {moved:.0f} MB out |"
+            )
             if got["status"] != "ok":
                 lines[-1] += f" ({got['status']})"
             if silos == 4:
-                verdicts.append(f"TLS star / gloo floor at {size}, K = 4: {fmt_x(tls / floor)} against <= "
-                                f"{TARGET_TLS_FLOOR}x: {verdict(tls / floor, TARGET_TLS_FLOOR, False)}")
-            verdicts.append(f"Flower / TLS star at {size}, K = {silos}: {fmt_x(flower / tls)} against >= "
-                            f"{TARGET_FLOWER}x: {verdict(flower / tls, TARGET_FLOWER, True)}")
+                verdicts.append(
+                    f"TLS star / gloo floor at {size}, K = 4: {fmt_x(tls / floor)} against <= "
+                    f"{TARGET_TLS_FLOOR}x: {verdict(tls / floor, TARGET_TLS_FLOOR, False)}"
+                )
+            verdicts.append(
+                f"Flower / TLS star at {size}, K = {silos}: {fmt_x(flower / tls)} against >= "
+                f"{TARGET_FLOWER}x: {verdict(flower / tls, TARGET_FLOWER, True)}"
+            )
 
-    memory = ["", "| size | K | rounds | model (MiB) | rank-0 import floor (MiB) | peak (MiB) | peak above floor / model "
-              "| RSS slope (KiB/round) |", "|---|---|---|---|---|---|---|---|"]
+    memory = [
+        "",
+        "| size | K | rounds | model (MiB) | rank-0 import floor (MiB) | peak (MiB) | peak above floor / model "
+        "| RSS slope (KiB/round) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     silos, rounds = max(plan.silos), 50 if not args.quick else 10
     for size in plan.sizes:
         shapes, numel = shapes_file(size, work)
@@ -119,10 +162,14 @@ def main() -> None:
             continue
         above = (got["peak_rss_bytes"] - got["import_floor_rss"]) / (numel * 4)
         per_round = slope(got["tls_rss_by_round"][5:]) / 1024  # after the first rounds' allocations settle
-        memory.append(f"| {size} | {silos} | {rounds} | {numel * 4 / MIB:.0f} | {got['import_floor_rss'] / MIB:.0f} | "
-                      f"{got['peak_rss_bytes'] / MIB:.0f} | {fmt_x(above)} | {per_round:.1f} |")
-        verdicts.append(f"aggregator peak above the import floor at {size}, K = {silos}: {fmt_x(above)} against <= "
-                        f"{TARGET_MEMORY}x: {verdict(above, TARGET_MEMORY, False)}")
+        memory.append(
+            f"| {size} | {silos} | {rounds} | {numel * 4 / MIB:.0f} | {got['import_floor_rss'] / MIB:.0f} | "
+            f"{got['peak_rss_bytes'] / MIB:.0f} | {fmt_x(above)} | {per_round:.1f} |"
+        )
+        verdicts.append(
+            f"aggregator peak above the import floor at {size}, K = {silos}: {fmt_x(above)} against <= "
+            f"{TARGET_MEMORY}x: {verdict(above, TARGET_MEMORY, False)}"
+        )
     text = "\n".join([*lines, *memory, "", *[f"- {v}" for v in verdicts]])
     (work / "tls.md").write_text(text + "\n")
     print(text)

@@ -41,7 +41,9 @@ def load_rows(path: Path, rows: int, seed: int) -> tuple[list[str], np.ndarray]:
     return frame["text"].tolist(), frame["label"].astype(str).map(labels.index).to_numpy(np.int64)
 
 
-def trainer_run(model: Any, tokenizer: Any, texts: list[str], labels: np.ndarray, best: bool, workdir: str) -> Callable[[], None]:
+def trainer_run(
+    model: Any, tokenizer: Any, texts: list[str], labels: np.ndarray, best: bool, workdir: str
+) -> Callable[[], None]:
     import datasets
     from transformers import (
         DataCollatorWithPadding,
@@ -54,11 +56,24 @@ def trainer_run(model: Any, tokenizer: Any, texts: list[str], labels: np.ndarray
     encoded = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=padding)
     dataset = datasets.Dataset.from_dict({**encoded, "labels": labels.tolist()})
     args = TrainingArguments(
-        output_dir=workdir, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-        optim="sgd", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        output_dir=workdir,
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
         train_sampling_strategy="group_by_length" if best else "random",
-        save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     collator = DataCollatorWithPadding(tokenizer) if best else default_data_collator
 
@@ -111,8 +126,11 @@ def main() -> None:
         warm_texts, warm_labels = texts[:BATCH], labels[:BATCH]
         for name in VARIANTS:
             maker = fedsilo_run if name.startswith("fedsilo") else trainer_run
-            kwargs = {"grouped": name.endswith("grouped")} if name.startswith("fedsilo") else {
-                "best": name.endswith("best"), "workdir": workdir}
+            kwargs = (
+                {"grouped": name.endswith("grouped")}
+                if name.startswith("fedsilo")
+                else {"best": name.endswith("best"), "workdir": workdir}
+            )
             maker(model, tokenizer, warm_texts, warm_labels, **kwargs)()  # type: ignore[operator]
 
         # Wall time is what the targets are about; CPU time (all threads of this process)
@@ -120,7 +138,7 @@ def main() -> None:
         seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
         cpu_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for rep in range(args.reps):
-            order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
+            order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
             for name in order:
                 model.load_state_dict(initial)
                 started, cpu_started = time.perf_counter(), time.process_time()
@@ -129,11 +147,19 @@ def main() -> None:
                 cpu_seconds[name].append(time.process_time() - cpu_started)
                 print(f"rep {rep + 1}/{args.reps} {name}: {args.rows / seconds[name][-1]:.1f} samples/s", flush=True)
 
-    args.out.write_text(json.dumps({
-        "rows": args.rows, "seconds": seconds, "cpu_seconds": cpu_seconds, "threads": torch.get_num_threads(),
-        "mean_tokens": float(np.mean(lengths)), "max_tokens": int(np.max(lengths)),
-        "omp": os.environ.get("OMP_NUM_THREADS"),
-    }))
+    args.out.write_text(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "threads": torch.get_num_threads(),
+                "mean_tokens": float(np.mean(lengths)),
+                "max_tokens": int(np.max(lengths)),
+                "omp": os.environ.get("OMP_NUM_THREADS"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -82,16 +82,19 @@ def grpc_receiver(directory: Path, port: int, numel: int, reps: int, out: mp.Que
     def upload(requests, context):  # type: ignore[no-untyped-def]
         at = 0
         for message in requests:
-            view[at:at + len(message)] = memoryview(message)
+            view[at : at + len(message)] = memoryview(message)
             at += len(message)
         return b"ok"
 
-    handler = grpc.method_handlers_generic_handler("fedsilo.Bench", {
-        "Upload": grpc.stream_unary_rpc_method_handler(upload)})
+    handler = grpc.method_handlers_generic_handler(
+        "fedsilo.Bench", {"Upload": grpc.stream_unary_rpc_method_handler(upload)}
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
     credentials = grpc.ssl_server_credentials(
         [((directory / "aggregator.key").read_bytes(), (directory / "aggregator.pem").read_bytes())],
-        root_certificates=(directory / "ca.pem").read_bytes(), require_client_auth=True)
+        root_certificates=(directory / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
     server.add_secure_port(f"127.0.0.1:{port}", credentials)
     server.start()
     server.wait_for_termination(timeout=600)
@@ -101,8 +104,10 @@ def grpc_sender(directory: Path, port: int, numel: int, reps: int) -> list[float
     import grpc
 
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=(directory / "ca.pem").read_bytes(), private_key=(directory / "silo-1.key").read_bytes(),
-        certificate_chain=(directory / "silo-1.pem").read_bytes())
+        root_certificates=(directory / "ca.pem").read_bytes(),
+        private_key=(directory / "silo-1.key").read_bytes(),
+        certificate_chain=(directory / "silo-1.pem").read_bytes(),
+    )
     channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials)
     grpc.channel_ready_future(channel).result(timeout=60)
     upload = channel.stream_unary("/fedsilo.Bench/Upload")
@@ -110,7 +115,7 @@ def grpc_sender(directory: Path, port: int, numel: int, reps: int) -> list[float
     seconds = []
     for _ in range(reps):
         started = time.perf_counter()
-        upload(bytes(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK))
+        upload(bytes(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK))
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -120,8 +125,9 @@ def measure(kind: str, directory: Path, numel: int, reps: int) -> list[float]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out: mp.Queue = mp.Queue()
-    receiver = mp.Process(target=ssl_receiver if kind == "ssl" else grpc_receiver,
-                          args=(directory, port, numel, reps, out), daemon=True)
+    receiver = mp.Process(
+        target=ssl_receiver if kind == "ssl" else grpc_receiver, args=(directory, port, numel, reps, out), daemon=True
+    )
     receiver.start()
     time.sleep(0.5)
     seconds = (ssl_sender if kind == "ssl" else grpc_sender)(directory, port, numel, reps)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -14,7 +13,15 @@ from fedsilo.config import Settings, agreed_settings, settings_fingerprint
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import FederationError, FedsiloError
 from fedsilo.ledger import FederationRun, Outcome
-from fedsilo.model import architecture_fingerprint, bind_flat, build_model, flat_size, is_bound, load_flat, load_tokenizer
+from fedsilo.model import (
+    architecture_fingerprint,
+    bind_flat,
+    build_model,
+    flat_size,
+    is_bound,
+    load_flat,
+    load_tokenizer,
+)
 from fedsilo.progress import Log
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
@@ -41,8 +48,11 @@ def _agree_on_labels(mine: list[str] | None, hellos: dict[int, join.Hello]) -> t
             sets = "; ".join(f"silo {r}: [{', '.join(h.labels or [])}]" for r, h in sorted(hellos.items()))
             raise FederationError(f"silos disagree on the label set ({sets}); set --labels on every rank")
         mine = list(votes.pop())
-    wrong = {r: f"its label set [{', '.join(h.labels or [])}] differs from the federation's [{', '.join(mine)}]"
-             for r, h in hellos.items() if h.labels != mine}
+    wrong = {
+        r: f"its label set [{', '.join(h.labels or [])}] differs from the federation's [{', '.join(mine)}]"
+        for r, h in hellos.items()
+        if h.labels != mine
+    }
     return mine, wrong
 
 
@@ -79,7 +89,9 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
         tokenizer = load_tokenizer(settings.model.model)
         test, labels = aggregator_test_data(settings, tokenizer)
         if token is None and fed.transport == "collective":
-            log("warning: no join token set (FEDSILO_TOKEN or --token-file): any process that reaches the port can join")
+            log(
+                "warning: no join token set (FEDSILO_TOKEN or --token-file): any process that reaches the port can join"
+            )
 
         # admit the silos: authenticate, then check they agree on settings, labels and model
         door = transport.listen(settings, token, device, log)
@@ -90,8 +102,9 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             arch = architecture_fingerprint(model)
             mismatched = [r for r, h in hellos.items() if h.architecture != arch]
             if mismatched:
-                raise FederationError(f"silo(s) {mismatched} built a different model from the aggregator's "
-                                      f"({settings.model.model})")
+                raise FederationError(
+                    f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})"
+                )
             start = ledger.open(labels, flat_size(model), must_deliver=True)
         except FedsiloError as exc:
             # The admitted silos are blocked on their verdict: give them the reason, not a hang-up.
@@ -165,8 +178,13 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
 
         # evaluate, here or on the silos' held-out data
         if rounds.test is not None:
-            result = evaluate(model, rounds.test, batch_size=settings.train.eval_batch_size,
-                              attention_mask=settings.model.attention_mask, fast_paths=settings.train.fast_paths)
+            result = evaluate(
+                model,
+                rounds.test,
+                batch_size=settings.train.eval_batch_size,
+                attention_mask=settings.model.attention_mask,
+                fast_paths=settings.train.fast_paths,
+            )
         else:
             with group.phase(f"round {round_}: evaluation on the silos"):
                 result = EvalResult.from_rows(group.gather_rows(EvalResult.placeholder()))

@@ -55,7 +55,7 @@ def take_update(
             local[start:stop].copy_(reference[start:stop])
         if table is not None:
             end = table.offset + table.shape[0] * table.shape[1]
-            mine, theirs, total = (v[table.offset:end].view(table.shape) for v in (local, reference, summed))
+            mine, theirs, total = (v[table.offset : end].view(table.shape) for v in (local, reference, summed))
             before = theirs.index_select(0, table.index)
             update = mine.index_select(0, table.index).sub_(before)
             squares += float(update.norm()) ** 2

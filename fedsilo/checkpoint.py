@@ -49,8 +49,13 @@ def save(directory: Path, state: Checkpoint) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(
-                {"round": state.round, "weights": state.weights.detach().cpu(), "run_id": state.run_id,
-                 "labels": state.labels, "fingerprint": state.fingerprint},
+                {
+                    "round": state.round,
+                    "weights": state.weights.detach().cpu(),
+                    "run_id": state.run_id,
+                    "labels": state.labels,
+                    "fingerprint": state.fingerprint,
+                },
                 handle,
             )
             handle.flush()
@@ -70,7 +75,9 @@ def load(directory: Path, fingerprint: str) -> Checkpoint | None:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         state = Checkpoint(int(raw["round"]), raw["weights"], raw["run_id"], list(raw["labels"]), raw["fingerprint"])
     except Exception as exc:
-        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}); move it away to start over") from None
+        raise ConfigError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); move it away to start over"
+        ) from None
     if not isinstance(state.weights, torch.Tensor) or state.fingerprint != fingerprint or state.round < 1:
         raise ConfigError(f"checkpoint {path} is not one this federation wrote; move it away to start over")
     return state
@@ -80,8 +87,11 @@ def check_fits(state: Checkpoint, directory: Path, labels: list[str], size: int)
     """The checkpoint belongs to this model and label set (the files behind --model may have changed)."""
     path = checkpoint_path(directory, state.fingerprint)
     if state.labels != labels:
-        raise ConfigError(f"checkpoint {path} was written for labels [{', '.join(state.labels)}], this federation "
-                          f"has [{', '.join(labels)}]; move it away to start over")
+        raise ConfigError(
+            f"checkpoint {path} was written for labels [{', '.join(state.labels)}], this federation "
+            f"has [{', '.join(labels)}]; move it away to start over"
+        )
     if state.weights.numel() != size:
-        raise ConfigError(f"checkpoint {path} holds {state.weights.numel()} weights, the model has {size}; "
-                          "move it away to start over")
+        raise ConfigError(
+            f"checkpoint {path} holds {state.weights.numel()} weights, the model has {size}; move it away to start over"
+        )

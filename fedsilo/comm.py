@@ -226,6 +226,7 @@ class Group:
 
         Raises TimeoutError when the aggregator, which hosts the store, does not answer at all.
         """
+
         def read() -> str | None:
             if self.store.check(["fedsilo/abort"]):
                 return self.store.get("fedsilo/abort").decode()

@@ -58,8 +58,7 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="Column holding the label (string or integer).")
     labels: list[str] | None = Field(
         None,
-        description="The federation's label set, in order. Default: the sorted labels found in "
-        "the training data.",
+        description="The federation's label set, in order. Default: the sorted labels found in the training data.",
     )
     partition: Partition = Field(
         "iid",
@@ -75,9 +74,7 @@ class DataConfig(_Section):
         lt=1,
         description="Fraction held out for testing when no test split or test_dataset exists.",
     )
-    max_examples: int | None = Field(
-        None, gt=0, description="Use at most this many training examples (seeded sample)."
-    )
+    max_examples: int | None = Field(None, gt=0, description="Use at most this many training examples (seeded sample).")
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -103,14 +100,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Local batch size (paper: 32).")
     lr: float = Field(2e-5, gt=0, description="Plain SGD learning rate (paper: 2e-5).")
     seed: int = Field(0, ge=0, description="Seed for model initialisation, splits and data order.")
-    device: Device = Field(
-        "auto", description="Where to train: auto picks cuda when a GPU is visible."
-    )
+    device: Device = Field("auto", description="Where to train: auto picks cuda when a GPU is visible.")
     eval_batch_size: int = Field(128, gt=0, description="Batch size for evaluation.")
     group_by_length: bool = Field(
         False,
-        description="Batch texts of similar length together (less padding, faster; changes the "
-        "data order).",
+        description="Batch texts of similar length together (less padding, faster; changes the data order).",
     )
     fast_paths: bool = Field(
         True,
@@ -125,24 +119,16 @@ class FederationConfig(_Section):
     rounds: int = Field(10, ge=1, description="Communication rounds.")
     aggregator: str | None = Field(
         None,
-        description="HOST:PORT of the aggregator's rendezvous. Default: MASTER_ADDR:MASTER_PORT, "
-        "else 127.0.0.1:29500.",
+        description="HOST:PORT of the aggregator's rendezvous. Default: MASTER_ADDR:MASTER_PORT, else 127.0.0.1:29500.",
     )
-    backend: Backend = Field(
-        "auto", description="torch.distributed backend: auto is nccl with a GPU, gloo without."
-    )
-    join_timeout: float = Field(
-        600.0, gt=0, description="Seconds to wait for all ranks to join."
-    )
+    backend: Backend = Field("auto", description="torch.distributed backend: auto is nccl with a GPU, gloo without.")
+    join_timeout: float = Field(600.0, gt=0, description="Seconds to wait for all ranks to join.")
     round_timeout: float = Field(
         7200.0,
         gt=0,
-        description="Seconds any rank waits in one collective; must cover a silo's local "
-        "training of one round.",
+        description="Seconds any rank waits in one collective; must cover a silo's local training of one round.",
     )
-    token_file: Path | None = Field(
-        None, description="File holding the join token (else FEDSILO_TOKEN; never logged)."
-    )
+    token_file: Path | None = Field(None, description="File holding the join token (else FEDSILO_TOKEN; never logged).")
     update_policy: UpdatePolicy = Field(
         "fail",
         description="What to do with a non-finite or outlying update: stop the federation, or "
@@ -220,9 +206,23 @@ SECTIONS: dict[str, type[_Section]] = {
 
 # Keys that may differ between ranks: where a rank finds things, not what the federation computes.
 LOCAL_KEYS = frozenset(
-    {"aggregator", "backend", "device", "join_timeout", "round_timeout", "token_file",
-     "tracking_uri", "experiment", "checkpoint_dir", "eval_batch_size",
-     "tls_cert", "tls_key", "tls_ca", "tls_revoked", "tls_server_name"}
+    {
+        "aggregator",
+        "backend",
+        "device",
+        "join_timeout",
+        "round_timeout",
+        "token_file",
+        "tracking_uri",
+        "experiment",
+        "checkpoint_dir",
+        "eval_batch_size",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "tls_revoked",
+        "tls_server_name",
+    }
 )
 
 
@@ -259,9 +259,7 @@ def build_settings(flat: dict[str, Any]) -> Settings:
     routes = _key_to_section()
     unknown = sorted(set(flat) - set(routes))
     if unknown:
-        raise ConfigError(
-            f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(routes))})"
-        )
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(routes))})")
     grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in flat.items():
         grouped[routes[key]][key] = value

@@ -68,11 +68,9 @@ def _read_file(path: Path) -> Any:
 def _frame_to_examples(frame: Any, source: str, text_column: str, label_column: str) -> Examples:
     for column in (text_column, label_column):
         if column not in frame.columns:
-            raise DataError(
-                f"{source}: no column '{column}' (columns: {', '.join(map(str, frame.columns))})"
-            )
+            raise DataError(f"{source}: no column '{column}' (columns: {', '.join(map(str, frame.columns))})")
     texts, labels = frame[text_column].tolist(), frame[label_column].tolist()
-    for row, (text, label) in enumerate(zip(texts, labels), start=1):
+    for row, (text, label) in enumerate(zip(texts, labels, strict=False), start=1):
         if not isinstance(text, str):
             raise DataError(f"{source}: row {row} has no text in column '{text_column}' (got {text!r})")
         if label is None or (isinstance(label, float) and math.isnan(label)) or str(label).strip() == "":
@@ -104,9 +102,7 @@ def _load_local(path: Path, text_column: str, label_column: str) -> dict[str, Ex
     out = {}
     for split, members in by_split.items():
         parts = [_frame_to_examples(_read_file(f), str(f), text_column, label_column) for f in members]
-        out[split] = Examples(
-            [t for p in parts for t in p.texts], [lab for p in parts for lab in p.labels]
-        )
+        out[split] = Examples([t for p in parts for t in p.texts], [lab for p in parts for lab in p.labels])
     return out
 
 
@@ -188,9 +184,7 @@ def label_ids(examples: Examples, labels: list[str], where: str) -> np.ndarray:
     return ids
 
 
-def partition(
-    label_idx: np.ndarray, shards: int, scheme: str, seed: int, alpha: float = 0.5
-) -> list[np.ndarray]:
+def partition(label_idx: np.ndarray, shards: int, scheme: str, seed: int, alpha: float = 0.5) -> list[np.ndarray]:
     """Split row indices into ``shards`` parts: iid, label-sorted or dirichlet; seeded."""
     n = len(label_idx)
     if n < shards:
@@ -207,7 +201,7 @@ def partition(
         for label in np.unique(label_idx):
             rows = order[label_idx[order] == label]
             cuts = (np.cumsum(rng.dirichlet(np.full(shards, alpha))) * len(rows)).astype(int)[:-1]
-            for bucket, piece in zip(buckets, np.split(rows, cuts)):
+            for bucket, piece in zip(buckets, np.split(rows, cuts), strict=False):
                 bucket.extend(piece.tolist())
         parts = [np.array(sorted(b), dtype=np.int64) for b in buckets]
     else:

@@ -25,8 +25,16 @@ import torch
 LayerForward = Callable[..., torch.Tensor]
 
 
-def _attend_from_cls(attention: Any, query: Any, key: Any, value: Any, heads: int, eager: Callable[..., Any],
-                     hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _attend_from_cls(
+    attention: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    heads: int,
+    eager: Callable[..., Any],
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
     """Self-attention with [CLS] as the only query: ``(batch, 1, hidden)``, before the output projection.
     ``eager`` is the model's own attention function for ``attn_implementation="eager"``."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -39,8 +47,15 @@ def _attend_from_cls(attention: Any, query: Any, key: Any, value: Any, heads: in
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :1]  # the [CLS] query's row: which keys it may see
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
-    context, _ = interface(attention, q, k, v, attention_mask,
-                           dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling)
+    context, _ = interface(
+        attention,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=attention.dropout.p if attention.training else 0.0,
+        scaling=attention.scaling,
+    )
     return context.reshape(batch, 1, -1)
 
 
@@ -51,9 +66,19 @@ def _bert_forward(layer: Any) -> LayerForward:
     attention = layer.attention.self
 
     # An encoder (no decoder, no cross-attention: see _last_layer) gets no encoder states or cache.
-    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_: Any, **__: Any) -> torch.Tensor:
-        context = _attend_from_cls(attention, attention.query, attention.key, attention.value,
-                                   attention.num_attention_heads, eager_attention_forward, hidden_states, attention_mask)
+    def forward(
+        hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_: Any, **__: Any
+    ) -> torch.Tensor:
+        context = _attend_from_cls(
+            attention,
+            attention.query,
+            attention.key,
+            attention.value,
+            attention.num_attention_heads,
+            eager_attention_forward,
+            hidden_states,
+            attention_mask,
+        )
         attended = layer.attention.output(context, hidden_states[:, :1])
         return layer.output(layer.intermediate(attended), attended)
 
@@ -67,8 +92,16 @@ def _distilbert_forward(layer: Any) -> LayerForward:
     attention = layer.attention
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **__: Any) -> torch.Tensor:
-        context = _attend_from_cls(attention, attention.q_lin, attention.k_lin, attention.v_lin, attention.n_heads,
-                                   eager_attention_forward, hidden_states, attention_mask)
+        context = _attend_from_cls(
+            attention,
+            attention.q_lin,
+            attention.k_lin,
+            attention.v_lin,
+            attention.n_heads,
+            eager_attention_forward,
+            hidden_states,
+            attention_mask,
+        )
         attended = layer.sa_layer_norm(attention.out_lin(context) + hidden_states[:, :1])
         return layer.output_layer_norm(layer.ffn(attended) + attended)
 
@@ -83,8 +116,13 @@ def _last_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, LayerForward] 
     config = getattr(model, "config", None)
     # A decoder, cross-attention or a chunked feed-forward would take code paths this module
     # does not reproduce; flash or flex attention kernels might not take a one-row query.
-    if (config is None or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False)
-            or config.chunk_size_feed_forward or config._attn_implementation not in ("sdpa", "eager")):
+    if (
+        config is None
+        or getattr(config, "is_decoder", False)
+        or getattr(config, "add_cross_attention", False)
+        or config.chunk_size_feed_forward
+        or config._attn_implementation not in ("sdpa", "eager")
+    ):
         return None
     if type(model) is bert.BertForSequenceClassification and model.bert.pooler is not None:
         layer = model.bert.encoder.layer[-1]

@@ -55,7 +55,12 @@ def _threads_per_process(silos: int) -> str:
 
 def _start(role: str, argv: list[str], env: dict[str, str]) -> Child:
     process = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
         start_new_session=True,
     )
     reader = threading.Thread(target=_pump, args=(role, process.stdout), daemon=True)
@@ -85,8 +90,9 @@ def throwaway_identities(directory: Path, silos: int, host: str) -> dict[int, li
     flags = {}
     for rank in range(silos + 1):
         role: certs.Role = "aggregator" if rank == 0 else "silo"
-        key, cert = certs.issue(directory, ca_cert, ca_key, role, rank or None, hosts=[host] if rank == 0 else (),
-                                days=2)
+        key, cert = certs.issue(
+            directory, ca_cert, ca_key, role, rank or None, hosts=[host] if rank == 0 else (), days=2
+        )
         flags[rank] = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca_cert)]
     return flags
 
@@ -95,8 +101,13 @@ def launch_once(config_path: Path, silos: int, env: dict[str, str], rank_flags: 
     """Start the aggregator and K silos; return when all succeed, raise naming the first failure."""
     base = [sys.executable, "-m", "fedsilo"]
     silo_env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", _threads_per_process(silos))}
-    children = [_start("aggregator", [*base, "aggregator", "--config", str(config_path), *rank_flags.get(0, [])],
-                       {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})]
+    children = [
+        _start(
+            "aggregator",
+            [*base, "aggregator", "--config", str(config_path), *rank_flags.get(0, [])],
+            {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")},
+        )
+    ]
     try:
         for rank in range(1, silos + 1):
             argv = [*base, "silo", "--rank", str(rank), "--config", str(config_path), *rank_flags.get(rank, [])]

@@ -48,8 +48,9 @@ class Outcome:
 def simulation_key(settings: Settings, parent_run_id: str | None = None) -> str:
     """Where a simulation checkpoints: apart from ``fedsilo run`` federations with the same
     settings, and per MLflow experiment and sweep, so a resume never continues another's run."""
-    blob = json.dumps([settings_fingerprint(settings), settings.tracking.tracking_uri,
-                       settings.tracking.experiment, parent_run_id])
+    blob = json.dumps(
+        [settings_fingerprint(settings), settings.tracking.tracking_uri, settings.tracking.experiment, parent_run_id]
+    )
     return "simulate-" + fingerprint(blob)
 
 
@@ -90,10 +91,19 @@ class FederationRun:
     def start_round(self) -> int:
         return self.resumed.round + 1 if self.resumed else 1
 
-    def _tracker(self, run_id: str | None, params: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, str] | None = None) -> Tracker:
-        return Tracker(self.settings, self.labels, run_id, self.path.parent, self.log,
-                       parent_run_id=self.parent_run_id, params=dict(params or {}), tags=dict(tags or {}))
+    def _tracker(
+        self, run_id: str | None, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ) -> Tracker:
+        return Tracker(
+            self.settings,
+            self.labels,
+            run_id,
+            self.path.parent,
+            self.log,
+            parent_run_id=self.parent_run_id,
+            params=dict(params or {}),
+            tags=dict(tags or {}),
+        )
 
     # -- start -----------------------------------------------------------------------------------
     def open(self, labels: list[str], size: int, *, must_deliver: bool = False) -> int:
@@ -112,7 +122,8 @@ class FederationRun:
                     raise FederationError(
                         f"the last federation with these settings finished, but its results still wait in "
                         f"{self.path.parent} for MLflow at {redact_uri(self.settings.tracking.tracking_uri)}; start again "
-                        "once it is reachable")
+                        "once it is reachable"
+                    )
                 self.resumed = None
         return self.start_round
 
@@ -134,7 +145,9 @@ class FederationRun:
         round's line. A crash between the two repeats the round, whose metrics MLflow then skips."""
         assert self.tracker is not None, "track() first"
         self.tracker.log_round(round_, metrics)
-        checkpoint.save(self.directory, checkpoint.Checkpoint(round_, weights, self.tracker.run_id, self.labels, self.key))
+        checkpoint.save(
+            self.directory, checkpoint.Checkpoint(round_, weights, self.tracker.run_id, self.labels, self.key)
+        )
         self.final_accuracy = metrics["test_accuracy"]
         self.log(round_line(round_, self.settings.federation.rounds, metrics))
 

@@ -24,8 +24,7 @@ def load_tokenizer(name: str) -> Any:
         return AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         raise ModelError(
-            f"cannot load tokenizer '{name}' (not a local directory and not reachable on the hub): "
-            f"{first_line(exc)}"
+            f"cannot load tokenizer '{name}' (not a local directory and not reachable on the hub): {first_line(exc)}"
         ) from None
 
 
@@ -55,8 +54,11 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
             ignore_mismatched_sizes=True,
         )
     except Exception as exc:
-        where = ("from local directory" if Path(name).expanduser().is_dir()
-                 else "(not a local directory and not reachable on the hub)")
+        where = (
+            "from local directory"
+            if Path(name).expanduser().is_dir()
+            else "(not a local directory and not reachable on the hub)"
+        )
         raise ModelError(f"cannot load model '{name}' {where}: {first_line(exc)}") from None
     return typing.cast(torch.nn.Module, model)
 
@@ -120,9 +122,13 @@ def bind_flat(model: torch.nn.Module) -> torch.Tensor:
 def offset_in(flat: torch.Tensor, tensor: torch.Tensor) -> int:
     """Where ``tensor``, one of a bound model's tensors (see :func:`bind_flat`), starts in ``flat``."""
     offset, rest = divmod(tensor.data_ptr() - flat.data_ptr(), flat.element_size())
-    if (rest or tensor.dtype != flat.dtype or not tensor.is_contiguous()
-            or tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
-            or not 0 <= offset <= flat.numel() - tensor.numel()):
+    if (
+        rest
+        or tensor.dtype != flat.dtype
+        or not tensor.is_contiguous()
+        or tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+        or not 0 <= offset <= flat.numel() - tensor.numel()
+    ):
         raise ValueError("the tensor is not a contiguous slice of the flat vector")
     return offset
 
@@ -131,8 +137,11 @@ def is_bound(model: torch.nn.Module, flat: torch.Tensor) -> bool:
     """Whether every floating-point tensor of ``model`` is its slice of ``flat`` (see :func:`bind_flat`)."""
     offset, base = 0, flat.data_ptr()
     for tensor in float_tensors(model):
-        if (tensor.dtype != flat.dtype or not tensor.is_contiguous()
-                or tensor.data_ptr() != base + offset * flat.element_size()):
+        if (
+            tensor.dtype != flat.dtype
+            or not tensor.is_contiguous()
+            or tensor.data_ptr() != base + offset * flat.element_size()
+        ):
             return False
         offset += tensor.numel()
     return offset == flat.numel() and flat.is_contiguous()

@@ -80,10 +80,16 @@ def setting(key: str) -> OptionInfo:
 
 
 def settings_options(
-    config: Annotated[Path | None, typer.Option(
-        "--config", envvar="FEDSILO_CONFIG", rich_help_panel="Settings",
-        help="YAML file of settings (keys as the options below, with underscores); flags and FEDSILO_* "
-             "variables win over it.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="FEDSILO_CONFIG",
+            rich_help_panel="Settings",
+            help="YAML file of settings (keys as the options below, with underscores); flags and FEDSILO_* "
+            "variables win over it.",
+        ),
+    ] = None,
     model: Annotated[str | None, setting("model")] = None,
     max_length: Annotated[int | None, setting("max_length")] = None,
     attention_mask: Annotated[bool | None, setting("attention_mask")] = None,
@@ -226,6 +232,7 @@ def stop_on_sigterm() -> Iterator[None]:
     (simulate, sweep), whose time goes to Python and torch operators that return often; a rank
     blocked inside a collective would see it only when the collective returns.
     """
+
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

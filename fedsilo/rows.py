@@ -34,5 +34,5 @@ class WireRow:
     @classmethod
     def from_row(cls: type[R], row: list[float], **given: Any) -> R:
         """The record from a row's values (``given`` adds the fields the row does not carry)."""
-        values = {f.name: int(v) if f.type in ("int", int) else v for f, v in zip(cls.wire_fields(), row)}
+        values = {f.name: int(v) if f.type in ("int", int) else v for f, v in zip(cls.wire_fields(), row, strict=True)}
         return cls(**values, **given)

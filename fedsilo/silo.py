@@ -19,7 +19,9 @@ from fedsilo.workload import SiloData, silo_data
 
 def check_rank(rank: int, silos: int) -> None:
     if not 1 <= rank <= silos:
-        raise ConfigError(f"rank {rank} is outside 1..{silos} (the federation has {silos} silo(s); rank 0 is the aggregator)")
+        raise ConfigError(
+            f"rank {rank} is outside 1..{silos} (the federation has {silos} silo(s); rank 0 is the aggregator)"
+        )
 
 
 def serve(settings: Settings, rank: int, token: str | None, log: Log = print) -> None:
@@ -34,13 +36,16 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
     log(f"silo {rank}: {len(data.train)} training examples; joining {address[0]}:{address[1]}")
 
     link = transport.dial(settings, rank, token, device)
-    welcome = link.request_admission({
-        "settings": agreed_settings(settings),
-        "labels": data.labels,
-        "architecture": architecture_fingerprint(model),
-        "train_examples": len(data.train),
-        "eval_examples": len(data.eval) if data.eval is not None else 0,
-    }, fed.join_timeout)
+    welcome = link.request_admission(
+        {
+            "settings": agreed_settings(settings),
+            "labels": data.labels,
+            "architecture": architecture_fingerprint(model),
+            "train_examples": len(data.train),
+            "eval_examples": len(data.eval) if data.eval is not None else 0,
+        },
+        fed.join_timeout,
+    )
     if welcome.eval_on_silos and data.eval is None:
         raise ConfigError(f"silo {rank} has no held-out data to evaluate on")
     group = link.form_group(fed.silos + 1, fed.round_timeout)
@@ -73,9 +78,15 @@ def run_rounds(
         # start from the global model and train locally
         local.copy_(weights)
         result = local_train(
-            model, data.train, epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
-            seed=(train.seed, rank, round_), attention_mask=settings.model.attention_mask,
-            group_by_length=train.group_by_length, fast_paths=train.fast_paths,
+            model,
+            data.train,
+            epochs=train.local_epochs,
+            batch_size=train.batch_size,
+            lr=train.lr,
+            seed=(train.seed, rank, round_),
+            attention_mask=settings.model.attention_mask,
+            group_by_length=train.group_by_length,
+            fast_paths=train.fast_paths,
             progress=batch_progress(log, f"round {round_}:", last_batch=True),
         )
 
@@ -104,7 +115,12 @@ def run_rounds(
         if welcome.eval_on_silos:
             assert data.eval is not None
             local.copy_(weights)
-            scores = evaluate(model, data.eval, batch_size=train.eval_batch_size,
-                              attention_mask=settings.model.attention_mask, fast_paths=train.fast_paths)
+            scores = evaluate(
+                model,
+                data.eval,
+                batch_size=train.eval_batch_size,
+                attention_mask=settings.model.attention_mask,
+                fast_paths=train.fast_paths,
+            )
             with group.phase(f"round {round_}: reporting evaluation"):
                 group.gather_rows(scores.to_row())

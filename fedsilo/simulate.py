@@ -56,24 +56,32 @@ def simulate(
     sweep uses them to nest its cells.
     """
     if not shared_dataset(settings):
-        raise ConfigError("simulate splits one --dataset among the clients: choose --partition iid, "
-                          "label-sorted or dirichlet (none means each silo brings its own data)")
+        raise ConfigError(
+            "simulate splits one --dataset among the clients: choose --partition iid, "
+            "label-sorted or dirichlet (none means each silo brings its own data)"
+        )
     device = resolve_device(settings.train.device)
     with FederationRun(settings, simulation_key(settings, parent_run_id), log, parent_run_id=parent_run_id) as ledger:
         tokenizer = load_tokenizer(settings.model.model)
         shards, test, labels = client_shards(settings, tokenizer, settings.federation.silos)
         model = build_model(settings.model.model, labels, settings.train.seed).to(device)
         if settings.federation.transfer_dtype != "float32":
-            log(f"note: simulate sums updates in float32; transfer_dtype={settings.federation.transfer_dtype} "
-                "only changes what travels in `fedsilo run`")
+            log(
+                f"note: simulate sums updates in float32; transfer_dtype={settings.federation.transfer_dtype} "
+                "only changes what travels in `fedsilo run`"
+            )
         ledger.open(labels, flat_size(model))
         ledger.restore(model)
         sizes = sorted(len(s) for s in shards)
-        log(f"simulating {len(shards)} client(s) on {device}: {sum(sizes)} training examples "
-            f"({sizes[0]} to {sizes[-1]} per client), {len(test)} test examples")
+        log(
+            f"simulating {len(shards)} client(s) on {device}: {sum(sizes)} training examples "
+            f"({sizes[0]} to {sizes[-1]} per client), {len(test)} test examples"
+        )
 
-        ledger.track({MAJORITY_PARAM: f"{majority_share(test):.6f}", **(params or {})},
-                     {"fedsilo.mode": "simulate", **(tags or {})})
+        ledger.track(
+            {MAJORITY_PARAM: f"{majority_share(test):.6f}", **(params or {})},
+            {"fedsilo.mode": "simulate", **(tags or {})},
+        )
         local = bind_flat(model)  # the model's own storage: each client trains in it
         weights = local.clone()
         run_rounds(Clients(settings, model, local, weights, shards, test, log), ledger)
@@ -113,8 +121,13 @@ def run_rounds(clients: Clients, ledger: FederationRun) -> None:
         clients.local.copy_(weights)
 
         # evaluate on the shared test set
-        result = evaluate(clients.model, clients.test, batch_size=settings.train.eval_batch_size,
-                          attention_mask=settings.model.attention_mask, fast_paths=settings.train.fast_paths)
+        result = evaluate(
+            clients.model,
+            clients.test,
+            batch_size=settings.train.eval_batch_size,
+            attention_mask=settings.model.attention_mask,
+            fast_paths=settings.train.fast_paths,
+        )
 
         # log and checkpoint (the aggregator's metric names, less the wire's)
         ledger.record(round_, weights, round_metrics(result, reports, accepted, skipped, time.perf_counter() - started))
@@ -128,16 +141,25 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
     settings, local, data = clients.settings, clients.local, clients.shards[k - 1]
     train = settings.train
     result = local_train(
-        clients.model, data, epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
-        seed=(train.seed, k, round_), attention_mask=settings.model.attention_mask,
-        group_by_length=train.group_by_length, fast_paths=train.fast_paths,
+        clients.model,
+        data,
+        epochs=train.local_epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        seed=(train.seed, k, round_),
+        attention_mask=settings.model.attention_mask,
+        group_by_length=train.group_by_length,
+        fast_paths=train.fast_paths,
         progress=batch_progress(clients.log, f"round {round_}: client {k}/{len(clients.shards)}"),
     )
     # the update theta_k - theta, formed in the model's own buffer as a silo forms it, added to
     # the sum, and the buffer back to the global model for the next client. Embedding rows none
     # of this client's tokens reached are the global model's still (plain SGD, sparse gradients):
     # they are skipped, half of MiniLM for a client with a few thousand distinct tokens.
-    rows = [Rows(offset_in(local, table), (table.shape[0], table.shape[1]), index)
-            for table, index in result.changed_rows if 2 * index.numel() < table.shape[0]]
+    rows = [
+        Rows(offset_in(local, table), (table.shape[0], table.shape[1]), index)
+        for table, index in result.changed_rows
+        if 2 * index.numel() < table.shape[0]
+    ]
     norm = take_update(summed, local, clients.weights, len(data), rows)
     return Report(k, len(data), result.mean_loss, norm)

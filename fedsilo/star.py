@@ -77,8 +77,11 @@ def bytes_of(flat: torch.Tensor) -> memoryview:
 
 def keep_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
         if hasattr(socket, name):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -194,8 +197,14 @@ class StarListener:
     says nothing is logged in one line and closed; the listener goes on admitting the real silos.
     """
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, identify: Callable[[ssl.SSLSocket], int],
-                 silos: int, log: Log) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        context: ssl.SSLContext,
+        identify: Callable[[ssl.SSLSocket], int],
+        silos: int,
+        log: Log,
+    ) -> None:
         """``identify`` maps a connection whose handshake passed to the rank its certificate binds, or
         raises FedsiloError (revoked, wrong role, no rank)."""
         self.context, self.identify, self.silos, self.log = context, identify, silos, log
@@ -435,15 +444,17 @@ def dial(address: tuple[str, int], context: ssl.SSLContext, server_name: str, ti
             break
         except OSError as exc:
             if time.monotonic() >= deadline:
-                raise FederationError(f"cannot reach the aggregator at {address[0]}:{address[1]} within "
-                                      f"{timeout:g}s ({_reason(exc)})") from None
+                raise FederationError(
+                    f"cannot reach the aggregator at {address[0]}:{address[1]} within {timeout:g}s ({_reason(exc)})"
+                ) from None
             time.sleep(0.5)
     try:
         tls = context.wrap_socket(sock, server_hostname=server_name)
     except (OSError, ValueError) as exc:
         sock.close()
-        raise FederationError(f"TLS handshake with the aggregator at {address[0]}:{address[1]} failed: "
-                              f"{_reason(exc)}") from None
+        raise FederationError(
+            f"TLS handshake with the aggregator at {address[0]}:{address[1]} failed: {_reason(exc)}"
+        ) from None
     keep_alive(tls)
     return tls
 
@@ -470,8 +481,9 @@ class StarLink:
         except ssl.SSLError as exc:  # the aggregator's OpenSSL refused our certificate: its alert says why
             raise JoinRefused(f"the aggregator refused silo {self.rank}'s certificate ({_reason(exc)})") from None
         except (OSError, ValueError) as exc:
-            raise FederationError(f"silo {self.rank} got no verdict: {_reason(exc)}; the aggregator went away or "
-                                  "did not answer in time") from None
+            raise FederationError(
+                f"silo {self.rank} got no verdict: {_reason(exc)}; the aggregator went away or did not answer in time"
+            ) from None
         if not verdict.pop("ok"):
             raise JoinRefused(f"the aggregator refused silo {self.rank}: {verdict['reason']}")
         return Welcome(**verdict)

@@ -33,7 +33,6 @@ from fedsilo.tracking import (
     search_all_runs,
 )
 
-
 SETTING_KEYS = frozenset(key for section in SECTIONS.values() for key in section.model_fields)
 # Sweep-only keys, logged as params of each cell for `fedsilo report`: accuracy is read at the
 # budget round; the run goes on to the threshold (the paper's second threshold) for
@@ -57,8 +56,10 @@ def _check_keys(keys: Any, where: str) -> None:
         if key in TOP_LEVEL_KEYS:
             raise ValueError(f"{where}.{key}: set '{key}' at the top level of the sweep file (one per sweep)")
         if key not in CELL_KEYS:
-            raise ValueError(f"{where}.{key}: unknown key (settings keys as in `fedsilo simulate --help`, "
-                             f"with underscores, or {', '.join(sorted(EXTRA_KEYS))})")
+            raise ValueError(
+                f"{where}.{key}: unknown key (settings keys as in `fedsilo simulate --help`, "
+                f"with underscores, or {', '.join(sorted(EXTRA_KEYS))})"
+            )
 
 
 class SweepSpec(BaseModel):
@@ -67,21 +68,25 @@ class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     experiment: str | None = Field(
-        None, min_length=1,
-        description="MLflow experiment of the parent run and its cells. Default: the file's name.")
+        None, min_length=1, description="MLflow experiment of the parent run and its cells. Default: the file's name."
+    )
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     settings: dict[str, Any] = Field(
         default_factory=dict,
         description="Settings every cell shares: flat keys as `fedsilo simulate` takes them, plus "
         "budget (the round at which accuracy is reported) and threshold (the last round; rounds "
-        "defaults to it).")
+        "defaults to it).",
+    )
     grid: dict[str, list[Any]] = Field(
-        ..., description="Keys to vary, each with a list of values; every combination is a cell, "
-        "the first key varying slowest.")
+        ...,
+        description="Keys to vary, each with a list of values; every combination is a cell, "
+        "the first key varying slowest.",
+    )
     per_dataset: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Overrides for the cells of one dataset (keyed by its `dataset` value exactly "
-        "as written), e.g. rounds, budget and threshold.")
+        "as written), e.g. rounds, budget and threshold.",
+    )
 
     @field_validator("settings", "grid", mode="before")
     @classmethod
@@ -110,8 +115,9 @@ class SweepSpec(BaseModel):
         for dataset, overrides in self.per_dataset.items():
             _check_keys(overrides, f"per_dataset.{dataset}")
             if dataset not in datasets:
-                raise ValueError(f"per_dataset.{dataset}: no such dataset in the sweep "
-                                 f"(datasets: {', '.join(sorted(datasets))})")
+                raise ValueError(
+                    f"per_dataset.{dataset}: no such dataset in the sweep (datasets: {', '.join(sorted(datasets))})"
+                )
             for key in overrides:
                 if key in self.grid:
                     raise ValueError(f"per_dataset.{dataset}.{key}: also a grid key; keep one")
@@ -149,8 +155,9 @@ def read_spec(path: Path) -> SweepSpec:
 
 def cell_key(settings: Settings, budget: int | None, threshold: int | None) -> str:
     """Hash of what decides a cell's result; where it runs (device, MLflow, paths) is left out."""
-    return fingerprint(json.dumps({"settings": agreed_settings(settings), "budget": budget, "threshold": threshold},
-                                  sort_keys=True))
+    return fingerprint(
+        json.dumps({"settings": agreed_settings(settings), "budget": budget, "threshold": threshold}, sort_keys=True)
+    )
 
 
 def sweep_key(cells: list[Cell]) -> str:
@@ -165,7 +172,7 @@ def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
     seen: dict[str, int] = {}
     combos = list(itertools.product(*spec.grid.values()))
     for index, combo in enumerate(combos, start=1):
-        varying = dict(zip(spec.grid, combo))
+        varying = dict(zip(spec.grid, combo, strict=False))
         flat = {**spec.settings, **varying}
         flat.update(spec.per_dataset.get(str(flat.get("dataset")), {}))
         where = f"cell {index}/{len(combos)} ({' '.join(f'{k}={v}' for k, v in varying.items())})"
@@ -174,8 +181,10 @@ def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {name} must be a positive whole number of rounds, got {value!r}")
         if threshold is not None and flat.setdefault("rounds", threshold) != threshold:
-            raise ConfigError(f"{where}: rounds ({flat['rounds']}) and threshold ({threshold}) disagree; "
-                              "a cell runs to its threshold, so set one of them")
+            raise ConfigError(
+                f"{where}: rounds ({flat['rounds']}) and threshold ({threshold}) disagree; "
+                "a cell runs to its threshold, so set one of them"
+            )
         flat.update(experiment=experiment, tracking_uri=spec.tracking_uri)
         try:
             settings = build_settings(flat)
@@ -206,14 +215,16 @@ class SweepParent:
         try:
             self.experiment_id = get_or_create_experiment(client, experiment)
             same_sweep = f"tags.`{PARENT_TAG}` = 'parent' and tags.`{SWEEP_KEY_TAG}` = '{key}'"
-            previous = client.search_runs([self.experiment_id], filter_string=same_sweep,
-                                          order_by=["attributes.start_time DESC"], max_results=1)
+            previous = client.search_runs(
+                [self.experiment_id], filter_string=same_sweep, order_by=["attributes.start_time DESC"], max_results=1
+            )
             if previous:
                 self.run_id = previous[0].info.run_id
                 client.update_run(self.run_id, status="RUNNING")
             else:
-                self.run_id = client.create_run(self.experiment_id, run_name=name,
-                                                tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}).info.run_id
+                self.run_id = client.create_run(
+                    self.experiment_id, run_name=name, tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}
+                ).info.run_id
                 client.log_dict(self.run_id, spec, "sweep.yaml")
         except Exception as exc:  # noqa: BLE001 - transport, server and store errors alike
             raise ConfigError(redact_uri(f"cannot use MLflow at {tracking_uri}: {first_line(exc)}")) from None
@@ -252,12 +263,15 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
         log(f"{n} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
         return cells
 
-    parent = SweepParent(spec.tracking_uri, experiment, sweep_key(cells), name=path.stem,
-                         spec=spec.model_dump(mode="json"))
+    parent = SweepParent(
+        spec.tracking_uri, experiment, sweep_key(cells), name=path.stem, spec=spec.model_dump(mode="json")
+    )
     done = parent.finished_cells()
     todo = [c for c in cells if c.key not in done]
-    log(f"{'continuing' if parent.resumed else 'starting'} {parent.ui_hint()}: {n} cell(s), "
-        f"{n - len(todo)} finished already, {len(todo)} to run")
+    log(
+        f"{'continuing' if parent.resumed else 'starting'} {parent.ui_hint()}: {n} cell(s), "
+        f"{n - len(todo)} finished already, {len(todo)} to run"
+    )
     failures: list[str] = []
     started = time.perf_counter()
     try:
@@ -269,8 +283,13 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
             log(head)
             cell_started = time.perf_counter()
             try:
-                outcome = simulate(cell.settings, _prefixed(log, f"  [{cell.index}/{n}] "),
-                                   parent_run_id=parent.run_id, params=cell.params(), tags={CELL_TAG: cell.key})
+                outcome = simulate(
+                    cell.settings,
+                    _prefixed(log, f"  [{cell.index}/{n}] "),
+                    parent_run_id=parent.run_id,
+                    params=cell.params(),
+                    tags={CELL_TAG: cell.key},
+                )
             except FedsiloError as exc:
                 # Other cells may still work (another model, another dataset); a rerun retries this one.
                 failures.append(f"cell {cell.index} ({cell.label()}): {exc}")
@@ -282,9 +301,11 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
             done[cell.key] = outcome.run_id
             discard_finished(cell.settings, simulation_key(cell.settings, parent.run_id))
             parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
-            log(f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
+            log(
+                f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
                 f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
-                f"{len(done)}/{n} cells finished, {time.perf_counter() - started:.0f}s so far)")
+                f"{len(done)}/{n} cells finished, {time.perf_counter() - started:.0f}s so far)"
+            )
     except BaseException as exc:
         parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -294,6 +315,5 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
     if done:
         log(f"summarise it: fedsilo report --experiment {experiment}{store}")
     if failures:
-        raise SweepError(f"{len(failures)} of {n} cell(s) failed; rerun the sweep to retry them. "
-                         f"First: {failures[0]}")
+        raise SweepError(f"{len(failures)} of {n} cell(s) failed; rerun the sweep to retry them. First: {failures[0]}")
     return cells

@@ -13,8 +13,8 @@ creation, reading every run, a URI fit to print), so that writers and readers ca
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -128,10 +128,17 @@ class Tracker:
                 if self.parent_run_id:
                     tags[PARENT_RUN_TAG] = self.parent_run_id
                 self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
-                params = {**self.settings.flat(), "tracking_uri": self.uri, "num_labels": len(self.labels), **self.extra_params}
+                params = {
+                    **self.settings.flat(),
+                    "tracking_uri": self.uri,
+                    "num_labels": len(self.labels),
+                    **self.extra_params,
+                }
                 from mlflow.entities import Param
 
-                self.client.log_batch(self.run_id, params=[Param(k, "" if v is None else str(v)) for k, v in params.items()])
+                self.client.log_batch(
+                    self.run_id, params=[Param(k, "" if v is None else str(v)) for k, v in params.items()]
+                )
                 self.client.log_dict(self.run_id, {"labels": self.labels}, "labels.json")
             else:
                 self.client.update_run(self.run_id, status="RUNNING")
@@ -145,8 +152,10 @@ class Tracker:
         # Warn once per outage, and again only when the reason changes (not once per round).
         reason = redact_uri(_first_line(exc))
         if reason != self._warned:
-            self.log(f"warning: MLflow at {self.uri} is unreachable ({reason}); training goes on, "
-                     f"metrics wait in {self._pending} and are delivered when it is back")
+            self.log(
+                f"warning: MLflow at {self.uri} is unreachable ({reason}); training goes on, "
+                f"metrics wait in {self._pending} and are delivered when it is back"
+            )
             self._warned = reason
 
     # -- metrics ---------------------------------------------------------------------------------
@@ -221,19 +230,25 @@ class Tracker:
                 return True
             except Exception as exc:
                 self._unreachable(exc)
-        self.log(f"warning: MLflow is still unreachable; results are kept in {self.outbox} and delivered "
-                 "at the next start with the same settings")
+        self.log(
+            f"warning: MLflow is still unreachable; results are kept in {self.outbox} and delivered "
+            "at the next start with the same settings"
+        )
         return False
 
     def ui_hint(self) -> str:
         if self.run_id is None or self.experiment_id is None:
             return f"MLflow run not created yet ({self.uri} unreachable)"
         command = f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite:") else f"open {self.uri}"
-        return (f"MLflow run {self.run_id} (experiment {self.experiment_id}); to browse it: "
-                f"{command}, then http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+        return (
+            f"MLflow run {self.run_id} (experiment {self.experiment_id}); to browse it: "
+            f"{command}, then http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        )
 
 
-def round_metrics(result: Any, reports: list[Any], accepted: list[int], skipped: list[str], seconds: float) -> dict[str, float]:
+def round_metrics(
+    result: Any, reports: list[Any], accepted: list[int], skipped: list[str], seconds: float
+) -> dict[str, float]:
     """The metrics every round logs, in the aggregator and in the simulation alike."""
     total = sum(r.examples for r in reports if r.rank in accepted)
     metrics = {
@@ -250,6 +265,8 @@ def round_metrics(result: Any, reports: list[Any], accepted: list[int], skipped:
 
 
 def round_line(round_: int, rounds: int, metrics: dict[str, float]) -> str:
-    return (f"round {round_}/{rounds}: test_accuracy={metrics['test_accuracy']:.4f} "
-            f"test_loss={metrics['test_loss']:.4f} train_loss={metrics['train_loss']:.4f} "
-            f"({metrics['round_seconds']:.1f}s)")
+    return (
+        f"round {round_}/{rounds}: test_accuracy={metrics['test_accuracy']:.4f} "
+        f"test_loss={metrics['test_loss']:.4f} train_loss={metrics['train_loss']:.4f} "
+        f"({metrics['round_seconds']:.1f}s)"
+    )

@@ -86,12 +86,14 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
     Yields a mapping that, once the block ends, holds each table's weight and the sorted rows
     its gradients reached (tables that ever got a dense gradient, a tied weight, are left out).
     """
-    dense = [m for m in model.modules()
-             if isinstance(m, torch.nn.Embedding) and not m.sparse and m.weight.requires_grad]
+    dense = [
+        m for m in model.modules() if isinstance(m, torch.nn.Embedding) and not m.sparse and m.weight.requires_grad
+    ]
     # One flag per row, set as gradients arrive (bounded, and no host sync per batch); None once
     # a table got a dense gradient, after which any of its rows may change.
     reached: dict[torch.nn.Embedding, torch.Tensor | None] = {
-        m: torch.zeros(m.num_embeddings, dtype=torch.bool, device=m.weight.device) for m in dense}
+        m: torch.zeros(m.num_embeddings, dtype=torch.bool, device=m.weight.device) for m in dense
+    }
 
     def hook(module: torch.nn.Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
         def coalesce(grad: torch.Tensor) -> torch.Tensor:
@@ -103,6 +105,7 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
             if rows is not None:
                 rows[grad.indices()[0]] = True
             return grad
+
         return coalesce
 
     hooks = [m.weight.register_hook(hook(m)) for m in dense]  # type: ignore[no-untyped-call]
@@ -112,7 +115,7 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
     try:
         yield changed
     finally:
-        for module, handle in zip(dense, hooks):
+        for module, handle in zip(dense, hooks, strict=False):
             module.sparse = False
             handle.remove()
     changed.update((m.weight, rows.nonzero().squeeze(1)) for m, rows in reached.items() if rows is not None)
@@ -155,8 +158,12 @@ def local_train(
             speedups.enter_context(cls_only_last_layer(model))
         for epoch in range(epochs):
             for batch in iterate_batches(
-                data, batch_size, (*seed, epoch),
-                shuffle=True, group_by_length=group_by_length, attention_mask=attention_mask,
+                data,
+                batch_size,
+                (*seed, epoch),
+                shuffle=True,
+                group_by_length=group_by_length,
+                attention_mask=attention_mask,
             ):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 # forward backward update
@@ -171,8 +178,9 @@ def local_train(
                 done += 1
                 if progress is not None and (done % PROGRESS_EVERY == 0 or done == total_batches):
                     progress(done, total_batches, float(loss_sum) / seen)
-    return TrainResult(seen // epochs, float(loss_sum) / max(seen, 1), time.perf_counter() - started,
-                       tuple(changed.items()))
+    return TrainResult(
+        seen // epochs, float(loss_sum) / max(seen, 1), time.perf_counter() - started, tuple(changed.items())
+    )
 
 
 @torch.inference_mode()

@@ -83,14 +83,18 @@ class StoreLink:
         return join.request_admission(self.store, self.rank, self.token, hello_fields)
 
     def form_group(self, world_size: int, round_timeout: float) -> comm.Transport:
-        return comm.form_group(self.store, self.rank, world_size, self.backend, self.device, round_timeout,
-                               self.address)
+        return comm.form_group(
+            self.store, self.rank, world_size, self.backend, self.device, round_timeout, self.address
+        )
 
 
 def _tls_files(settings: Settings) -> tuple[Path, Path, Path]:
     fed = settings.federation
-    missing = [flag for flag, value in (("--tls-cert", fed.tls_cert), ("--tls-key", fed.tls_key),
-                                        ("--tls-ca", fed.tls_ca)) if value is None]
+    missing = [
+        flag
+        for flag, value in (("--tls-cert", fed.tls_cert), ("--tls-key", fed.tls_key), ("--tls-ca", fed.tls_ca))
+        if value is None
+    ]
     if missing:
         raise ConfigError(f"--transport tls needs {', '.join(missing)} (see `fedsilo certs --help`)")
     assert fed.tls_cert and fed.tls_key and fed.tls_ca
@@ -137,8 +141,9 @@ def dial(settings: Settings, rank: int, token: str | None, device: torch.device)
         connection = star.dial(address, context, server_name, fed.join_timeout)
         # OpenSSL checked the chain and the name; that it is the aggregator's certificate, not another
         # member's that happens to carry the name, is checked here.
-        certs.check_peer(certs.peer_certificate(connection), certs.load_certificate(ca, "CA certificate"),
-                         role="aggregator")
+        certs.check_peer(
+            certs.peer_certificate(connection), certs.load_certificate(ca, "CA certificate"), role="aggregator"
+        )
         return star.StarLink(connection, rank)
     backend = comm.pick_backend(fed.backend, device)
     store = comm.open_store(rank, address[0], address[1], fed.join_timeout)

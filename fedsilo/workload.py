@@ -41,8 +41,10 @@ def _labels_for(settings: Settings, train: Examples, source: str) -> list[str]:
     found = label_set(train.labels)
     if len(found) < 2:
         # One label would build a 1-output head, which transformers treats as regression.
-        raise DataError(f"{source}: the training data holds only the label(s) [{', '.join(found)}]; "
-                        "a classifier needs at least two (set --labels to the full set)")
+        raise DataError(
+            f"{source}: the training data holds only the label(s) [{', '.join(found)}]; "
+            "a classifier needs at least two (set --labels to the full set)"
+        )
     return found
 
 

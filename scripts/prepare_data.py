@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 # all-MiniLM-L6-v2's shape, spelled as DistilBERT's config (n_heads: 384 / 12 = 32 per head).
-DISTILBERT_SHAPE: dict[str, Any] = {"dim": 384, "n_layers": 6, "n_heads": 12, "hidden_dim": 1536,
-                                    "activation": "gelu"}
+DISTILBERT_SHAPE: dict[str, Any] = {"dim": 384, "n_layers": 6, "n_heads": 12, "hidden_dim": 1536, "activation": "gelu"}
 # BERT layer key (after "encoder.layer.N.") -> DistilBERT key (after "transformer.layer.N.").
 LAYER_KEYS = {
     "attention.self.query": "attention.q_lin",
@@ -80,8 +79,8 @@ def distilbert_state(bert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pooler has no DistilBERT counterpart (its classifier has a new ``pre_classifier`` instead).
     """
     out = {
-        "embeddings.word_embeddings.weight":
-            bert["embeddings.word_embeddings.weight"] + bert["embeddings.token_type_embeddings.weight"][0],
+        "embeddings.word_embeddings.weight": bert["embeddings.word_embeddings.weight"]
+        + bert["embeddings.token_type_embeddings.weight"][0],
         "embeddings.position_embeddings.weight": bert["embeddings.position_embeddings.weight"],
         "embeddings.LayerNorm.weight": bert["embeddings.LayerNorm.weight"],
         "embeddings.LayerNorm.bias": bert["embeddings.LayerNorm.bias"],

@@ -20,8 +20,18 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # The modules that take longest, longest first: pytest-xdist (--dist loadfile) then hands out the
 # short ones last, and the two test processes finish close together.
-LONGEST_FIRST = ["test_bad_inputs", "test_federation", "test_pretrained", "test_chart_federates", "test_simulate",
-                 "test_tls", "test_resilience", "test_sweep", "test_chart", "test_ledger"]
+LONGEST_FIRST = [
+    "test_bad_inputs",
+    "test_federation",
+    "test_pretrained",
+    "test_chart_federates",
+    "test_simulate",
+    "test_tls",
+    "test_resilience",
+    "test_sweep",
+    "test_chart",
+    "test_ledger",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

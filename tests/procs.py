@@ -32,15 +32,19 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path, timeout: float = HANG_GUARD, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command(*args), cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(*args), cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=timeout
+    )
 
 
-def run_timed(*args: str, cwd: Path, timeout: float = HANG_GUARD,
-              **env: str) -> tuple[subprocess.CompletedProcess[str], list[tuple[float, str]]]:
+def run_timed(
+    *args: str, cwd: Path, timeout: float = HANG_GUARD, **env: str
+) -> tuple[subprocess.CompletedProcess[str], list[tuple[float, str]]]:
     """``run``, and when each line arrived: (seconds since the start, line) for stdout and stderr
     together, so that a test can time one phase of a process without its start-up."""
-    process = subprocess.Popen(command(*args), cwd=cwd, env=environment(**env), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(*args), cwd=cwd, env=environment(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     started, arrivals, texts = time.monotonic(), [], {}
 
     def read(name: str, stream: IO[str]) -> None:
@@ -50,8 +54,10 @@ def run_timed(*args: str, cwd: Path, timeout: float = HANG_GUARD,
             lines.append(line)
         texts[name] = "".join(lines)
 
-    readers = [threading.Thread(target=read, args=(name, stream), daemon=True)
-               for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
+    readers = [
+        threading.Thread(target=read, args=(name, stream), daemon=True)
+        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))
+    ]
     for reader in readers:
         reader.start()
     try:
@@ -65,8 +71,9 @@ def run_timed(*args: str, cwd: Path, timeout: float = HANG_GUARD,
 
 
 def start(*args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(command(*args), cwd=cwd, env=environment(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command(*args), cwd=cwd, env=environment(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(process: subprocess.Popen[str], timeout: float = HANG_GUARD) -> tuple[int, str]:
@@ -113,7 +120,7 @@ class Watched:
         """Wait for a line containing ``text``; return when it arrived."""
         deadline = time.monotonic() + timeout
         while True:
-            for at, line in zip(self.times, self.lines):
+            for at, line in zip(self.times, self.lines, strict=False):
                 if text in line:
                     return at
             exited = self.process.poll() is not None and not self._reader.is_alive()

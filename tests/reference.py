@@ -25,6 +25,6 @@ def weighted_average(models: Sequence[torch.Tensor], examples: Sequence[int]) ->
         raise ValueError(f"example counts must be positive, got {list(examples)}")
     total = sum(examples)
     out = torch.zeros_like(models[0], dtype=torch.float64)
-    for model, n in zip(models, examples):
+    for model, n in zip(models, examples, strict=False):
         out.add_(model.to(torch.float64), alpha=n / total)
     return out.to(models[0].dtype)

@@ -21,7 +21,7 @@ def test_running_sum_of_deltas_equals_weighted_average() -> None:
     locals_ = [reference + 0.01 * torch.randn(1000) for _ in range(3)]
     counts = [17, 250, 3]
     running = torch.zeros(1000)
-    for local, n in zip(locals_, counts):
+    for local, n in zip(locals_, counts, strict=False):
         buffer = local.clone()
         norm = take_update(running, buffer, reference, n)
         assert torch.equal(buffer, reference)  # left holding the reference again
@@ -52,15 +52,19 @@ def test_take_update_visits_only_the_listed_rows_of_a_table() -> None:
     assert torch.allclose(summed, 1.0 + 3 * expected_update, rtol=1e-6, atol=1e-6)
     assert math.isclose(norm, float(expected_update.norm()), rel_tol=1e-6)
     restored = torch.ones(27, dtype=torch.bool)
-    restored[4 + 2 * 3: 4 + 3 * 3] = False
+    restored[4 + 2 * 3 : 4 + 3 * 3] = False
     assert torch.equal(local[restored], reference[restored])
     assert torch.equal(local[10:13], reference[10:13] + 100.0)  # the unlisted row, untouched
 
 
 @pytest.mark.parametrize(
     "models, counts, message",
-    [([], [], "one example count"), ([torch.zeros(2)], [1, 2], "one example count"),
-     ([torch.zeros(2), torch.zeros(3)], [1, 1], "differ in shape"), ([torch.zeros(2)], [0], "positive")],
+    [
+        ([], [], "one example count"),
+        ([torch.zeros(2)], [1, 2], "one example count"),
+        ([torch.zeros(2), torch.zeros(3)], [1, 1], "differ in shape"),
+        ([torch.zeros(2)], [0], "positive"),
+    ],
 )
 def test_weighted_average_rejects_inconsistent_input(models, counts, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -100,14 +104,20 @@ def test_reports_are_read_from_the_gathered_rows_by_rank_without_the_aggregators
 
 def test_a_report_survives_its_row_and_the_placeholder_is_the_same_shape() -> None:
     report = Report(3, 2**40 + 1, 0.25, 7.5)  # a count beyond float32 still comes back exact
-    rows = torch.stack([Report.placeholder(), Report(1, 1, 0.0, 0.0).to_row(), Report(2, 1, 0.0, 0.0).to_row(),
-                        report.to_row()])
+    rows = torch.stack(
+        [Report.placeholder(), Report(1, 1, 0.0, 0.0).to_row(), Report(2, 1, 0.0, 0.0).to_row(), report.to_row()]
+    )
     assert Report.from_rows(rows)[-1] == report and Report.placeholder().shape == report.to_row().shape
 
 
 def test_evaluation_rows_add_up_over_silos_without_the_aggregators() -> None:
-    rows = torch.stack([EvalResult.placeholder() + 99,  # rank 0's row is never counted
-                        EvalResult(40, 12.0, 30).to_row(), EvalResult(60, 30.0, 36).to_row()])
+    rows = torch.stack(
+        [
+            EvalResult.placeholder() + 99,  # rank 0's row is never counted
+            EvalResult(40, 12.0, 30).to_row(),
+            EvalResult(60, 30.0, 36).to_row(),
+        ]
+    )
     total = EvalResult.from_rows(rows)
     assert total == EvalResult(100, 42.0, 66) and isinstance(total.correct, int)
     assert total.accuracy == 0.66 and total.loss == 0.42

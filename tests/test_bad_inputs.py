@@ -159,32 +159,65 @@ DATA_CASES = {
     "binary": (lambda d: _binary(d / "data.csv"), [], ["data.csv", "not UTF-8"]),
     "utf-16": (_write("data.csv", GOOD, "utf-16"), [], ["data.csv", "not UTF-8"]),
     "latin-1": (_write("data.csv", LATIN1, "latin-1"), [], ["data.csv", "not UTF-8"]),
-    "unclosed-quote": (_write("data.csv", 'text,label\n"an unclosed quote,pos\n' + GOOD[11:]), [],
-                       ["data.csv", "cannot be read as csv"]),
-    "corrupt-parquet": (_write("data.parquet", b"PAR1 not really parquet"), [],
-                        ["data.parquet", "cannot be read as parquet"]),
-    "corrupt-jsonl": (_write("data.jsonl", '{"text": "fine", "label": "pos"}\n{"text": "broken\n'), [],
-                      ["data.jsonl", "cannot be read as json"]),
-    "no-text-column": (_write("data.csv", GOOD.replace("text,label", "body,label", 1)), [],
-                       ["data.csv", "no column 'text'", "columns: body, label"]),
-    "no-label-column": (_write("data.csv", GOOD.replace("text,label", "text,sentiment", 1)), [],
-                        ["data.csv", "no column 'label'", "columns: text, sentiment"]),
-    "empty-label": (_write("data.csv", "text,label\ngood film,pos\nbad film,neg\ndull film,\n" + GOOD[11:]), [],
-                    ["data.csv", "row 3 has an empty label in column 'label'"]),
-    "nan-label": (_write("data.csv", "text,label\ngood film,pos\nbad film,NaN\n" + GOOD[11:]), [],
-                  ["data.csv", "row 2 has an empty label in column 'label'"]),
-    "empty-text": (_write("data.csv", "text,label\ngood film,pos\n,neg\n" + GOOD[11:]), [],
-                   ["data.csv", "row 2 has no text in column 'text'"]),
+    "unclosed-quote": (
+        _write("data.csv", 'text,label\n"an unclosed quote,pos\n' + GOOD[11:]),
+        [],
+        ["data.csv", "cannot be read as csv"],
+    ),
+    "corrupt-parquet": (
+        _write("data.parquet", b"PAR1 not really parquet"),
+        [],
+        ["data.parquet", "cannot be read as parquet"],
+    ),
+    "corrupt-jsonl": (
+        _write("data.jsonl", '{"text": "fine", "label": "pos"}\n{"text": "broken\n'),
+        [],
+        ["data.jsonl", "cannot be read as json"],
+    ),
+    "no-text-column": (
+        _write("data.csv", GOOD.replace("text,label", "body,label", 1)),
+        [],
+        ["data.csv", "no column 'text'", "columns: body, label"],
+    ),
+    "no-label-column": (
+        _write("data.csv", GOOD.replace("text,label", "text,sentiment", 1)),
+        [],
+        ["data.csv", "no column 'label'", "columns: text, sentiment"],
+    ),
+    "empty-label": (
+        _write("data.csv", "text,label\ngood film,pos\nbad film,neg\ndull film,\n" + GOOD[11:]),
+        [],
+        ["data.csv", "row 3 has an empty label in column 'label'"],
+    ),
+    "nan-label": (
+        _write("data.csv", "text,label\ngood film,pos\nbad film,NaN\n" + GOOD[11:]),
+        [],
+        ["data.csv", "row 2 has an empty label in column 'label'"],
+    ),
+    "empty-text": (
+        _write("data.csv", "text,label\ngood film,pos\n,neg\n" + GOOD[11:]),
+        [],
+        ["data.csv", "row 2 has no text in column 'text'"],
+    ),
     "txt-extension": (_write("data.txt", GOOD), [], ["data.txt", "unsupported file type"]),
     "missing-file": (lambda d: d / "missing.csv", [], ["data file not found", "missing.csv"]),
-    "hub-dataset-offline": (lambda d: Path("nobody-here/no-such-dataset"), [],
-                            ["dataset 'nobody-here/no-such-dataset'", "hub"]),
+    "hub-dataset-offline": (
+        lambda d: Path("nobody-here/no-such-dataset"),
+        [],
+        ["dataset 'nobody-here/no-such-dataset'", "hub"],
+    ),
     "directory-without-data": (_empty_dir, [], ["shards", "no .csv"]),
     "one-row": (_write("data.csv", "text,label\ngood film,pos\n"), [], ["data.csv", "too few rows (1)"]),
-    "fewer-rows-than-silos": (_write("data.csv", csv_text(sentiment_rows(4))), ["--silos", "5"],
-                              ["cannot split 3 training examples into 5 silos"]),
-    "label-outside-labels": (lambda d: write_csv(d / "data.csv", three_labels()), ["--labels", "neg,pos"],
-                             ["label 'meh' is not in the federation's label set [neg, pos]"]),
+    "fewer-rows-than-silos": (
+        _write("data.csv", csv_text(sentiment_rows(4))),
+        ["--silos", "5"],
+        ["cannot split 3 training examples into 5 silos"],
+    ),
+    "label-outside-labels": (
+        lambda d: write_csv(d / "data.csv", three_labels()),
+        ["--labels", "neg,pos"],
+        ["label 'meh' is not in the federation's label set [neg, pos]"],
+    ),
 }
 
 
@@ -198,16 +231,41 @@ def test_bad_data_file(case: str, tmp_path: Path, encoder: Path) -> None:
     data = make(tmp_path)
     # A silo reads its data before it looks for the aggregator; the closed port and the short
     # join timeout turn an accepted file into a quick, different failure instead of a hang.
-    result = run("silo", "--rank", "1", "--silos", "1", "--model", str(encoder), "--dataset", str(data),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, *extra, cwd=tmp_path)
+    result = run(
+        "silo",
+        "--rank",
+        "1",
+        "--silos",
+        "1",
+        "--model",
+        str(encoder),
+        "--dataset",
+        str(data),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        *extra,
+        cwd=tmp_path,
+    )
     refused(result, tmp_path, *expected)
 
 
 def test_bad_data_stops_the_aggregator_before_it_listens(tmp_path: Path, tiny_bert: Path) -> None:
     data = tmp_path / "data.csv"
     data.write_text(GOOD.replace("text,label", "review,label", 1))
-    result = run("aggregator", "--silos", "2", "--model", str(tiny_bert), "--dataset", str(data),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, cwd=tmp_path)
+    result = run(
+        "aggregator",
+        "--silos",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(data),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        cwd=tmp_path,
+    )
     refused(result, tmp_path, "data.csv", "no column 'text'", "columns: review, label")
     assert "waiting for" not in result.stdout
 
@@ -216,8 +274,9 @@ def test_bad_data_stops_the_aggregator_before_it_listens(tmp_path: Path, tiny_be
 def test_bad_data_through_fedsilo_run_names_role_and_problem(tmp_path: Path, tiny_bert: Path) -> None:
     data = tmp_path / "data.txt"
     data.write_text(GOOD)
-    result = run("run", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(data), *QUICK, cwd=tmp_path,
-                 timeout=120)
+    result = run(
+        "run", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(data), *QUICK, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     # the children's own one-line errors, prefixed by role, then the launcher's verdict
     assert f"] {ERROR}{data}: unsupported file type" in result.stdout
@@ -256,82 +315,165 @@ SETTINGS_CASES = {
     "eval-fraction-1.5": (_flags("--eval-fraction", "1.5"), {}, ["invalid setting 'eval_fraction'", "(got '1.5')"]),
     "silos-0": (_flags("--silos", "0"), {}, ["invalid setting 'silos'", "(got '0')"]),
     "partition-unknown": (_flags("--partition", "random"), {}, ["invalid setting 'partition'", "'random'"]),
-    "aggregator-not-host-port": (_flags("--aggregator", "127.0.0.1:99999"), {},
-                                 ["invalid setting 'aggregator'", "HOST:PORT"]),
+    "aggregator-not-host-port": (
+        _flags("--aggregator", "127.0.0.1:99999"),
+        {},
+        ["invalid setting 'aggregator'", "HOST:PORT"],
+    ),
     "rank-0": (_flags("--rank", "0", "--silos", "2"), {}, ["rank 0 is outside 1..2"]),
     "rank-k-plus-1": (_flags("--rank", "3", "--silos", "2"), {}, ["rank 3 is outside 1..2"]),
-    "job-index-not-a-number": (_flags(), {"JOB_COMPLETION_INDEX": "three"},
-                               ["JOB_COMPLETION_INDEX must be a number", "'three'"]),
+    "job-index-not-a-number": (
+        _flags(),
+        {"JOB_COMPLETION_INDEX": "three"},
+        ["JOB_COMPLETION_INDEX must be a number", "'three'"],
+    ),
     "token-file-missing": (_flags("--token-file", "no-such-token"), {}, ["cannot read token file no-such-token"]),
     "token-file-empty": (_empty_token_file, {}, ["token file token is empty"]),
     "master-port-not-a-number": (_flags(), {"MASTER_PORT": "http"}, ["MASTER_PORT must be a port number", "'http'"]),
-    "model-directory-missing": (_flags("--model", "/no/such/model-dir"), {},
-                                ["'/no/such/model-dir'", "not a local directory"]),
-    "hub-model-offline": (_flags("--model", "nobody-here/no-such-model"), {},
-                          ["'nobody-here/no-such-model'", "cannot load"]),
+    "model-directory-missing": (
+        _flags("--model", "/no/such/model-dir"),
+        {},
+        ["'/no/such/model-dir'", "not a local directory"],
+    ),
+    "hub-model-offline": (
+        _flags("--model", "nobody-here/no-such-model"),
+        {},
+        ["'nobody-here/no-such-model'", "cannot load"],
+    ),
 }
 NEEDS_RANK = {"rank-0", "rank-k-plus-1", "job-index-not-a-number"}
 NEEDS_PORT = {"aggregator-not-host-port", "master-port-not-a-number"}
 
 
 # Likewise.
-SLOW_SETTINGS = {"yaml-not-a-mapping", "missing-config-file", "partition-unknown", "aggregator-not-host-port",
-                 "job-index-not-a-number", "token-file-empty"}
+SLOW_SETTINGS = {
+    "yaml-not-a-mapping",
+    "missing-config-file",
+    "partition-unknown",
+    "aggregator-not-host-port",
+    "job-index-not-a-number",
+    "token-file-empty",
+}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SETTINGS else c
-                                  for c in SETTINGS_CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SETTINGS else c for c in SETTINGS_CASES]
+)
 def test_bad_setting(case: str, tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> None:
     make, env, expected = SETTINGS_CASES[case]
     options = make(tmp_path)
     rank = [] if case in NEEDS_RANK else ["--rank", "1"]
     port = [] if case in NEEDS_PORT else ["--aggregator", f"127.0.0.1:{free_port()}"]
     silos = [] if "--silos" in options else ["--silos", "1"]
-    result = run("silo", *rank, *silos, "--model", str(tiny_bert), "--dataset", str(sentiment_csv), *port, *QUICK,
-                 *options, cwd=tmp_path, **env)
+    result = run(
+        "silo",
+        *rank,
+        *silos,
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        *port,
+        *QUICK,
+        *options,
+        cwd=tmp_path,
+        **env,
+    )
     refused(result, tmp_path, *expected)
 
 
 def test_flag_of_the_wrong_type(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> None:
-    result = run("silo", "--rank", "1", "--silos", "1", "--rounds", "many", "--model", str(tiny_bert),
-                 "--dataset", str(sentiment_csv), *QUICK, cwd=tmp_path)
+    result = run(
+        "silo",
+        "--rank",
+        "1",
+        "--silos",
+        "1",
+        "--rounds",
+        "many",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        *QUICK,
+        cwd=tmp_path,
+    )
     refused(result, tmp_path, "'rounds'", "many")
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["run", "--restarts", "-1"], "invalid option '--restarts': must be at least 0 (got '-1')"),
-    (["run", "--restarts", "twice"], "invalid option '--restarts': expected a whole number (got 'twice')"),
-    (["silo", "--rank", "one"], "invalid option '--rank': expected a whole number (got 'one')"),
-    (["simulate", "--clients", "many"],
-     "invalid setting 'silos': Input should be a valid integer, unable to parse string as an integer (got 'many')"),
-], ids=["restarts-negative", "restarts-not-a-number", "rank-not-a-number", "clients-not-a-number"])
-def test_a_commands_own_option_of_the_wrong_type(args: list[str], expected: str, tmp_path: Path, monkeypatch,
-                                                tiny_bert: Path, sentiment_csv: Path) -> None:
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--restarts", "-1"], "invalid option '--restarts': must be at least 0 (got '-1')"),
+        (["run", "--restarts", "twice"], "invalid option '--restarts': expected a whole number (got 'twice')"),
+        (["silo", "--rank", "one"], "invalid option '--rank': expected a whole number (got 'one')"),
+        (
+            ["simulate", "--clients", "many"],
+            "invalid setting 'silos': Input should be a valid integer, unable to parse string as an integer (got 'many')",
+        ),
+    ],
+    ids=["restarts-negative", "restarts-not-a-number", "rank-not-a-number", "clients-not-a-number"],
+)
+def test_a_commands_own_option_of_the_wrong_type(
+    args: list[str], expected: str, tmp_path: Path, monkeypatch, tiny_bert: Path, sentiment_csv: Path
+) -> None:
     # Options of one command (not settings) are read the same way: one line, before any work.
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, [*args, "--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv)])
+    result = CliRunner().invoke(
+        app, [*args, "--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv)]
+    )
     assert result.exit_code == 1, result.output
     assert result.stderr.strip().splitlines() == [f"fedsilo: error: {expected}"]
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
 @NO_GPU
-@pytest.mark.parametrize("option, expected", [
-    (["--backend", "nccl"], "backend 'nccl' needs a GPU"),
-    (["--device", "cuda"], "device 'cuda' was asked for, but no GPU is visible"),
-], ids=["nccl-on-cpu", "cuda-without-gpu"])
-def test_gpu_settings_on_a_cpu_machine(option: list[str], expected: str, tmp_path: Path, tiny_bert: Path,
-                                       sentiment_csv: Path) -> None:
-    result = run("aggregator", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, *option, cwd=tmp_path)
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--backend", "nccl"], "backend 'nccl' needs a GPU"),
+        (["--device", "cuda"], "device 'cuda' was asked for, but no GPU is visible"),
+    ],
+    ids=["nccl-on-cpu", "cuda-without-gpu"],
+)
+def test_gpu_settings_on_a_cpu_machine(
+    option: list[str], expected: str, tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
+    result = run(
+        "aggregator",
+        "--silos",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        *option,
+        cwd=tmp_path,
+    )
     refused(result, tmp_path, expected)
 
 
 def test_checkpoint_directory_under_a_regular_file(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> None:
     # Tests run as root, so a chmod would not stop the write; a file where a directory must go does.
     (tmp_path / "ckpt").write_text("not a directory\n")
-    result = run("aggregator", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, "--checkpoint-dir", "ckpt/run1", cwd=tmp_path)
+    result = run(
+        "aggregator",
+        "--silos",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        "--checkpoint-dir",
+        "ckpt/run1",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     error_line(result.stderr, "checkpoint directory ckpt/run1 is not writable", "Not a directory")
     assert (tmp_path / "ckpt").read_text() == "not a directory\n"
@@ -343,8 +485,19 @@ def test_port_in_use(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> No
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = run("aggregator", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                     "--aggregator", f"127.0.0.1:{port}", *QUICK, cwd=tmp_path)
+        result = run(
+            "aggregator",
+            "--silos",
+            "1",
+            "--model",
+            str(tiny_bert),
+            "--dataset",
+            str(sentiment_csv),
+            "--aggregator",
+            f"127.0.0.1:{port}",
+            *QUICK,
+            cwd=tmp_path,
+        )
     refused(result, tmp_path, f"cannot listen on port {port}", "in use")
 
 
@@ -355,8 +508,21 @@ def unreachable(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path):
     workdir = tmp_path_factory.mktemp("unreachable")
     data = write_csv(workdir / "data.csv", three_labels())
     port = free_port()  # bound and closed again: nobody listens there
-    result, arrivals = run_timed("silo", "--rank", "1", "--silos", "1", "--model", str(tiny_bert),
-                                 "--dataset", str(data), "--aggregator", f"127.0.0.1:{port}", *QUICK, cwd=workdir)
+    result, arrivals = run_timed(
+        "silo",
+        "--rank",
+        "1",
+        "--silos",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(data),
+        "--aggregator",
+        f"127.0.0.1:{port}",
+        *QUICK,
+        cwd=workdir,
+    )
     # From the line that says it starts looking to its error line: the join timeout, not start-up
     joining = next((at for at, line in arrivals if "training examples; joining" in line), None)
     said = next((at for at, line in arrivals if line.startswith(ERROR)), None)
@@ -378,15 +544,43 @@ def test_unreachable_aggregator_prints_no_native_stack(unreachable) -> None:
 # -- labels and models --------------------------------------------------------------------------------------
 def test_a_single_label_is_refused(tmp_path: Path, encoder: Path) -> None:
     data = write_csv(tmp_path / "data.csv", [r for r in sentiment_rows(60) if r["label"] == "pos"])
-    result = run("silo", "--rank", "1", "--silos", "1", "--model", str(encoder), "--dataset", str(data),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, cwd=tmp_path)
+    result = run(
+        "silo",
+        "--rank",
+        "1",
+        "--silos",
+        "1",
+        "--model",
+        str(encoder),
+        "--dataset",
+        str(data),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        cwd=tmp_path,
+    )
     refused(result, tmp_path, "label")
     assert "cannot reach the aggregator" not in result.stderr
 
 
 def test_duplicate_labels_are_refused(tmp_path: Path, encoder: Path, sentiment_csv: Path) -> None:
-    result = run("silo", "--rank", "1", "--silos", "1", "--model", str(encoder), "--dataset", str(sentiment_csv),
-                 "--labels", "neg,neg,pos", "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, cwd=tmp_path)
+    result = run(
+        "silo",
+        "--rank",
+        "1",
+        "--silos",
+        "1",
+        "--model",
+        str(encoder),
+        "--dataset",
+        str(sentiment_csv),
+        "--labels",
+        "neg,neg,pos",
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        cwd=tmp_path,
+    )
     refused(result, tmp_path, "neg")
     assert "cannot reach the aggregator" not in result.stderr
 
@@ -399,25 +593,49 @@ def test_a_local_classifier_with_another_label_count_gets_a_fresh_head(unreachab
     assert "training examples; joining" in result.stdout
 
 
-def test_a_local_model_that_cannot_load_is_not_called_missing(tmp_path: Path, tiny_bert: Path,
-                                                               sentiment_csv: Path) -> None:
+def test_a_local_model_that_cannot_load_is_not_called_missing(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
     model = tmp_path / "model"
     model.mkdir()
     for item in tiny_bert.iterdir():
         (model / item.name).symlink_to(item)
     (model / "model.safetensors").unlink()
     (model / "model.safetensors").write_bytes(b"not safetensors")
-    result = run("silo", "--rank", "1", "--silos", "1", "--model", str(model), "--dataset", str(sentiment_csv),
-                 "--aggregator", f"127.0.0.1:{free_port()}", *QUICK, cwd=tmp_path)
+    result = run(
+        "silo",
+        "--rank",
+        "1",
+        "--silos",
+        "1",
+        "--model",
+        str(model),
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *QUICK,
+        cwd=tmp_path,
+    )
     line = refused(result, tmp_path, f"cannot load model '{model}' from local directory")
     assert "hub" not in line
 
 
 # -- federations that must not form ---------------------------------------------------------------------------
-def test_duplicate_rank_is_refused_and_the_federation_still_forms(tmp_path: Path, tiny_bert: Path,
-                                                                  sentiment_csv: Path, reaper) -> None:
-    shared = ["--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-              "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
+def test_duplicate_rank_is_refused_and_the_federation_still_forms(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, reaper
+) -> None:
+    shared = [
+        "--silos",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *MEET,
+    ]
     reaper.append(aggregator := watch("aggregator", *shared, cwd=tmp_path))
     twins = [watch("silo", "--rank", "1", *shared, cwd=tmp_path) for _ in range(2)]
     reaper.extend(twins)
@@ -438,8 +656,20 @@ def test_duplicate_rank_is_refused_and_the_federation_still_forms(tmp_path: Path
 def missing_rank(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path):
     """An aggregator of 2 silos that only silo 1 joins."""
     workdir = tmp_path_factory.mktemp("missing_rank")
-    shared = ["--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-              "--aggregator", f"127.0.0.1:{free_port()}", "--checkpoint-dir", "ckpt", "--round-timeout", "10"]
+    shared = [
+        "--silos",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        "--checkpoint-dir",
+        "ckpt",
+        "--round-timeout",
+        "10",
+    ]
     silo = watch("silo", "--rank", "1", *shared, cwd=workdir)  # fedsilo's default join timeout
     try:
         # The aggregator's join timeout must measure the missing silo 2, not silo 1's start-up or
@@ -476,13 +706,25 @@ def test_missing_rank_the_waiting_silo_gets_one_line(missing_rank) -> None:
     error_line(output, "aggregator")
 
 
-def test_wrong_world_size_is_refused_naming_the_key(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path,
-                                                    reaper) -> None:
-    shared = ["--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-              "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    reaper.extend(procs := [watch("aggregator", "--silos", "2", *shared, cwd=tmp_path),
-                              watch("silo", "--rank", "1", "--silos", "2", *shared, cwd=tmp_path),
-                              watch("silo", "--rank", "2", "--silos", "3", *shared, cwd=tmp_path)])
+def test_wrong_world_size_is_refused_naming_the_key(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, reaper
+) -> None:
+    shared = [
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *MEET,
+    ]
+    reaper.extend(
+        procs := [
+            watch("aggregator", "--silos", "2", *shared, cwd=tmp_path),
+            watch("silo", "--rank", "1", "--silos", "2", *shared, cwd=tmp_path),
+            watch("silo", "--rank", "2", "--silos", "3", *shared, cwd=tmp_path),
+        ]
+    )
     (agg_code, agg_out), (s1_code, s1_out), (s2_code, s2_out) = [p.result() for p in procs]
     assert (agg_code, s1_code, s2_code) == (1, 1, 1)
     error_line(agg_out, "refused silo 2", "its settings differ: silos=3 (aggregator: 2)")
@@ -491,18 +733,32 @@ def test_wrong_world_size_is_refused_naming_the_key(tmp_path: Path, tiny_bert: P
     nothing_written(tmp_path)
 
 
-def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: Path, tiny_bert: Path,
-                                                                      reaper) -> None:
+def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: Path, tiny_bert: Path, reaper) -> None:
     # Extra columns are fine: this federation's data has two (the positive control).
     data = tmp_path / "data.csv"
-    data.write_text("id,text,source,label\n" + "".join(
-        f"{i},{r['text']},web,{r['label']}\n" for i, r in enumerate(sentiment_rows(60))))
+    data.write_text(
+        "id,text,source,label\n"
+        + "".join(f"{i},{r['text']},web,{r['label']}\n" for i, r in enumerate(sentiment_rows(60)))
+    )
     secret, guess = "alpha-7f3c-secret", "bravo-91d2-guess"
-    shared = ["--silos", "2", "--model", str(tiny_bert), "--dataset", str(data),
-              "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
+    shared = [
+        "--silos",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(data),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *MEET,
+    ]
     reaper.append(aggregator := watch("aggregator", *shared, cwd=tmp_path, FEDSILO_TOKEN=secret))
-    reaper.extend(strangers := [watch("silo", "--rank", "1", *shared, cwd=tmp_path, FEDSILO_TOKEN=guess),
-                                  watch("silo", "--rank", "2", *shared, cwd=tmp_path)])
+    reaper.extend(
+        strangers := [
+            watch("silo", "--rank", "1", *shared, cwd=tmp_path, FEDSILO_TOKEN=guess),
+            watch("silo", "--rank", "2", *shared, cwd=tmp_path),
+        ]
+    )
     for rank, stranger in enumerate(strangers, start=1):
         code, output = stranger.result()
         assert code == 1
@@ -520,16 +776,26 @@ def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: 
     assert mlflow_statuses(tmp_path) == {"FINISHED"}
 
 
-def test_a_silo_with_another_architecture_is_refused(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path,
-                                                     reaper) -> None:
+def test_a_silo_with_another_architecture_is_refused(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, reaper
+) -> None:
     # Same settings, same --model path, different model behind it: only the fingerprint can tell.
     here, there = tmp_path / "aggregator", tmp_path / "silo"
     here.mkdir()
     there.mkdir()
     (here / "model").symlink_to(tiny_bert)
     make_tiny_model(there / "model", "distilbert")
-    shared = ["--silos", "1", "--model", "model", "--dataset", str(sentiment_csv),
-              "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
+    shared = [
+        "--silos",
+        "1",
+        "--model",
+        "model",
+        "--dataset",
+        str(sentiment_csv),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *MEET,
+    ]
     reaper.extend(procs := [watch("aggregator", *shared, cwd=here), watch("silo", "--rank", "1", *shared, cwd=there)])
     (agg_code, agg_out), (silo_code, silo_out) = [p.result() for p in procs]
     assert (agg_code, silo_code) == (1, 1)
@@ -538,20 +804,38 @@ def test_a_silo_with_another_architecture_is_refused(tmp_path: Path, tiny_bert: 
     nothing_written(here)
 
 
-def test_silos_that_disagree_on_the_label_set_are_refused_on_both_sides(tmp_path: Path, encoder: Path,
-                                                                        reaper) -> None:
+def test_silos_that_disagree_on_the_label_set_are_refused_on_both_sides(tmp_path: Path, encoder: Path, reaper) -> None:
     # Private data (partition none): silo 2's file has a label silo 1 never saw.
-    files = {1: write_csv(tmp_path / "h1.csv", sentiment_rows(60, seed=1)),
-             2: write_csv(tmp_path / "h2.csv", three_labels())}
-    shared = ["--silos", "2", "--partition", "none", "--model", str(encoder),
-              "--aggregator", f"127.0.0.1:{free_port()}", *MEET]
-    reaper.extend(procs := [watch("aggregator", *shared, cwd=tmp_path),
-                              *[watch("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path)
-                                for r in (1, 2)]])
+    files = {
+        1: write_csv(tmp_path / "h1.csv", sentiment_rows(60, seed=1)),
+        2: write_csv(tmp_path / "h2.csv", three_labels()),
+    }
+    shared = [
+        "--silos",
+        "2",
+        "--partition",
+        "none",
+        "--model",
+        str(encoder),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        *MEET,
+    ]
+    reaper.extend(
+        procs := [
+            watch("aggregator", *shared, cwd=tmp_path),
+            *[watch("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path) for r in (1, 2)],
+        ]
+    )
     (agg_code, agg_out), *silos = [p.result() for p in procs]
     assert agg_code == 1
-    error_line(agg_out, "silos disagree on the label set", "silo 1: [neg, pos]", "silo 2: [meh, neg, pos]",
-               "set --labels on every rank")
+    error_line(
+        agg_out,
+        "silos disagree on the label set",
+        "silo 1: [neg, pos]",
+        "silo 2: [meh, neg, pos]",
+        "set --labels on every rank",
+    )
     for rank, (code, output) in enumerate(silos, start=1):
         assert code == 1
         error_line(output, f"the aggregator refused silo {rank}", "silos disagree on the label set")
@@ -563,15 +847,27 @@ def corrupt_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path
     """A federation whose checkpoint to resume from is garbage."""
     workdir = tmp_path_factory.mktemp("corrupt_checkpoint")
     config = workdir / "fedsilo.yaml"
-    config.write_text(yaml.safe_dump({
-        "silos": 1, "model": str(tiny_bert), "dataset": str(sentiment_csv), "checkpoint_dir": "ckpt",
-        "aggregator": f"127.0.0.1:{free_port()}", "join_timeout": 30, "round_timeout": 10, "rounds": 1,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "silos": 1,
+                "model": str(tiny_bert),
+                "dataset": str(sentiment_csv),
+                "checkpoint_dir": "ckpt",
+                "aggregator": f"127.0.0.1:{free_port()}",
+                "join_timeout": 30,
+                "round_timeout": 10,
+                "rounds": 1,
+            }
+        )
+    )
     latest = workdir / "ckpt" / settings_fingerprint(load_settings(config, {})) / "latest.pt"
     latest.parent.mkdir(parents=True)
     latest.write_bytes(b"half a checkpoint")
-    procs = [watch("aggregator", "--config", str(config), cwd=workdir),
-             watch("silo", "--rank", "1", "--config", str(config), cwd=workdir)]
+    procs = [
+        watch("aggregator", "--config", str(config), cwd=workdir),
+        watch("silo", "--rank", "1", "--config", str(config), cwd=workdir),
+    ]
     try:
         results = [p.result() for p in procs]
     finally:

@@ -35,6 +35,7 @@ RELEASE = "exp"
 
 # ---- tools -------------------------------------------------------------------------------------
 
+
 @functools.cache
 def tools_bin() -> Path:
     """Directory with helm and kubectl, installing them on first use."""
@@ -47,7 +48,11 @@ def tools_bin() -> Path:
         try:
             result = subprocess.run(
                 ["bash", str(ROOT / "scripts" / "install-deploy-tools.sh")],
-                capture_output=True, text=True, timeout=300, env=env, check=False,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=env,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"cannot install helm: {exc}")
@@ -87,6 +92,7 @@ def render(values: dict[str, Any] | None = None, values_file: Path | None = None
 
 # ---- views on rendered manifests -------------------------------------------------------------
 
+
 @dataclass
 class Pod:
     """One pod the manifests will create: a Job's pod template, once per completion index."""
@@ -114,8 +120,11 @@ class Pod:
 
     def mount(self, path: str) -> dict[str, Any]:
         """The volume behind the mount that holds ``path``."""
-        mounts = [m for m in self.container.get("volumeMounts", [])
-                  if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+        mounts = [
+            m
+            for m in self.container.get("volumeMounts", [])
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        ]
         assert mounts, f"{path} is on no volume of {self.job}"
         mount = max(mounts, key=lambda m: len(m["mountPath"]))
         (volume,) = [v for v in self.spec["volumes"] if v["name"] == mount["name"]]
@@ -140,8 +149,15 @@ def pods(docs: list[dict[str, Any]]) -> list[Pod]:
         completions = spec.get("completions", 1)
         indexed = spec.get("completionMode") == "Indexed"
         for index in range(completions):
-            out.append(Pod(job["metadata"]["name"], template["spec"], template["metadata"]["labels"],
-                           index if indexed else None, env))
+            out.append(
+                Pod(
+                    job["metadata"]["name"],
+                    template["spec"],
+                    template["metadata"]["labels"],
+                    index if indexed else None,
+                    env,
+                )
+            )
     return out
 
 
@@ -165,6 +181,7 @@ TLS: dict[str, Any] = {"transport": "tls", "tls": {"existingSecret": "agg-tls"}}
 
 # ---- lint and schema validation --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("values_file", [None, *VALUE_SETS], ids=lambda p: p.stem if p else "defaults")
 def test_helm_lint_strict(values_file: Path | None) -> None:
     result = helm("lint", "--strict", str(CHART), *(["--values", str(values_file)] if values_file else []))
@@ -184,8 +201,9 @@ def test_rendered_manifests_validate(values_file: Path, k8s_version: str) -> Non
 
 @functools.cache
 def _kustomize() -> str:
-    result = subprocess.run([str(tools_bin() / "kubectl"), "kustomize", str(ROOT / "k8s")],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [str(tools_bin() / "kubectl"), "kustomize", str(ROOT / "k8s")], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -221,6 +239,7 @@ def _kubernetes_validate() -> Any:
 
 
 # ---- the federation's shape -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("silos", [1, 2, 5])
 @pytest.mark.parametrize("per_silo_jobs", [False, True], ids=["indexed-job", "job-per-silo"])
@@ -291,7 +310,10 @@ def test_bundled_mlflow_is_what_the_aggregator_logs_to() -> None:
     (aggregator,) = [p for p in pods(docs) if p.rank == 0]
     service = one(docs, "Service", f"{RELEASE}-fedsilo-mlflow")
     port = service["spec"]["ports"][0]["port"]
-    assert aggregator.env["FEDSILO_TRACKING_URI"] == f"http://{RELEASE}-fedsilo-mlflow.{NAMESPACE}.svc.cluster.local:{port}"
+    assert (
+        aggregator.env["FEDSILO_TRACKING_URI"]
+        == f"http://{RELEASE}-fedsilo-mlflow.{NAMESPACE}.svc.cluster.local:{port}"
+    )
     deployment = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")
     assert deployment["spec"]["strategy"]["type"] == "Recreate", "sqlite on a RWO volume: one pod at a time"
     pod = deployment["spec"]["template"]
@@ -319,8 +341,11 @@ def test_configmap_is_a_config_fedsilo_accepts() -> None:
     for docs in (render(), render(values_file=HOSPITALS), render(values_file=GPU), kustomize()):
         shared = fedsilo_yaml(docs)
         for pod in pods(docs):
-            env = {k.removeprefix("FEDSILO_").lower(): v for k, v in pod.env.items()
-                   if k.startswith("FEDSILO_") and k not in ("FEDSILO_CONFIG", "FEDSILO_RANK")}
+            env = {
+                k.removeprefix("FEDSILO_").lower(): v
+                for k, v in pod.env.items()
+                if k.startswith("FEDSILO_") and k not in ("FEDSILO_CONFIG", "FEDSILO_RANK")
+            }
             settings = config.build_settings({**shared, **env})
             assert settings.federation.silos == shared["silos"]
 
@@ -329,11 +354,25 @@ def test_schema_offers_every_fedsilo_setting_the_chart_does_not_set_itself() -> 
     config = pytest.importorskip("fedsilo.config")
     schema = json.loads((CHART / "values.schema.json").read_text())
     offered = set(schema["properties"]["config"]["properties"])
-    chart_sets = {"silos", "backend", "join_timeout", "round_timeout", "aggregator", "token_file",
-                  "tracking_uri", "checkpoint_dir", "device",
-                  # transport tls: the top-level value, and per pod the files of its mounted Secret,
-                  # tls.revoked and tls.serverName.
-                  "transport", "tls_cert", "tls_key", "tls_ca", "tls_revoked", "tls_server_name"}
+    chart_sets = {
+        "silos",
+        "backend",
+        "join_timeout",
+        "round_timeout",
+        "aggregator",
+        "token_file",
+        "tracking_uri",
+        "checkpoint_dir",
+        "device",
+        # transport tls: the top-level value, and per pod the files of its mounted Secret,
+        # tls.revoked and tls.serverName.
+        "transport",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "tls_revoked",
+        "tls_server_name",
+    }
     fedsilo_keys = {key for section in config.SECTIONS.values() for key in section.model_fields}
     assert offered == fedsilo_keys - chart_sets, (
         "values.schema.json's config no longer matches fedsilo's settings: "
@@ -342,6 +381,7 @@ def test_schema_offers_every_fedsilo_setting_the_chart_does_not_set_itself() -> 
 
 
 # ---- per-silo placement and data -------------------------------------------------------------
+
 
 def test_each_hospital_silo_runs_on_its_node_with_only_its_own_data() -> None:
     docs = render(values_file=HOSPITALS)
@@ -374,6 +414,7 @@ def test_default_silo_volume_reaches_every_silo_of_the_indexed_job() -> None:
 
 
 # ---- GPUs, backend, network ------------------------------------------------------------------
+
 
 def test_gpus_and_nccl() -> None:
     docs = render(values_file=GPU)
@@ -425,6 +466,7 @@ def test_network_policy_extra_ingress_is_added() -> None:
 
 # ---- restarts ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("per_silo_jobs", [False, True], ids=["indexed-job", "job-per-silo"])
 def test_restart_budget_counts_whole_federation_restarts(per_silo_jobs: bool) -> None:
     values: dict[str, Any] = {"silos": 3, "restart": {"maxFederationRestarts": 4}}
@@ -435,8 +477,11 @@ def test_restart_budget_counts_whole_federation_restarts(per_silo_jobs: bool) ->
         spec = job["spec"]
         assert spec["backoffLimit"] == 4 * spec.get("completions", 1)
         rules = spec["podFailurePolicy"]["rules"]
-        assert {"action": "FailJob", "onExitCodes": {"containerName": "fedsilo", "operator": "In", "values": [2]},
-                "onPodConditions": []} in rules
+        assert {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "fedsilo", "operator": "In", "values": [2]},
+            "onPodConditions": [],
+        } in rules
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
         assert spec["template"]["spec"]["restartPolicy"] == "Never"
 
@@ -452,23 +497,27 @@ def test_no_restarts_without_checkpoints_is_consistent() -> None:
 
 # ---- values that cannot work fail at render time -----------------------------------------------
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"silos": 0}, "minimum"),
-    ({"backend": "nccl"}, "backend=nccl needs GPUs"),
-    ({"backend": "nccl", "gpu": {"enabled": True, "aggregator": False}}, "the aggregator included"),
-    ({"mlflow": {"trackingUri": "http://x"}}, "not both"),
-    ({"mlflow": {"server": {"enabled": False}}}, "no MLflow"),
-    ({"siloOverrides": {"3": {"nodeSelector": {"a": "b"}}}}, "rank 3 has no pod"),
-    ({"siloOverrides": {"zero": {}}}, "'zero' does not match pattern"),
-    ({"silos": 2, "externalSilos": 3}, "cannot exceed"),
-    ({"checkpoints": {"enabled": False}}, "needs checkpoints.enabled=true"),
-    ({"joinToken": {"existingSecret": "s", "value": "t"}}, "not both"),
-    ({"silo": {"config": {"dataset": "/data/own.csv"}}}, "need config.partition=none"),
-    ({"config": {"dataset": None}}, "config.dataset is required with config.partition=iid"),
-    ({"config": {"silos": 3}}, "additional properties 'silos' not allowed"),
-    ({"config": {"partition": "random"}}, "value must be one of"),
-    ({"unknownValue": 1}, "additional properties 'unknownValue' not allowed"),
-])
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"silos": 0}, "minimum"),
+        ({"backend": "nccl"}, "backend=nccl needs GPUs"),
+        ({"backend": "nccl", "gpu": {"enabled": True, "aggregator": False}}, "the aggregator included"),
+        ({"mlflow": {"trackingUri": "http://x"}}, "not both"),
+        ({"mlflow": {"server": {"enabled": False}}}, "no MLflow"),
+        ({"siloOverrides": {"3": {"nodeSelector": {"a": "b"}}}}, "rank 3 has no pod"),
+        ({"siloOverrides": {"zero": {}}}, "'zero' does not match pattern"),
+        ({"silos": 2, "externalSilos": 3}, "cannot exceed"),
+        ({"checkpoints": {"enabled": False}}, "needs checkpoints.enabled=true"),
+        ({"joinToken": {"existingSecret": "s", "value": "t"}}, "not both"),
+        ({"silo": {"config": {"dataset": "/data/own.csv"}}}, "need config.partition=none"),
+        ({"config": {"dataset": None}}, "config.dataset is required with config.partition=iid"),
+        ({"config": {"silos": 3}}, "additional properties 'silos' not allowed"),
+        ({"config": {"partition": "random"}}, "value must be one of"),
+        ({"unknownValue": 1}, "additional properties 'unknownValue' not allowed"),
+    ],
+)
 def test_illegal_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:
     with pytest.raises(RenderError, match=re.escape(message)):
         render(values)
@@ -524,16 +573,54 @@ def test_schema_describes_every_value() -> None:
 # deploy/crds/cert-manager.io_certificates.yaml), written out here because kubernetes-validate
 # carries no schemas of custom resources.
 CERTIFICATE_SPEC_FIELDS = {
-    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses",
-    "encodeUsagesInRequest", "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject",
-    "nameConstraints", "otherNames", "privateKey", "renewBefore", "renewBeforePercentage",
-    "revisionHistoryLimit", "secretName", "secretTemplate", "signatureAlgorithm", "subject", "uris", "usages",
+    "additionalOutputFormats",
+    "commonName",
+    "dnsNames",
+    "duration",
+    "emailAddresses",
+    "encodeUsagesInRequest",
+    "ipAddresses",
+    "isCA",
+    "issuerRef",
+    "keystores",
+    "literalSubject",
+    "nameConstraints",
+    "otherNames",
+    "privateKey",
+    "renewBefore",
+    "renewBeforePercentage",
+    "revisionHistoryLimit",
+    "secretName",
+    "secretTemplate",
+    "signatureAlgorithm",
+    "subject",
+    "uris",
+    "usages",
 }
 CERTIFICATE_USAGES = {
-    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
-    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
-    "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
-    "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
 }
 GO_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)(ns|us|ms|s|m|h))+")
 DNS_1123_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -592,8 +679,14 @@ def _issue_as_cert_manager(spec: dict[str, Any], ca_cert: Any, ca_key: Any) -> t
     names += [x509.IPAddress(ipaddress.ip_address(a)) for a in spec.get("ipAddresses", [])]
     names += [x509.UniformResourceIdentifier(u) for u in spec.get("uris", [])]
     usages = set(spec["usages"])
-    extended = [oid for usage, oid in (("server auth", ExtendedKeyUsageOID.SERVER_AUTH),
-                                       ("client auth", ExtendedKeyUsageOID.CLIENT_AUTH)) if usage in usages]
+    extended = [
+        oid
+        for usage, oid in (
+            ("server auth", ExtendedKeyUsageOID.SERVER_AUTH),
+            ("client auth", ExtendedKeyUsageOID.CLIENT_AUTH),
+        )
+        if usage in usages
+    ]
     now = dt.datetime.now(dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -604,10 +697,20 @@ def _issue_as_cert_manager(spec: dict[str, Any], ca_cert: Any, ca_key: Any) -> t
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(seconds=_seconds(spec["duration"])))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature="digital signature" in usages, content_commitment=False,
-            key_encipherment="key encipherment" in usages, data_encipherment=False, key_agreement=False,
-            key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature="digital signature" in usages,
+                content_commitment=False,
+                key_encipherment="key encipherment" in usages,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage(extended), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -672,8 +775,12 @@ def test_tls_members_each_mount_their_own_certificate_and_no_token() -> None:
 
 def test_tls_server_name_revocations_and_silo_secret_names() -> None:
     values = {"silos": 2, **TLS}
-    values["tls"] = {**values["tls"], "serverName": "fl.example.org", "siloSecretName": "hospital-{rank}-cert",
-                     "revoked": {"configMap": "fl-revoked", "key": "serials.txt"}}
+    values["tls"] = {
+        **values["tls"],
+        "serverName": "fl.example.org",
+        "siloSecretName": "hospital-{rank}-cert",
+        "revoked": {"configMap": "fl-revoked", "key": "serials.txt"},
+    }
     members = {p.rank: p for p in pods(render(values))}
     aggregator = members.pop(0)
     revoked = aggregator.mount(aggregator.env["FEDSILO_TLS_REVOKED"])
@@ -691,8 +798,11 @@ def test_tls_pods_are_configs_fedsilo_accepts() -> None:
     for docs in (render(values_file=EXTERNAL), render(values_file=CERT_MANAGER)):
         shared = fedsilo_yaml(docs)
         for pod in pods(docs):
-            env = {k.removeprefix("FEDSILO_").lower(): v for k, v in pod.env.items()
-                   if k.startswith("FEDSILO_") and k not in ("FEDSILO_CONFIG", "FEDSILO_RANK")}
+            env = {
+                k.removeprefix("FEDSILO_").lower(): v
+                for k, v in pod.env.items()
+                if k.startswith("FEDSILO_") and k not in ("FEDSILO_CONFIG", "FEDSILO_RANK")
+            }
             fed = config.build_settings({**shared, **env}).federation
             assert fed.transport == "tls" and fed.token_file is None
             assert fed.tls_cert and fed.tls_key and fed.tls_ca
@@ -762,8 +872,11 @@ def test_cert_manager_certificates_are_what_fedsilo_accepts(tmp_path: Path) -> N
     members = {p.rank: p for p in pods(docs)}
     assert sorted(members) == [0, 1, 2]
     certificates = {d["metadata"]["name"]: d for d in of_kind(docs, "Certificate")}
-    assert sorted(certificates) == [f"{RELEASE}-fedsilo-aggregator", f"{RELEASE}-fedsilo-silo-1",
-                                    f"{RELEASE}-fedsilo-silo-2"], "one per in-cluster member, none for external silos"
+    assert sorted(certificates) == [
+        f"{RELEASE}-fedsilo-aggregator",
+        f"{RELEASE}-fedsilo-silo-1",
+        f"{RELEASE}-fedsilo-silo-2",
+    ], "one per in-cluster member, none for external silos"
     ca_pem, ca_key_pem = certs.init_ca(tmp_path)
     ca = certs.load_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), password=None)
@@ -782,8 +895,11 @@ def test_cert_manager_certificates_are_what_fedsilo_accepts(tmp_path: Path) -> N
         # The Secret's tls.crt (with the CA after the leaf, as a CA issuer may write it) and tls.key.
         files[rank] = (tmp_path / f"{rank}.crt", tmp_path / f"{rank}.key")
         files[rank][0].write_bytes(issued.public_bytes(serialization.Encoding.PEM) + ca_pem.read_bytes())
-        files[rank][1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))
+        files[rank][1].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     aggregator = certificates[f"{RELEASE}-fedsilo-aggregator"]["spec"]
     assert "server auth" in aggregator["usages"] and "client auth" not in aggregator["usages"]
     in_cluster_host = members[1].env["FEDSILO_AGGREGATOR"].rsplit(":", 1)[0]
@@ -800,9 +916,15 @@ def test_cert_manager_certificates_are_what_fedsilo_accepts(tmp_path: Path) -> N
 
 
 def test_cert_manager_adds_ip_addresses_and_the_server_name() -> None:
-    values = {"transport": "tls", "tls": {"serverName": "fl.example.org"},
-              "certManager": {"enabled": True, "issuerRef": {"name": "fed", "kind": "ClusterIssuer"},
-                              "ipAddresses": ["203.0.113.10"]}}
+    values = {
+        "transport": "tls",
+        "tls": {"serverName": "fl.example.org"},
+        "certManager": {
+            "enabled": True,
+            "issuerRef": {"name": "fed", "kind": "ClusterIssuer"},
+            "ipAddresses": ["203.0.113.10"],
+        },
+    }
     (aggregator,) = [d for d in of_kind(render(values), "Certificate") if d["metadata"]["name"].endswith("-aggregator")]
     assert aggregator["spec"]["ipAddresses"] == ["203.0.113.10"]
     assert "fl.example.org" in aggregator["spec"]["dnsNames"]
@@ -852,28 +974,38 @@ def test_network_policy_of_tls_keeps_extra_ingress() -> None:
     assert one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]["ingress"] == [extra]
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"transport": "tls"}, "transport=tls needs the aggregator's certificate: set tls.existingSecret"),
-    ({**TLS, "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}},
-     "set either tls.existingSecret or certManager"),
-    ({"transport": "tls", "certManager": {"enabled": True}}, "certManager.enabled needs certManager.issuerRef.name"),
-    ({"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}, "certManager.enabled needs transport=tls"),
-    ({"silos": 3, "externalSilos": 1}, "externalSilos=1 needs transport=tls"),
-    ({"silos": 3, "externalSilos": 1, **TLS}, "externalSilos=1 with networkPolicy.enabled needs externalSiloCidrs"),
-    ({"ingress": {"enabled": True, "host": "fl.example.org"}}, "ingress.enabled needs transport=tls"),
-    ({**TLS, "ingress": {"enabled": True}}, "ingress.enabled needs ingress.host"),
-    ({**TLS, "ingress": {"enabled": True, "host": "fl.example.org", "allowFrom": []}}, "needs ingress.allowFrom"),
-    ({"expose": {"type": "LoadBalancer"}}, "expose.type=LoadBalancer needs transport=tls"),
-    ({**TLS, "expose": {"nodePort": 30443}}, "expose.nodePort needs expose.type NodePort or LoadBalancer"),
-    ({**TLS, "expose": {"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
-     "expose.loadBalancerSourceRanges needs expose.type=LoadBalancer"),
-    ({**TLS, "joinToken": {"value": "t"}}, "joinToken is not used with transport=tls"),
-    ({**TLS, "tls": {"existingSecret": "s", "siloSecretName": "silo-cert"}}, "does not match pattern"),
-    ({"externalSiloCidrs": ["10.0.0.1"]}, "does not match pattern"),
-    ({"transport": "wireguard"}, "value must be one of"),
-    ({"config": {"transport": "tls"}}, "additional properties 'transport' not allowed"),
-    ({"config": {"tls_cert": "/x"}}, "additional properties 'tls_cert' not allowed"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"transport": "tls"}, "transport=tls needs the aggregator's certificate: set tls.existingSecret"),
+        (
+            {**TLS, "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}},
+            "set either tls.existingSecret or certManager",
+        ),
+        (
+            {"transport": "tls", "certManager": {"enabled": True}},
+            "certManager.enabled needs certManager.issuerRef.name",
+        ),
+        ({"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}, "certManager.enabled needs transport=tls"),
+        ({"silos": 3, "externalSilos": 1}, "externalSilos=1 needs transport=tls"),
+        ({"silos": 3, "externalSilos": 1, **TLS}, "externalSilos=1 with networkPolicy.enabled needs externalSiloCidrs"),
+        ({"ingress": {"enabled": True, "host": "fl.example.org"}}, "ingress.enabled needs transport=tls"),
+        ({**TLS, "ingress": {"enabled": True}}, "ingress.enabled needs ingress.host"),
+        ({**TLS, "ingress": {"enabled": True, "host": "fl.example.org", "allowFrom": []}}, "needs ingress.allowFrom"),
+        ({"expose": {"type": "LoadBalancer"}}, "expose.type=LoadBalancer needs transport=tls"),
+        ({**TLS, "expose": {"nodePort": 30443}}, "expose.nodePort needs expose.type NodePort or LoadBalancer"),
+        (
+            {**TLS, "expose": {"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
+            "expose.loadBalancerSourceRanges needs expose.type=LoadBalancer",
+        ),
+        ({**TLS, "joinToken": {"value": "t"}}, "joinToken is not used with transport=tls"),
+        ({**TLS, "tls": {"existingSecret": "s", "siloSecretName": "silo-cert"}}, "does not match pattern"),
+        ({"externalSiloCidrs": ["10.0.0.1"]}, "does not match pattern"),
+        ({"transport": "wireguard"}, "value must be one of"),
+        ({"config": {"transport": "tls"}}, "additional properties 'transport' not allowed"),
+        ({"config": {"tls_cert": "/x"}}, "additional properties 'tls_cert' not allowed"),
+    ],
+)
 def test_illegal_tls_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:
     with pytest.raises(RenderError, match=re.escape(message)):
         render(values)
@@ -902,8 +1034,9 @@ def assert_real_flags(line: str) -> None:
 
 
 def test_notes_tell_an_external_silo_how_to_join() -> None:
-    result = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
-                  "--values", str(CERT_MANAGER))
+    result = helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--values", str(CERT_MANAGER)
+    )
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "Silos 3..4 join from outside the cluster" in notes
@@ -920,8 +1053,9 @@ def test_notes_tell_an_external_silo_how_to_join() -> None:
 
 
 def test_notes_of_tls_without_cert_manager_list_the_silo_secrets() -> None:
-    result = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
-                  "--values", str(EXTERNAL))
+    result = helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--values", str(EXTERNAL)
+    )
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert f"{RELEASE}-fedsilo-silo-1-tls" in notes and f"{RELEASE}-fedsilo-silo-2-tls" in notes

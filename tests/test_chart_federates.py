@@ -141,8 +141,9 @@ class LocalCluster:
         cwd = self._translate(container["workingDir"], mounts) if "workingDir" in container else str(home)
         log = self.root / f"{pod_name}.log"
         handle = log.open("wb")
-        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        popen = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         process = Process(pod_name, popen, log)
         self.processes.append(process)
         return process
@@ -221,8 +222,15 @@ def run_chart(docs: list[dict[str, Any]], root: Path, mlflow_port: int) -> Any:
 def base_values(model: Path, mlflow_port: int) -> dict[str, Any]:
     return {
         "silos": 2,
-        "config": {"experiment": "chart-e2e", "model": str(model), "rounds": 2, "local_epochs": 1,
-                   "batch_size": 16, "max_length": 32, "eval_batch_size": 64},
+        "config": {
+            "experiment": "chart-e2e",
+            "model": str(model),
+            "rounds": 2,
+            "local_epochs": 1,
+            "batch_size": 16,
+            "max_length": 32,
+            "eval_batch_size": 64,
+        },
         # Loopback is this test's pod network. The join and round timeouts are the chart's defaults:
         # a loaded machine cannot break them, and only a failing test waits on them.
         "comm": {"rendezvousPort": free_port(), "socketIfname": "lo"},
@@ -282,8 +290,10 @@ def test_job_per_silo_federates_each_on_its_own_data_volume(tmp_path: Path) -> N
     values.update(
         siloOverrides=overrides,
         silo={"config": {"dataset": "/data/notes.csv"}},
-        aggregator={"dataVolume": {"hostPath": {"path": str(coordinator), "type": "Directory"}},
-                    "config": {"test_dataset": "/data/test.csv"}},
+        aggregator={
+            "dataVolume": {"hostPath": {"path": str(coordinator), "type": "Directory"}},
+            "config": {"test_dataset": "/data/test.csv"},
+        },
     )
     docs = render(values)
     assert sorted((p.rank, p.env.get("FEDSILO_RANK")) for p in pods(docs)) == [(0, None), (1, "1"), (2, "2")]
@@ -319,11 +329,16 @@ def test_tls_transport_federates_each_member_on_its_own_certificate(tmp_path: Pa
     values["config"].update(dataset=str(node / "train.csv"), partition="iid")
     volume = {"hostPath": {"path": str(node), "type": "Directory"}}
     values.update(
-        dataMountPath=str(node), aggregator={"dataVolume": volume}, silo={"dataVolume": volume},
+        dataMountPath=str(node),
+        aggregator={"dataVolume": volume},
+        silo={"dataVolume": volume},
         transport="tls",
         # The in-cluster name becomes 127.0.0.1 here, so the certificate carries an outside name.
-        tls={"existingSecret": "fl-aggregator", "serverName": "fl.example.org",
-             "revoked": {"configMap": "fl-revoked", "key": "serials"}},
+        tls={
+            "existingSecret": "fl-aggregator",
+            "serverName": "fl.example.org",
+            "revoked": {"configMap": "fl-revoked", "key": "serials"},
+        },
     )
     docs = render(values)
     assert sorted((p.rank, p.env.get("FEDSILO_RANK")) for p in pods(docs)) == [(0, None), (1, "1"), (2, "2")]
@@ -338,8 +353,14 @@ def test_tls_transport_federates_each_member_on_its_own_certificate(tmp_path: Pa
         cluster.append(_secret(f"exp-fedsilo-silo-{rank}-tls", {"tls.crt": cert, "tls.key": key, "ca.crt": ca_cert}))
     _, retired = certs.issue(pki / "retired", ca_cert, ca_key, "silo", 1)
     serial = certs.load_certificate(retired).serial_number
-    cluster.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fl-revoked"},
-                    "data": {"serials": f"{serial:#x}  # silo 1's old certificate\n"}})
+    cluster.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "fl-revoked"},
+            "data": {"serials": f"{serial:#x}  # silo 1's old certificate\n"},
+        }
+    )
 
     # Execute
     run = run_chart(docs + cluster, tmp_path / "cluster", mlflow_port)

@@ -26,10 +26,16 @@ def test_unknown_key_is_rejected_by_name(tmp_path: Path) -> None:
         load_settings(cfg, {})
 
 
-@pytest.mark.parametrize("flat, key", [
-    ({"rounds": 0}, "rounds"), ({"lr": -1}, "lr"), ({"partition": "random"}, "partition"),
-    ({"aggregator": "nohost"}, "aggregator"), ({"silos": "many"}, "silos"),
-])
+@pytest.mark.parametrize(
+    "flat, key",
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"lr": -1}, "lr"),
+        ({"partition": "random"}, "partition"),
+        ({"aggregator": "nohost"}, "aggregator"),
+        ({"silos": "many"}, "silos"),
+    ],
+)
 def test_invalid_values_name_the_setting(flat: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=f"invalid setting '{key}'"):
         build_settings({"dataset": "x.csv", **flat})

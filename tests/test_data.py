@@ -22,11 +22,14 @@ from fedsilo.errors import DataError
 ROWS = pd.DataFrame({"text": ["good film", "bad film", "fine", "awful"], "label": ["pos", "neg", "pos", "neg"]})
 
 
-@pytest.mark.parametrize("suffix, write", [
-    (".csv", lambda f, p: f.to_csv(p, index=False)),
-    (".jsonl", lambda f, p: f.to_json(p, orient="records", lines=True)),
-    (".parquet", lambda f, p: f.to_parquet(p)),
-])
+@pytest.mark.parametrize(
+    "suffix, write",
+    [
+        (".csv", lambda f, p: f.to_csv(p, index=False)),
+        (".jsonl", lambda f, p: f.to_json(p, orient="records", lines=True)),
+        (".parquet", lambda f, p: f.to_parquet(p)),
+    ],
+)
 def test_reads_csv_jsonl_parquet(tmp_path: Path, suffix: str, write) -> None:
     path = tmp_path / f"d{suffix}"
     write(ROWS, path)
@@ -43,7 +46,9 @@ def test_directory_with_train_and_test_files(tmp_path: Path) -> None:
 
 def test_held_out_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
-    pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 3 for i in range(100)]}).to_csv(path, index=False)
+    pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 3 for i in range(100)]}).to_csv(
+        path, index=False
+    )
     cfg = DataConfig(dataset=str(path), eval_fraction=0.2)
     a, b = load_splits(str(path), None, cfg, seed=1), load_splits(str(path), None, cfg, seed=1)
     assert a.test.texts == b.test.texts and len(a.test) == 20
@@ -56,15 +61,18 @@ def test_integer_labels_stay_integers_and_sort_numerically(tmp_path: Path) -> No
     assert label_set(load_examples(str(path), "text", "label")["train"].labels) == ["1", "2", "10"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "cannot be read"),
-    (b"text,label\n", "holds no rows"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00binary", "cannot be read|not UTF-8"),
-    ("text,label\nbon film,pos\n".encode("utf-16"), "cannot be read|not UTF-8|no column"),
-    (b"words,label\nhello,pos\n", "no column 'text'"),
-    (b"text,label\nhello,\n", "row 1 has an empty label"),
-    (b"text,label\n,pos\n", "row 1 has no text"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "cannot be read"),
+        (b"text,label\n", "holds no rows"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00binary", "cannot be read|not UTF-8"),
+        ("text,label\nbon film,pos\n".encode("utf-16"), "cannot be read|not UTF-8|no column"),
+        (b"words,label\nhello,pos\n", "no column 'text'"),
+        (b"text,label\nhello,\n", "row 1 has an empty label"),
+        (b"text,label\n,pos\n", "row 1 has no text"),
+    ],
+)
 def test_bad_files_give_one_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_bytes(content)
@@ -93,7 +101,7 @@ def test_iid_partition_is_equal_disjoint_and_complete() -> None:
     parts = partition(labels, 4, "iid", seed=0)
     assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
     assert sorted(np.concatenate(parts).tolist()) == list(range(103))
-    assert all((a == b).all() for a, b in zip(parts, partition(labels, 4, "iid", seed=0)))
+    assert all((a == b).all() for a, b in zip(parts, partition(labels, 4, "iid", seed=0), strict=False))
 
 
 def test_label_sorted_partition_gives_each_shard_few_labels() -> None:

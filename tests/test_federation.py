@@ -27,8 +27,14 @@ def train_like_a_silo(settings, rank: int, rounds: int, start_weights: torch.Ten
     data = silo_data(settings, rank, tokenizer)
     model = build_model(settings.model.model, data.labels, settings.train.seed)
     for round_ in range(1, rounds + 1):
-        local_train(model, data.train, epochs=settings.train.local_epochs, batch_size=settings.train.batch_size,
-                    lr=settings.train.lr, seed=(settings.train.seed, rank, round_))
+        local_train(
+            model,
+            data.train,
+            epochs=settings.train.local_epochs,
+            batch_size=settings.train.batch_size,
+            lr=settings.train.lr,
+            seed=(settings.train.seed, rank, round_),
+        )
     return flatten(model), len(data.train)
 
 
@@ -36,8 +42,21 @@ def train_like_a_silo(settings, rank: int, rounds: int, start_weights: torch.Ten
 def dirichlet_run(tmp_path_factory, tiny_bert, sentiment_csv):
     """One 2-silo round over unequal (dirichlet) shards; reused by several tests."""
     work = tmp_path_factory.mktemp("dirichlet")
-    args = ["--silos", "2", "--rounds", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-            "--partition", "dirichlet", "--dirichlet-alpha", "1.0", *COMMON]
+    args = [
+        "--silos",
+        "2",
+        "--rounds",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--partition",
+        "dirichlet",
+        "--dirichlet-alpha",
+        "1.0",
+        *COMMON,
+    ]
     # A setting variable left in the environment must not reach the children over the flags
     # `fedsilo run` resolved: with 3 rounds they would not compute the one-round average below.
     result = run("run", *args, "--checkpoint-dir", "ckpt", cwd=work, FEDSILO_ROUNDS="3")
@@ -47,9 +66,20 @@ def dirichlet_run(tmp_path_factory, tiny_bert, sentiment_csv):
 
 def test_distributed_average_equals_the_pure_function(dirichlet_run, tiny_bert, sentiment_csv) -> None:
     work, _, _ = dirichlet_run
-    settings = build_settings({"silos": 2, "rounds": 1, "model": str(tiny_bert), "dataset": str(sentiment_csv),
-                               "partition": "dirichlet", "dirichlet_alpha": 1.0, "batch_size": 16, "lr": 0.3,
-                               "local_epochs": 1, "seed": 3})
+    settings = build_settings(
+        {
+            "silos": 2,
+            "rounds": 1,
+            "model": str(tiny_bert),
+            "dataset": str(sentiment_csv),
+            "partition": "dirichlet",
+            "dirichlet_alpha": 1.0,
+            "batch_size": 16,
+            "lr": 0.3,
+            "local_epochs": 1,
+            "seed": 3,
+        }
+    )
     (w1, n1), (w2, n2) = train_like_a_silo(settings, 1, 1), train_like_a_silo(settings, 2, 1)
     assert n1 != n2  # unequal shards, so the weighting matters
     expected = weighted_average([w1, w2], [n1, n2])
@@ -68,8 +98,16 @@ def test_mlflow_run_has_config_metrics_and_a_loadable_model(dirichlet_run) -> No
     assert params["silos"] == "2" and params["partition"] == "dirichlet" and params["num_labels"] == "2"
     assert 0.5 <= float(params["test_majority_accuracy"]) <= 1.0  # two labels: the majority holds half or more
     metrics = set(run_info.data.metrics)
-    assert {"test_accuracy", "test_loss", "train_loss", "silo_1/train_loss", "silo_2/examples",
-            "round_seconds", "bytes_per_silo", "comm_seconds"} <= metrics
+    assert {
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "silo_1/train_loss",
+        "silo_2/examples",
+        "round_seconds",
+        "bytes_per_silo",
+        "comm_seconds",
+    } <= metrics
     steps = [m.step for m in client.get_metric_history(run_info.info.run_id, "test_accuracy")]
     assert steps == [1]
     model_dir = Path(client.download_artifacts(run_info.info.run_id, "model", str(work / "dl")))
@@ -78,7 +116,9 @@ def test_mlflow_run_has_config_metrics_and_a_loadable_model(dirichlet_run) -> No
     loaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
     assert torch.allclose(flatten(loaded), final_weights(work / "ckpt"))
     assert loaded.config.id2label == {0: "neg", 1: "pos"}
-    labels = json.loads(Path(client.download_artifacts(run_info.info.run_id, "labels.json", str(work / "dl"))).read_text())
+    labels = json.loads(
+        Path(client.download_artifacts(run_info.info.run_id, "labels.json", str(work / "dl"))).read_text()
+    )
     assert labels == {"labels": ["neg", "pos"]}
 
 
@@ -90,8 +130,17 @@ def test_one_silo_equals_centralised_training_and_same_seed_same_model(tmp_path,
         assert result.returncode == 0, result.stdout + result.stderr
     a, b = final_weights(tmp_path / "a" / "ckpt"), final_weights(tmp_path / "b" / "ckpt")
     assert torch.equal(a, b)
-    settings = build_settings({"silos": 1, "model": str(tiny_bert), "dataset": str(sentiment_csv),
-                               "batch_size": 16, "lr": 0.3, "local_epochs": 1, "seed": 3})
+    settings = build_settings(
+        {
+            "silos": 1,
+            "model": str(tiny_bert),
+            "dataset": str(sentiment_csv),
+            "batch_size": 16,
+            "lr": 0.3,
+            "local_epochs": 1,
+            "seed": 3,
+        }
+    )
     central, _ = train_like_a_silo(settings, 1, rounds=2)
     assert (a - central).abs().max() <= 1e-5 * central.abs().max()
 
@@ -99,8 +148,21 @@ def test_one_silo_equals_centralised_training_and_same_seed_same_model(tmp_path,
 @pytest.mark.parametrize("arch", ["distilbert", "albert"])
 def test_architectures_federate(tmp_path, arch, sentiment_csv) -> None:
     model = make_tiny_model(tmp_path / arch, arch)
-    result = run("run", "--silos", "2", "--rounds", "1", "--model", str(model), "--dataset", str(sentiment_csv),
-                 *COMMON, "--checkpoint-dir", "ckpt", cwd=tmp_path)
+    result = run(
+        "run",
+        "--silos",
+        "2",
+        "--rounds",
+        "1",
+        "--model",
+        str(model),
+        "--dataset",
+        str(sentiment_csv),
+        *COMMON,
+        "--checkpoint-dir",
+        "ckpt",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     from transformers import AutoModelForSequenceClassification
 
@@ -110,14 +172,29 @@ def test_architectures_federate(tmp_path, arch, sentiment_csv) -> None:
 
 
 def test_hospital_silos_train_on_their_own_files_and_evaluate_locally(tmp_path, tiny_bert) -> None:
-    files = {1: write_csv(tmp_path / "h1.csv", sentiment_rows(60, seed=1)),
-             2: write_csv(tmp_path / "h2.csv", sentiment_rows(100, seed=2))}
+    files = {
+        1: write_csv(tmp_path / "h1.csv", sentiment_rows(60, seed=1)),
+        2: write_csv(tmp_path / "h2.csv", sentiment_rows(100, seed=2)),
+    }
     port = free_port()
-    shared = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--partition", "none",
-              "--aggregator", f"127.0.0.1:{port}", *COMMON]
+    shared = [
+        "--silos",
+        "2",
+        "--rounds",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--partition",
+        "none",
+        "--aggregator",
+        f"127.0.0.1:{port}",
+        *COMMON,
+    ]
     aggregator = start("aggregator", *shared, cwd=tmp_path, FEDSILO_TOKEN="t0ken")
-    silos = [start("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path, FEDSILO_TOKEN="t0ken")
-             for r in (1, 2)]
+    silos = [
+        start("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path, FEDSILO_TOKEN="t0ken")
+        for r in (1, 2)
+    ]
     outputs = [finish(p) for p in [aggregator, *silos]]
     assert all(code == 0 for code, _ in outputs), outputs
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
@@ -131,8 +208,21 @@ def test_hospital_silos_train_on_their_own_files_and_evaluate_locally(tmp_path, 
 
 def test_run_stops_everyone_and_names_the_failed_role(tmp_path, tiny_bert, sentiment_csv) -> None:
     # every silo finds 'pos' rows that the declared label set lacks
-    result = run("run", "--silos", "2", "--rounds", "1", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 "--labels", "neg", *COMMON, cwd=tmp_path)
+    result = run(
+        "run",
+        "--silos",
+        "2",
+        "--rounds",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--labels",
+        "neg",
+        *COMMON,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "label 'pos' is not in the federation's label set [neg]" in result.stdout
     assert_one_line_error(result.stderr, "failed (exit code 1); stopped the others")

@@ -139,6 +139,9 @@ class GoneStore(MemoryStore):
 
 
 def test_a_store_that_goes_away_is_one_line_naming_the_silo() -> None:
-    with pytest.raises(FederationError, match=r"^silo 1 got no verdict: the aggregator went away or did not answer "
-                                              r"in time \(Connection reset by peer\)$"):
+    with pytest.raises(
+        FederationError,
+        match=r"^silo 1 got no verdict: the aggregator went away or did not answer "
+        r"in time \(Connection reset by peer\)$",
+    ):
         join.request_admission(GoneStore(), 1, None, HELLO)

@@ -20,9 +20,16 @@ LABELS = ["neg", "pos"]
 
 
 def settings_for(work: Path, **changes: Any) -> Settings:
-    return build_settings({"model": "unused", "dataset": "unused.csv", "rounds": 2,
-                           "tracking_uri": f"sqlite:///{work}/mlflow.db", "checkpoint_dir": str(work / "ckpt"),
-                           **changes})
+    return build_settings(
+        {
+            "model": "unused",
+            "dataset": "unused.csv",
+            "rounds": 2,
+            "tracking_uri": f"sqlite:///{work}/mlflow.db",
+            "checkpoint_dir": str(work / "ckpt"),
+            **changes,
+        }
+    )
 
 
 def metrics(accuracy: float) -> dict[str, float]:
@@ -63,7 +70,9 @@ def test_a_failed_federation_resumes_its_run_and_weights_and_a_finished_one_star
     assert any(line.startswith("resuming after round 1 from") for line in lines)
     assert outcome.run_id == first_run and outcome.final_accuracy == 0.7
     assert run_status(tmp_path, first_run) == "FINISHED"
-    history = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(first_run, "test_accuracy")
+    history = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        first_run, "test_accuracy"
+    )
     assert [(m.step, m.value) for m in history] == [(1, 0.6), (2, 0.7)]
     # ... and a third start with the same settings is a new federation, in a new run
     with FederationRun(settings, key, lines.append) as third:

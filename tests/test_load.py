@@ -73,12 +73,31 @@ def test_32_silos_on_one_machine(tmp_path: Path, tiny_bert: Path, capsys: pytest
     # Prepare: 8 training rows per silo, a separate test file so that every silo gets exactly 8
     train = write_csv(tmp_path / "train.csv", sentiment_rows(SILOS * ROWS_PER_SILO, seed=1))
     test = write_csv(tmp_path / "test.csv", sentiment_rows(64, seed=2))
-    args = ["run", "--silos", str(SILOS), "--rounds", str(ROUNDS), "--model", str(tiny_bert),
-            "--dataset", str(train), "--test-dataset", str(test), "--batch-size", "8", "--local-epochs", "1",
-            "--lr", "0.1", "--checkpoint-dir", "ckpt",
-            # 33 processes importing torch on two cores: joining alone takes minutes, so three times
-            # fedsilo's default join timeout; the round timeout is fedsilo's default (7200 s)
-            "--join-timeout", "1800"]
+    args = [
+        "run",
+        "--silos",
+        str(SILOS),
+        "--rounds",
+        str(ROUNDS),
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(train),
+        "--test-dataset",
+        str(test),
+        "--batch-size",
+        "8",
+        "--local-epochs",
+        "1",
+        "--lr",
+        "0.1",
+        "--checkpoint-dir",
+        "ckpt",
+        # 33 processes importing torch on two cores: joining alone takes minutes, so three times
+        # fedsilo's default join timeout; the round timeout is fedsilo's default (7200 s)
+        "--join-timeout",
+        "1800",
+    ]
 
     # Execute, sampling memory; the output is drained as it comes so no child blocks on a pipe
     started = time.monotonic()
@@ -104,10 +123,12 @@ def test_32_silos_on_one_machine(tmp_path: Path, tiny_bert: Path, capsys: pytest
     first_round = next((t for t, line in lines if "] round 1/" in line), float("nan"))
     last_joined = max((t for t, line in lines if "] silo " in line and " joined" in line), default=float("nan"))
     with capsys.disabled():
-        print(f"\nload: {SILOS} silos + aggregator, {ROUNDS} rounds: exit {code} in {seconds:.0f}s wall "
-              f"(last silo admitted after {last_joined:.0f}s, round 1 done after {first_round:.0f}s); peak "
-              f"{peak.processes} processes, summed RSS {peak.rss / 2**20:.2f} GiB, summed PSS "
-              f"{peak.pss / 2**20:.2f} GiB")
+        print(
+            f"\nload: {SILOS} silos + aggregator, {ROUNDS} rounds: exit {code} in {seconds:.0f}s wall "
+            f"(last silo admitted after {last_joined:.0f}s, round 1 done after {first_round:.0f}s); peak "
+            f"{peak.processes} processes, summed RSS {peak.rss / 2**20:.2f} GiB, summed PSS "
+            f"{peak.pss / 2**20:.2f} GiB"
+        )
 
     # Assert: a clean finish, every round logged, the last silo's examples counted
     assert code == 0, output[-5000:]

@@ -59,7 +59,7 @@ def test_a_bound_tensor_is_found_at_its_offset_and_a_stranger_is_refused() -> No
     sizes = [t.numel() for t in tensors]
     assert [offset_in(flat, t) for t in tensors] == [sum(sizes[:i]) for i in range(len(sizes))]
     start = offset_in(flat, model.embed.weight)
-    assert torch.equal(flat[start:start + 28].view(7, 4), model.out.weight)
+    assert torch.equal(flat[start : start + 28].view(7, 4), model.out.weight)
     with pytest.raises(ValueError, match="not a contiguous slice"):
         offset_in(flat, model.mix.clone())
     with pytest.raises(ValueError, match="not a contiguous slice"):
@@ -112,8 +112,12 @@ def test_a_transformers_classifier_trains_in_its_flat_vector(tiny_bert: Path, se
     from fedsilo.train import local_train
 
     tokenizer = load_tokenizer(str(tiny_bert))
-    data = encode(["a fine film", "a dull plot", "brilliant", "boring and bland"] * 4,
-                  torch.tensor([1, 0, 1, 0] * 4).numpy(), tokenizer, 32)
+    data = encode(
+        ["a fine film", "a dull plot", "brilliant", "boring and bland"] * 4,
+        torch.tensor([1, 0, 1, 0] * 4).numpy(),
+        tokenizer,
+        32,
+    )
     plain, bound = (build_model(str(tiny_bert), ["neg", "pos"], 3) for _ in range(2))
     flat = bind_flat(bound)
     # Execute

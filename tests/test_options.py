@@ -65,18 +65,25 @@ def test_every_setting_option_is_typed_as_its_field() -> None:
 
 
 # -- precedence: YAML < FEDSILO_* < flag ---------------------------------------------------------------
-@pytest.mark.parametrize("key, yaml_text, env_value, flag, expected", [
-    ("rounds", "rounds: 3", "4", ["--rounds", "5"], (3, 4, 5)),
-    ("attention_mask", "attention_mask: false", "true", ["--no-attention-mask"], (False, True, False)),
-    ("labels", "labels: [a, b]", "c,d", ["--labels", "e,f"], (["a", "b"], ["c", "d"], ["e", "f"])),
-], ids=["int", "bool", "list"])
-def test_a_variable_beats_the_file_and_a_flag_beats_both(key: str, yaml_text: str, env_value: str, flag: list[str],
-                                                           expected: tuple, resolved, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "key, yaml_text, env_value, flag, expected",
+    [
+        ("rounds", "rounds: 3", "4", ["--rounds", "5"], (3, 4, 5)),
+        ("attention_mask", "attention_mask: false", "true", ["--no-attention-mask"], (False, True, False)),
+        ("labels", "labels: [a, b]", "c,d", ["--labels", "e,f"], (["a", "b"], ["c", "d"], ["e", "f"])),
+    ],
+    ids=["int", "bool", "list"],
+)
+def test_a_variable_beats_the_file_and_a_flag_beats_both(
+    key: str, yaml_text: str, env_value: str, flag: list[str], expected: tuple, resolved, tmp_path: Path
+) -> None:
     (tmp_path / "fedsilo.yaml").write_text(f"dataset: a.csv\n{yaml_text}\n")
     env = {f"FEDSILO_{key.upper()}": env_value}
-    for result in (fedsilo("run", "--config", "fedsilo.yaml"),
-                   fedsilo("run", "--config", "fedsilo.yaml", **env),
-                   fedsilo("run", "--config", "fedsilo.yaml", *flag, **env)):
+    for result in (
+        fedsilo("run", "--config", "fedsilo.yaml"),
+        fedsilo("run", "--config", "fedsilo.yaml", **env),
+        fedsilo("run", "--config", "fedsilo.yaml", *flag, **env),
+    ):
         assert result.exit_code == 0, result.output
     assert tuple(settings.flat()[key] for settings, _ in resolved) == expected
 
@@ -95,19 +102,39 @@ def test_a_commands_own_option_is_typed(resolved) -> None:
 
 
 # -- bad values: one line, exit 1, nothing started -----------------------------------------------------
-@pytest.mark.parametrize("args, env, expected", [
-    (["silo", "--rank", "x"], {}, "invalid option '--rank': expected a whole number (got 'x')"),
-    (["silo"], {"FEDSILO_RANK": "x"}, "invalid option '--rank': expected a whole number (got 'x')"),
-    (["run", "--restarts", "-1"], {}, "invalid option '--restarts': must be at least 0 (got '-1')"),
-    (["simulate", "--clients", "0"], {},
-     "invalid setting 'silos': Input should be greater than or equal to 1 (got '0')"),
-    (["run", "--partition", "foo"], {},
-     "invalid setting 'partition': Input should be 'iid', 'none', 'label-sorted' or 'dirichlet' (got 'foo')"),
-    (["run"], {"FEDSILO_DEVICE": "tpu"},
-     "invalid setting 'device': Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
-    (["run", "--max-length", "1.5"], {}, "invalid setting 'max_length'"),
-], ids=["rank-not-a-number", "rank-variable", "restarts-negative", "clients-0", "partition-not-a-choice",
-        "device-variable-not-a-choice", "max-length-not-whole"])
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["silo", "--rank", "x"], {}, "invalid option '--rank': expected a whole number (got 'x')"),
+        (["silo"], {"FEDSILO_RANK": "x"}, "invalid option '--rank': expected a whole number (got 'x')"),
+        (["run", "--restarts", "-1"], {}, "invalid option '--restarts': must be at least 0 (got '-1')"),
+        (
+            ["simulate", "--clients", "0"],
+            {},
+            "invalid setting 'silos': Input should be greater than or equal to 1 (got '0')",
+        ),
+        (
+            ["run", "--partition", "foo"],
+            {},
+            "invalid setting 'partition': Input should be 'iid', 'none', 'label-sorted' or 'dirichlet' (got 'foo')",
+        ),
+        (
+            ["run"],
+            {"FEDSILO_DEVICE": "tpu"},
+            "invalid setting 'device': Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')",
+        ),
+        (["run", "--max-length", "1.5"], {}, "invalid setting 'max_length'"),
+    ],
+    ids=[
+        "rank-not-a-number",
+        "rank-variable",
+        "restarts-negative",
+        "clients-0",
+        "partition-not-a-choice",
+        "device-variable-not-a-choice",
+        "max-length-not-whole",
+    ],
+)
 def test_a_bad_value_is_one_line(args: list[str], env: dict[str, str], expected: str, resolved, tmp_path: Path) -> None:
     line = one_error_line(fedsilo(*args, "--dataset", "a.csv", **env), exit_code=1)
     assert expected in line
@@ -115,15 +142,25 @@ def test_a_bad_value_is_one_line(args: list[str], env: dict[str, str], expected:
 
 
 # -- Click's usage errors: one line, exit 2 (a usage error, which the Helm chart fails fast on) ----------
-@pytest.mark.parametrize("args, expected", [
-    (["run", "--rounds"], "option '--rounds' requires an argument"),
-    (["run", "--round", "3"], "no such option: --round"),
-    (["runn"], "no such command 'runn'"),
-    (["--verbose", "run"], "no such option: --verbose"),
-    (["sweep"], "missing option '--config'"),
-    (["run", "--attention-mask", "yes"], "got unexpected extra argument"),
-], ids=["missing-value", "unknown-option", "unknown-command", "unknown-top-level-option", "missing-option",
-        "value-after-a-flag"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--rounds"], "option '--rounds' requires an argument"),
+        (["run", "--round", "3"], "no such option: --round"),
+        (["runn"], "no such command 'runn'"),
+        (["--verbose", "run"], "no such option: --verbose"),
+        (["sweep"], "missing option '--config'"),
+        (["run", "--attention-mask", "yes"], "got unexpected extra argument"),
+    ],
+    ids=[
+        "missing-value",
+        "unknown-option",
+        "unknown-command",
+        "unknown-top-level-option",
+        "missing-option",
+        "value-after-a-flag",
+    ],
+)
 def test_a_usage_error_is_one_line(args: list[str], expected: str, resolved) -> None:
     line = one_error_line(fedsilo(*args), exit_code=2)
     assert expected in line.lower()

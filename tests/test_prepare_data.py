@@ -26,8 +26,7 @@ def test_minilm_as_distilbert_gives_the_bert_hidden_states(tmp_path: Path) -> No
     # Prepare: the remapped copy, and two sentences of different lengths (so one is padded)
     out = load_script().minilm_distilbert(tmp_path / "minilm-distilbert")
     tokenizer = AutoTokenizer.from_pretrained(out)
-    batch = tokenizer(["A gripping, beautifully shot film about grief.", "Dull."], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(["A gripping, beautifully shot film about grief.", "Dull."], padding=True, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     # Execute: both encoders in eval mode (no dropout), as fedsilo feeds them (no token types)

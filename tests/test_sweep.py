@@ -31,14 +31,22 @@ def write_spec(directory: Path, spec: dict[str, Any], name: str = "sweep.yaml") 
 
 
 def test_grid_expands_in_order_with_per_dataset_budgets(tmp_path) -> None:
-    spec = sweep.read_spec(write_spec(tmp_path, {
-        "settings": {"lr": 0.1, "max-length": 64},
-        "grid": {"model": ["m1", "m2"], "dataset": ["a.csv", "b.csv"], "silos": [1, 4]},
-        "per_dataset": {"a.csv": {"budget": 3, "threshold": 6}, "b.csv": {"rounds": 2}},
-    }))
+    spec = sweep.read_spec(
+        write_spec(
+            tmp_path,
+            {
+                "settings": {"lr": 0.1, "max-length": 64},
+                "grid": {"model": ["m1", "m2"], "dataset": ["a.csv", "b.csv"], "silos": [1, 4]},
+                "per_dataset": {"a.csv": {"budget": 3, "threshold": 6}, "b.csv": {"rounds": 2}},
+            },
+        )
+    )
     cells = sweep.expand(spec, "exp")
-    assert [c.label() for c in cells[:3]] == ["model=m1 dataset=a.csv silos=1", "model=m1 dataset=a.csv silos=4",
-                                              "model=m1 dataset=b.csv silos=1"]
+    assert [c.label() for c in cells[:3]] == [
+        "model=m1 dataset=a.csv silos=1",
+        "model=m1 dataset=a.csv silos=4",
+        "model=m1 dataset=b.csv silos=1",
+    ]
     assert len(cells) == 8 and len({c.key for c in cells}) == 8
     a, b = cells[0], cells[2]
     assert (a.settings.federation.rounds, a.params()) == (6, {"budget": 3, "threshold": 6})
@@ -57,19 +65,31 @@ def test_cell_key_follows_the_result_not_the_place() -> None:
     assert key() != key(budget=5, rounds=10) != key(rounds=10)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"grid": {"sylos": [1, 2]}}, "grid.sylos: unknown key"),
-    ({"grid": {"silos": 4}}, "grid.silos: Input should be a valid list"),
-    ({"grid": {"silos": []}}, "grid.silos: empty list"),
-    ({"grid": {"silos": [1]}, "settings": {"experiment": "x"}}, "settings.experiment: set 'experiment' at the top level"),
-    ({"grid": {"silos": [1]}, "settings": {"silos": 2}}, "grid.silos: also set under settings"),
-    ({"grid": {"silos": [1]}, "parallel": True}, "parallel: Extra inputs are not permitted"),
-    ({"grid": {"dataset": ["imdb"]}, "per_dataset": {"imbd": {"rounds": 3}}}, "per_dataset.imbd: no such dataset"),
-    ({"grid": {"silos": [0, 2]}, "settings": {"dataset": "a"}}, "cell 1/2 (silos=0): invalid setting 'silos'"),
-    ({"grid": {"silos": [1]}, "settings": {"dataset": "a", "rounds": 5, "budget": 8}}, "budget 8 is after the last round (5)"),
-    ({"grid": {"silos": [1]}, "settings": {"dataset": "a", "rounds": 5, "threshold": 8}}, "rounds (5) and threshold (8) disagree"),
-    ({"grid": {"silos": [2, 2]}, "settings": {"dataset": "a"}}, "cell 2/2 (silos=2): the same run as cell 1"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"grid": {"sylos": [1, 2]}}, "grid.sylos: unknown key"),
+        ({"grid": {"silos": 4}}, "grid.silos: Input should be a valid list"),
+        ({"grid": {"silos": []}}, "grid.silos: empty list"),
+        (
+            {"grid": {"silos": [1]}, "settings": {"experiment": "x"}},
+            "settings.experiment: set 'experiment' at the top level",
+        ),
+        ({"grid": {"silos": [1]}, "settings": {"silos": 2}}, "grid.silos: also set under settings"),
+        ({"grid": {"silos": [1]}, "parallel": True}, "parallel: Extra inputs are not permitted"),
+        ({"grid": {"dataset": ["imdb"]}, "per_dataset": {"imbd": {"rounds": 3}}}, "per_dataset.imbd: no such dataset"),
+        ({"grid": {"silos": [0, 2]}, "settings": {"dataset": "a"}}, "cell 1/2 (silos=0): invalid setting 'silos'"),
+        (
+            {"grid": {"silos": [1]}, "settings": {"dataset": "a", "rounds": 5, "budget": 8}},
+            "budget 8 is after the last round (5)",
+        ),
+        (
+            {"grid": {"silos": [1]}, "settings": {"dataset": "a", "rounds": 5, "threshold": 8}},
+            "rounds (5) and threshold (8) disagree",
+        ),
+        ({"grid": {"silos": [2, 2]}, "settings": {"dataset": "a"}}, "cell 2/2 (silos=2): the same run as cell 1"),
+    ],
+)
 def test_bad_sweep_files_name_the_key(tmp_path, spec, message) -> None:
     path = write_spec(tmp_path, spec)
     with pytest.raises(ConfigError) as caught:
@@ -99,7 +119,12 @@ def test_paper_grid() -> None:
     assert plan == {("imdb", 100, 200, 200), ("yelp_review_full", 50, 100, 100), ("ag_news", 100, 200, 200)}
     s = cells[0].settings
     assert (s.train.lr, s.train.batch_size, s.model.max_length, s.train.local_epochs, s.data.partition) == (
-        2e-5, 32, 128, 2, "iid")
+        2e-5,
+        32,
+        128,
+        2,
+        "iid",
+    )
 
 
 @pytest.mark.parametrize("name", ["sweep-example.yaml", "replication-cpu.yaml"])
@@ -113,14 +138,23 @@ def test_shipped_sweep_files_are_valid(name) -> None:
 
 
 def tiny_sweep(directory: Path, model: Path, data: Path) -> Path:
-    return write_spec(directory, {
-        "experiment": "tiny",
-        "tracking_uri": f"sqlite:///{directory}/mlflow.db",
-        "settings": {"model": str(model), "dataset": str(data), "batch_size": 16, "lr": 0.3, "local_epochs": 1,
-                     "checkpoint_dir": str(directory / "ckpt")},
-        "grid": {"silos": [1, 2]},
-        "per_dataset": {str(data): {"budget": 1, "threshold": 2}},
-    })
+    return write_spec(
+        directory,
+        {
+            "experiment": "tiny",
+            "tracking_uri": f"sqlite:///{directory}/mlflow.db",
+            "settings": {
+                "model": str(model),
+                "dataset": str(data),
+                "batch_size": 16,
+                "lr": 0.3,
+                "local_epochs": 1,
+                "checkpoint_dir": str(directory / "ckpt"),
+            },
+            "grid": {"silos": [1, 2]},
+            "per_dataset": {str(data): {"budget": 1, "threshold": 2}},
+        },
+    )
 
 
 def runs_of(directory: Path) -> tuple[list[Any], list[Any]]:
@@ -140,11 +174,15 @@ def test_sweep_nests_its_cells_and_a_rerun_trains_nothing(tmp_path, tiny_bert, s
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.data.tags[PARENT_RUN_TAG] == parent.info.run_id and c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
-    assert all((c.data.params["budget"], c.data.params["threshold"], c.data.params["rounds"]) == ("1", "2", "2")
-               for c in children)
+    assert all(
+        (c.data.params["budget"], c.data.params["threshold"], c.data.params["rounds"]) == ("1", "2", "2")
+        for c in children
+    )
     assert not list((tmp_path / "ckpt").glob("*/latest.pt"))  # the models are in MLflow
-    assert "cell 2/2: silos=2" in lines and lines[-1] == "summarise it: fedsilo report --experiment tiny " \
-        f"--tracking-uri sqlite:///{tmp_path}/mlflow.db"
+    assert (
+        "cell 2/2: silos=2" in lines
+        and lines[-1] == f"summarise it: fedsilo report --experiment tiny --tracking-uri sqlite:///{tmp_path}/mlflow.db"
+    )
 
     # a rerun of the same sweep continues the same parent and trains nothing
     again: list[str] = []

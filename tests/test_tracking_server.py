@@ -44,10 +44,23 @@ class Server:
         started = time.monotonic()
         log = (self.directory / "server.log").open("ab")
         self.process = subprocess.Popen(
-            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.directory}/db",
-             "--artifacts-destination", str(self.directory / "art"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: SIGTERM reaches every worker
+            [
+                str(MLFLOW),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.directory}/db",
+                "--artifacts-destination",
+                str(self.directory / "art"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: SIGTERM reaches every worker
         )
         while time.monotonic() - started < timeout:
             assert self.process.poll() is None, (self.directory / "server.log").read_text()
@@ -87,13 +100,35 @@ def server(tmp_path: Path) -> Iterator[Server]:
         served.stop()
 
 
-def test_metrics_survive_a_server_outage_mid_run(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path,
-                                                 server: Server) -> None:
+def test_metrics_survive_a_server_outage_mid_run(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, server: Server
+) -> None:
     # Prepare: the server, and a federation of six short rounds that logs to it
     print(f"\nmlflow server healthy after {server.start():.1f}s")
-    run = Watched(start("run", "--silos", "2", "--rounds", str(ROUNDS), "--model", str(tiny_bert),
-                        "--dataset", str(sentiment_csv), "--batch-size", "8", "--lr", "0.3", "--local-epochs", "4",
-                        "--tracking-uri", server.uri, "--checkpoint-dir", "ckpt", cwd=tmp_path))
+    run = Watched(
+        start(
+            "run",
+            "--silos",
+            "2",
+            "--rounds",
+            str(ROUNDS),
+            "--model",
+            str(tiny_bert),
+            "--dataset",
+            str(sentiment_csv),
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.3",
+            "--local-epochs",
+            "4",
+            "--tracking-uri",
+            server.uri,
+            "--checkpoint-dir",
+            "ckpt",
+            cwd=tmp_path,
+        )
+    )
     try:
         # Execute: the server goes down after round 2 and stays down for two rounds. The aggregator
         # is held (SIGSTOP; the silos wait in their collective, under fedsilo's default round timeout)
@@ -136,16 +171,23 @@ def test_results_of_a_run_that_never_reached_the_server_are_delivered_at_the_nex
     tmp_path: Path, tiny_bert: Path, server: Server
 ) -> None:
     # Prepare: a tracker whose server is down from the start (the port is closed)
-    settings = build_settings({"dataset": "unused.csv", "tracking_uri": server.uri, "experiment": "outbox",
-                               "checkpoint_dir": str(tmp_path / "ckpt")})
+    settings = build_settings(
+        {
+            "dataset": "unused.csv",
+            "tracking_uri": server.uri,
+            "experiment": "outbox",
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+        }
+    )
     outbox, lines = tmp_path / "ckpt" / "f00d", []
     first = Tracker(settings, ["neg", "pos"], None, outbox, lines.append)
     for round_ in (1, 2, 3):
         first.log_round(round_, {"test_accuracy": round_ / 10, "round_seconds": 1.0})
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    first.log_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert),
-                    AutoTokenizer.from_pretrained(tiny_bert))
+    first.log_model(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert)
+    )
     assert not first.finish()
     assert first.run_id is None and any("still unreachable" in line for line in lines)
 

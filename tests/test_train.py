@@ -50,7 +50,7 @@ def test_sparse_embedding_gradients_give_the_dense_update_and_are_undone() -> No
     kinds_dense, kinds_sparse = sgd(dense, batches, sparse=False), sgd(sparse, batches, sparse=True)
     # Assert: the same model to rounding, unused rows untouched, and the module dense again after
     assert kinds_dense == [False, False] and kinds_sparse == [True, True]
-    for a, b in zip(dense.parameters(), sparse.parameters()):
+    for a, b in zip(dense.parameters(), sparse.parameters(), strict=False):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     unused = [r for r in range(50) if r not in {0, 1, 2, 3, 4, 5, 6, 7, 9}]
     assert torch.equal(sparse.embed.weight[unused], initial[unused])
@@ -61,12 +61,23 @@ def test_local_train_reports_progress_after_the_last_batch() -> None:
     # Prepare: 50 rows in batches of 2: 25 batches, more than one progress interval
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    data = Encoded([rng.integers(1, 50, size=int(rng.integers(2, 6))).tolist() for _ in range(50)],
-                   rng.integers(0, 2, size=50), 0, 8)
+    data = Encoded(
+        [rng.integers(1, 50, size=int(rng.integers(2, 6))).tolist() for _ in range(50)],
+        rng.integers(0, 2, size=50),
+        0,
+        8,
+    )
     calls: list[tuple[int, int]] = []
     # Execute
-    result = local_train(BagOfWords(), data, epochs=1, batch_size=2, lr=0.1, seed=(0,),
-                         progress=lambda done, total, loss: calls.append((done, total)))
+    result = local_train(
+        BagOfWords(),
+        data,
+        epochs=1,
+        batch_size=2,
+        lr=0.1,
+        seed=(0,),
+        progress=lambda done, total, loss: calls.append((done, total)),
+    )
     # Assert: now and then, and once at the end; the mean loss is a plain float
     assert calls[-1] == (25, 25) and 1 < len(calls) < 25
     assert result.examples == 50 and isinstance(result.mean_loss, float) and result.mean_loss > 0

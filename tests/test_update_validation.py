@@ -26,13 +26,31 @@ def one_error_line(output: str, *expected: str) -> None:
     assert "Traceback" not in output, output
 
 
-def test_a_non_finite_update_stops_the_federation_naming_silo_and_round(tmp_path: Path, tiny_bert: Path,
-                                                                        sentiment_csv: Path) -> None:
+def test_a_non_finite_update_stops_the_federation_naming_silo_and_round(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
     # An absurd learning rate overflows the weights within the first local steps of round 1.
     port = free_port()
-    shared = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv),
-              "--lr", "1e30", "--local-epochs", "1", "--batch-size", "16", "--checkpoint-dir", "ckpt",
-              "--aggregator", f"127.0.0.1:{port}"]
+    shared = [
+        "--silos",
+        "2",
+        "--rounds",
+        "2",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        "--lr",
+        "1e30",
+        "--local-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--checkpoint-dir",
+        "ckpt",
+        "--aggregator",
+        f"127.0.0.1:{port}",
+    ]
     aggregator = start("aggregator", *shared, cwd=tmp_path)
     silos = [start("silo", "--rank", str(rank), *shared, cwd=tmp_path) for rank in (1, 2)]
     (code, out), *silo_results = [finish(p) for p in (aggregator, *silos)]
@@ -47,13 +65,36 @@ def test_a_non_finite_update_stops_the_federation_naming_silo_and_round(tmp_path
 def test_an_outlying_update_is_skipped_and_the_skip_is_recorded(tmp_path: Path, tiny_bert: Path) -> None:
     # Private data: silo 3 holds ten times the rows of the others, so it takes ten times the SGD
     # steps and its update is the largest; with a factor of 1.01 over the median it is an outlier.
-    files = {1: write_csv(tmp_path / "s1.csv", sentiment_rows(30, seed=1)),
-             2: write_csv(tmp_path / "s2.csv", sentiment_rows(30, seed=2)),
-             3: write_csv(tmp_path / "s3.csv", sentiment_rows(300, seed=3))}
+    files = {
+        1: write_csv(tmp_path / "s1.csv", sentiment_rows(30, seed=1)),
+        2: write_csv(tmp_path / "s2.csv", sentiment_rows(30, seed=2)),
+        3: write_csv(tmp_path / "s3.csv", sentiment_rows(300, seed=3)),
+    }
     port = free_port()
-    shared = ["--silos", "3", "--partition", "none", "--rounds", "1", "--model", str(tiny_bert), "--lr", "0.3",
-              "--local-epochs", "1", "--batch-size", "8", "--norm-factor", "1.01", "--update-policy", "skip",
-              "--checkpoint-dir", "ckpt", "--aggregator", f"127.0.0.1:{port}"]
+    shared = [
+        "--silos",
+        "3",
+        "--partition",
+        "none",
+        "--rounds",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--lr",
+        "0.3",
+        "--local-epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--norm-factor",
+        "1.01",
+        "--update-policy",
+        "skip",
+        "--checkpoint-dir",
+        "ckpt",
+        "--aggregator",
+        f"127.0.0.1:{port}",
+    ]
     aggregator = start("aggregator", *shared, cwd=tmp_path)
     silos = [start("silo", "--rank", str(r), "--dataset", str(files[r]), *shared, cwd=tmp_path) for r in (1, 2, 3)]
     outputs = [finish(p) for p in (aggregator, *silos)]
@@ -76,6 +117,7 @@ def test_an_outlying_update_is_skipped_and_the_skip_is_recorded(tmp_path: Path, 
     silos = [start("silo", "--rank", str(r), "--dataset", str(files[r]), *pair, cwd=alone) for r in (1, 2)]
     outputs = [finish(p) for p in (aggregator, *silos)]
     assert [code for code, _ in outputs] == [0, 0, 0], outputs
-    skipped, pair_only = (torch.load(next((d / "ckpt").glob("*/latest.pt")), weights_only=True)["weights"]
-                          for d in (tmp_path, alone))
+    skipped, pair_only = (
+        torch.load(next((d / "ckpt").glob("*/latest.pt")), weights_only=True)["weights"] for d in (tmp_path, alone)
+    )
     assert torch.allclose(skipped, pair_only, rtol=0, atol=1e-6)

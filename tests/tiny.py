@@ -16,17 +16,37 @@ FILLER = ["the", "film", "was", "a", "plot", "story", "acting", "movie", "really
 
 def make_tiny_model(directory: Path, arch: str = "bert", labels: int = 2) -> Path:
     """A 2-layer, hidden-32 classifier of ``arch`` with the MiniLM tokenizer, saved like a hub model."""
-    from transformers import AlbertConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, DistilBertConfig
+    from transformers import (
+        AlbertConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        DistilBertConfig,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     vocab = len(tokenizer)
     config = {
-        "bert": lambda: BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=128),
-        "distilbert": lambda: DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                               max_position_embeddings=128),
-        "albert": lambda: AlbertConfig(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=128),
+        "bert": lambda: BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        ),
+        "distilbert": lambda: DistilBertConfig(
+            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128
+        ),
+        "albert": lambda: AlbertConfig(
+            vocab_size=vocab,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        ),
     }[arch]()
     config.num_labels = labels
     model = AutoModelForSequenceClassification.from_config(config)

@@ -11,12 +11,21 @@ from fedsilo.report import write_report
 
 
 def command(
-    experiment: Annotated[str, typer.Option("--experiment", envvar="FEDSILO_EXPERIMENT",
-                                            help="MLflow experiment holding the federation runs.")],
-    out: Annotated[Path, typer.Option("--out", envvar="FEDSILO_REPORT_OUT",
-                                      help="Directory for summary.md, summary.csv and the PNG figures.")] = Path("report"),
-    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="FEDSILO_TRACKING_URI",
-                                              help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
+    experiment: Annotated[
+        str,
+        typer.Option(
+            "--experiment", envvar="FEDSILO_EXPERIMENT", help="MLflow experiment holding the federation runs."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", envvar="FEDSILO_REPORT_OUT", help="Directory for summary.md, summary.csv and the PNG figures."
+        ),
+    ] = Path("report"),
+    tracking_uri: Annotated[
+        str, typer.Option("--tracking-uri", envvar="FEDSILO_TRACKING_URI", help="MLflow tracking URI.")
+    ] = "sqlite:///mlflow.db",
 ) -> None:
     result = write_report(experiment, tracking_uri, out)
     for path in result.files:

@@ -12,10 +12,16 @@ from fedsilo.options import settings_of, whole_number
 
 def command(
     ctx: typer.Context,
-    restarts: Annotated[int, whole_number(
-        "--restarts", minimum=0, envvar="FEDSILO_RESTARTS",
-        help="Restart the federation this many times after a failure, at least 0; it resumes from the last "
-             "checkpoint.")] = 0,
+    restarts: Annotated[
+        int,
+        whole_number(
+            "--restarts",
+            minimum=0,
+            envvar="FEDSILO_RESTARTS",
+            help="Restart the federation this many times after a failure, at least 0; it resumes from the last "
+            "checkpoint.",
+        ),
+    ] = 0,
 ) -> None:
     """Run a whole federation on this machine: the aggregator and K silos (K = --silos) as child processes, output prefixed by role.
 

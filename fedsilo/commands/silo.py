@@ -26,9 +26,14 @@ def resolve_rank(rank: int | None) -> int:
 
 def command(
     ctx: typer.Context,
-    rank: Annotated[int | None, whole_number(
-        "--rank", envvar="FEDSILO_RANK",
-        help="This silo's rank, 1..K. Default: JOB_COMPLETION_INDEX + 1 (Kubernetes Indexed Job).")] = None,
+    rank: Annotated[
+        int | None,
+        whole_number(
+            "--rank",
+            envvar="FEDSILO_RANK",
+            help="This silo's rank, 1..K. Default: JOB_COMPLETION_INDEX + 1 (Kubernetes Indexed Job).",
+        ),
+    ] = None,
 ) -> None:
     """Run one silo: train on local data each round and send only the weighted model update.
 

@@ -11,9 +11,15 @@ from fedsilo.options import parse_as, settings_of, stop_on_sigterm
 
 def command(
     ctx: typer.Context,
-    clients: Annotated[int | None, typer.Option(
-        "--clients", envvar="FEDSILO_CLIENTS", parser=parse_as("silos"),  # a bad value reads as a bad --silos
-        help="Number of clients K, at least 1 (overrides --silos).")] = None,
+    clients: Annotated[
+        int | None,
+        typer.Option(
+            "--clients",
+            envvar="FEDSILO_CLIENTS",
+            parser=parse_as("silos"),  # a bad value reads as a bad --silos
+            help="Number of clients K, at least 1 (overrides --silos).",
+        ),
+    ] = None,
 ) -> None:
     """Simulate a federation of K clients in this process: the same local training, seeds, shards and averaging as `fedsilo run`, so the same global model, without the network.
 

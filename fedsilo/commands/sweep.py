@@ -11,10 +11,15 @@ from fedsilo.options import stop_on_sigterm
 
 
 def command(
-    config: Annotated[Path, typer.Option(
-        "--config", envvar="FEDSILO_SWEEP", help="Sweep YAML file (see configs/sweep-example.yaml).")],
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Validate the file and list its cells; train nothing and touch no MLflow store.")] = False,
+    config: Annotated[
+        Path, typer.Option("--config", envvar="FEDSILO_SWEEP", help="Sweep YAML file (see configs/sweep-example.yaml).")
+    ],
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate the file and list its cells; train nothing and touch no MLflow store."
+        ),
+    ] = False,
 ) -> None:
     """Run a grid of simulations (models x datasets x client counts x seeds ...) as nested MLflow runs under one parent.
 

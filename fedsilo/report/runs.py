@@ -93,11 +93,7 @@ def load_curves(client: MlflowClient, experiment: str, uri: str) -> tuple[list[C
         raise ReportError(f"experiment '{experiment}' not found at {redact_uri(uri)}")
     runs = search_all_runs(client, exp.experiment_id)
     parents = sorted((r for r in runs if _is_parent(r)), key=lambda r: r.info.start_time or 0)
-    members = [
-        r
-        for r in runs
-        if not _is_parent(r) and r.info.status == "FINISHED" and "silos" in r.data.params
-    ]
+    members = [r for r in runs if not _is_parent(r) and r.info.status == "FINISHED" and "silos" in r.data.params]
     if not members:
         raise ReportError(f"experiment '{experiment}' has no finished federation runs to report on")
     return [_curve_from_run(client, r) for r in members], (parents[-1] if parents else None)

@@ -215,13 +215,13 @@ def summarise(curves: Iterable[Curve]) -> list[SummaryRow]:
     for group in groups.values():
         for c in group:
             majorities[c.dataset].add(c.majority_accuracy)
-    rows = [replace(r, majority_accuracy=next(iter(majorities[r.dataset]))) if len(majorities[r.dataset]) == 1 else r
-            for r in rows]
+    rows = [
+        replace(r, majority_accuracy=next(iter(majorities[r.dataset]))) if len(majorities[r.dataset]) == 1 else r
+        for r in rows
+    ]
 
     baselines = {
-        (r.model, r.dataset): r.accuracy_at_budget
-        for r in rows
-        if r.silos == 1 and r.accuracy_at_budget is not None
+        (r.model, r.dataset): r.accuracy_at_budget for r in rows if r.silos == 1 and r.accuracy_at_budget is not None
     }
     return [_with_target(row, baselines.get((row.model, row.dataset))) for row in rows]
 

@@ -74,8 +74,10 @@ def _floor_sentence(r: SummaryRow) -> str:
     uniform = f"a uniform random guess scores {r.random_accuracy:.4f}"
     if r.majority_accuracy is None:
         return f"{r.num_labels} labels; {uniform}."
-    return (f"{r.num_labels} labels; always answering the test set's most frequent label (the majority "
-            f"class) scores {r.majority_accuracy:.4f}, {uniform}.")
+    return (
+        f"{r.num_labels} labels; always answering the test set's most frequent label (the majority "
+        f"class) scores {r.majority_accuracy:.4f}, {uniform}."
+    )
 
 
 def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence[str]) -> str:
@@ -105,10 +107,7 @@ def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence
         ]
         for r in drows:
             best = "n/a" if r.best_accuracy is None else f"{r.best_accuracy:.4f} ({r.best_round})"
-            lines.append(
-                f"| {r.model} | {r.silos} | {len(r.seeds)} | {_md_accuracy(r)} | {best} "
-                f"| {_md_rounds(r)} |"
-            )
+            lines.append(f"| {r.model} | {r.silos} | {len(r.seeds)} | {_md_accuracy(r)} | {best} | {_md_rounds(r)} |")
     lines += ["", "## Figures", ""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
