@@ -329,6 +329,35 @@ def silo_threads(silos: int) -> str:
     return str(max(1, (os.cpu_count() or 1) // silos))
 
 
+def start_ranks(
+    group: Group, silos: int, shapes: Path, port: int, rounds: int, blocks: int, work: Path, out: Path, *extra: str
+) -> None:
+    """The K + 1 ranks of ``roundtrip.py`` in ``group``: one thread for rank 0, the cores shared among silos."""
+    for rank in range(silos + 1):
+        argv = [
+            PY,
+            str(HERE / "roundtrip.py"),
+            "--rank",
+            str(rank),
+            "--silos",
+            str(silos),
+            "--shapes",
+            str(shapes),
+            "--port",
+            str(port),
+            "--rounds",
+            str(rounds),
+            "--blocks",
+            str(blocks),
+            "--workdir",
+            str(work),
+            "--out",
+            str(out),
+            *extra,
+        ]
+        group.start(f"rank {rank}", argv, {"OMP_NUM_THREADS": "1" if rank == 0 else silo_threads(silos)})
+
+
 def drive_roundtrip(size: str, silos: int, plan: Plan, work: Path, numel: int, shapes: Path) -> dict[str, Any]:
     need = (silos + 1) * (3 * numel * 4 + 300 * MIB)
     limit = mem_available() - GIB
@@ -337,31 +366,7 @@ def drive_roundtrip(size: str, silos: int, plan: Plan, work: Path, numel: int, s
     port, out = free_port(), work / f"roundtrip-{size}-k{silos}.json"
     out.unlink(missing_ok=True)
     group = Group(work / "logs" / f"roundtrip-{size}-k{silos}", limit, timeout=900)
-    for rank in range(silos + 1):
-        group.start(
-            f"rank {rank}",
-            [
-                PY,
-                str(HERE / "roundtrip.py"),
-                "--rank",
-                str(rank),
-                "--silos",
-                str(silos),
-                "--shapes",
-                str(shapes),
-                "--port",
-                str(port),
-                "--rounds",
-                str(plan.rounds),
-                "--blocks",
-                str(plan.blocks),
-                "--workdir",
-                str(work),
-                "--out",
-                str(out),
-            ],
-            {"OMP_NUM_THREADS": "1" if rank == 0 else silo_threads(silos)},
-        )
+    start_ranks(group, silos, shapes, port, plan.rounds, plan.blocks, work, out)
     result = group.wait()
     if result.status != "ok":
         return {"status": result.status}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import run as bench
-from run import GIB, HERE, MIB, PY, Group, fmt_s, fmt_x, median, shapes_file, silo_threads, steady, verdict
+from run import GIB, HERE, MIB, Group, fmt_s, fmt_x, median, shapes_file, steady, verdict
 
 TARGET_TLS_FLOOR = 1.5  # TLS star round trip / raw gloo floor, at K = 4
 TARGET_FLOWER = 10.0  # Flower's round / the TLS star's, at least
@@ -47,35 +47,7 @@ def ranks(
     port, out = bench.free_port(), work / f"tls-{size}-k{silos}-{kinds.replace(',', '-')}.json"
     out.unlink(missing_ok=True)
     group = Group(work / "logs" / out.stem, bench.mem_available() - GIB, timeout=1800)
-    for rank in range(silos + 1):
-        group.start(
-            f"rank {rank}",
-            [
-                PY,
-                str(HERE / "roundtrip.py"),
-                "--rank",
-                str(rank),
-                "--silos",
-                str(silos),
-                "--shapes",
-                str(shapes),
-                "--port",
-                str(port),
-                "--rounds",
-                str(rounds),
-                "--blocks",
-                str(blocks),
-                "--workdir",
-                str(work),
-                "--out",
-                str(out),
-                "--kinds",
-                kinds,
-                "--tls-pki",
-                str(pki),
-            ],
-            {"OMP_NUM_THREADS": "1" if rank == 0 else silo_threads(silos)},
-        )
+    bench.start_ranks(group, silos, shapes, port, rounds, blocks, work, out, "--kinds", kinds, "--tls-pki", str(pki))
     result = group.wait()
     if result.status != "ok":
         return {"status": result.status}
