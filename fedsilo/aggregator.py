@@ -84,6 +84,7 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
     fed = settings.federation
     device = resolve_device(settings.train.device)
     wire = transport.describe(settings, device)
+    transport.check(settings)
     address = comm.resolve_address(fed.aggregator)
     with FederationRun(settings, settings_fingerprint(settings), log) as ledger:
         tokenizer = load_tokenizer(settings.model.model)

@@ -28,6 +28,7 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
     """Parse is done; build, run, close. The group is destroyed on every path out."""
     fed = settings.federation
     check_rank(rank, fed.silos)
+    transport.check(settings)
     device = resolve_device(settings.train.device)
     address = comm.resolve_address(fed.aggregator)
     tokenizer = load_tokenizer(settings.model.model)

@@ -311,3 +311,28 @@ def test_fedsilo_run_makes_throwaway_certificates(tmp_path, tiny_bert, sentiment
     assert result.returncode == 0, result.stdout + result.stderr
     assert "TLS 1.3" in result.stdout
     assert torch.is_tensor(final_weights(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("role", ["aggregator", "silo"])
+def test_missing_certificates_are_one_line_before_anything_loads(tmp_path, role, pki) -> None:
+    # A model and dataset that do not exist: the certificate check must come before they are read
+    rank = ["--rank", "1"] if role == "silo" else []
+    missing = run(role, *rank, "--transport", "tls", "--model", "no-such-model", "--dataset", "none.csv", cwd=tmp_path)
+    unreadable = run(
+        role,
+        *rank,
+        "--transport",
+        "tls",
+        "--model",
+        "no-such-model",
+        "--dataset",
+        "none.csv",
+        *identity(pki, "aggregator" if role == "aggregator" else "silo-1")[:4],
+        "--tls-ca",
+        str(tmp_path / "gone.pem"),
+        cwd=tmp_path,
+    )
+    assert missing.returncode == 1 and unreadable.returncode == 1
+    assert_one_line_error(missing.stderr, "--transport tls needs --tls-cert, --tls-key, --tls-ca")
+    assert_one_line_error(unreadable.stderr, f"--tls-ca {tmp_path / 'gone.pem'}: no such file")
+    assert "no-such-model" not in missing.stderr + unreadable.stderr
