@@ -69,14 +69,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=HERE / ".work", help="scratch space")
     parser.add_argument("--no-flower", action="store_true", help="skip Flower (its setup takes minutes)")
     parser.add_argument("--flower-mem-gb", type=float, default=14.0)
+    parser.add_argument(
+        "--parts", default="roundtrip,memory", help="which tables: roundtrip (with Flower), memory, or both"
+    )
     args = parser.parse_args()
     plan = bench.QUICK if args.quick else bench.FULL
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     pki = make_pki(work, max(plan.silos))
+    parts = set(args.parts.split(","))
     flower_missing = (
         "skipped (--no-flower)"
-        if args.no_flower
+        if args.no_flower or "roundtrip" not in parts
         else bench.ensure_setup("setup-flower.sh", bench.FLOWER_PY, True, work / "setup-flower.log")
     )
 
@@ -86,7 +90,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts: list[str] = []
-    for size in plan.sizes:
+    for size in plan.sizes if "roundtrip" in parts else ():
         shapes, numel = shapes_file(size, work)
         for silos in plan.silos:
             print(f"{size} K={silos}: gloo, floor and TLS blocks ...", flush=True)
@@ -125,7 +129,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     silos, rounds = max(plan.silos), 50 if not args.quick else 10
-    for size in plan.sizes:
+    for size in plan.sizes if "memory" in parts else ():
         shapes, numel = shapes_file(size, work)
         print(f"{size} K={silos}: TLS only, {rounds} rounds, aggregator memory ...", flush=True)
         got = ranks(size, silos, "tls", rounds, 1, work, pki, shapes)

@@ -342,6 +342,10 @@ class StarGroup:
         self.listener, self.channels = listener, channels
         self.world_size = len(channels) + 1
         self._lock = threading.Lock()
+        # One receive buffer per silo for the whole federation: 1 MiB buffers made afresh each round,
+        # in a new thread each time, land in glibc's per-thread arenas and grew the aggregator's RSS
+        # by a MiB every few rounds (benchmarks/tls_bench.py's slope).
+        self._chunks = {rank: torch.empty(CHUNK_BYTES, dtype=torch.uint8) for rank in channels}
 
     def _each(self, work: Callable[[Channel], None]) -> None:
         """``work`` on every silo's channel at once. The first failure raises LinkLost naming that
@@ -387,7 +391,7 @@ class StarGroup:
         step = max(1, CHUNK_BYTES // flat.element_size())
 
         def receive(channel: Channel) -> None:
-            chunk = torch.empty(min(step, flat.numel()), dtype=flat.dtype)
+            chunk = self._chunks[channel.rank].view(flat.dtype)
             if channel.expect(Kind.TENSOR) != flat.numel() * flat.element_size():
                 raise ConnectionError(f"silo {channel.rank} sent an update of another size")
             for start in range(0, flat.numel(), step):
