@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsilo import comm, join, transport
+from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, finish_average, validate_updates
 from fedsilo.config import Settings, agreed_settings, settings_fingerprint
 from fedsilo.data import Encoded, majority_share
@@ -123,6 +123,9 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             # or the group's rendezvous, under the join timeout. A slow tracking server or a new
             # sqlite store on a busy machine takes tens of seconds.
             ledger.track({} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"})
+            if fed.secure_aggregation:
+                secagg.relay(group)
+                log("secure aggregation: the silos agreed pair keys; updates arrive masked")
             weights = bind_flat(model)  # the model's own storage: the global model is never copied
             if weights.device.type != group.device.type:  # gloo with a GPU model: the wire needs a CPU copy
                 weights = weights.to(group.device)
@@ -140,9 +143,14 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     """
     settings, group, model, weights, log = rounds.settings, rounds.group, rounds.model, rounds.weights, rounds.log
     fed = settings.federation
-    summed = torch.zeros(weights.numel(), dtype=getattr(torch, fed.transfer_dtype), device=weights.device)
+    # Secure aggregation: the reduce sums masked int64 fixed point (secagg.py), unsealed into fp32.
+    wire_dtype = torch.float32 if fed.secure_aggregation else getattr(torch, fed.transfer_dtype)
+    summed = torch.zeros(weights.numel(), dtype=wire_dtype, device=weights.device)
+    masked = torch.zeros_like(summed, dtype=torch.int64) if fed.secure_aggregation else None
     bound = is_bound(model, weights)
-    bytes_per_silo = weights.numel() * (weights.element_size() + summed.element_size())
+    bytes_per_silo = weights.numel() * (
+        weights.element_size() + (masked if masked is not None else summed).element_size()
+    )
     with group.phase(f"round {ledger.start_round}: sending the global model"):
         group.broadcast_(weights)
     for round_ in range(ledger.start_round, fed.rounds + 1):
@@ -165,7 +173,9 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
         # Every silo has reported, so from here the clock measures the wire, not training.
         comm_started = time.perf_counter()
         with group.phase(f"round {round_}: receiving updates"):
-            group.reduce_sum_(summed)  # zero on entry: rank 0's own term of the sum
+            group.reduce_sum_(summed if masked is None else masked)  # zero on entry: rank 0's own term
+        if masked is not None:
+            secagg.unseal_(summed, masked, reports, accepted)
         total = sum(r.examples for r in reports if r.rank in accepted)
         finish_average(weights, summed, total)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedsilo.errors import ConfigError
 
@@ -150,6 +150,11 @@ class FederationConfig(_Section):
         "one cluster) or tls (each silo dials out to the aggregator's one port over mutually "
         "authenticated TLS 1.3: across organisations).",
     )
+    secure_aggregation: bool = Field(
+        False,
+        description="Pairwise-masked updates (X25519 keys per pair of silos, 64-bit fixed point): the "
+        "aggregator learns only the weighted sum of the updates, never one silo's (docs/privacy.md).",
+    )
     tls_cert: Path | None = Field(
         None, description="This rank's certificate (PEM), for --transport tls (see `fedsilo certs`)."
     )
@@ -177,6 +182,13 @@ class FederationConfig(_Section):
             host, sep, port = value.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+    @field_validator("secure_aggregation")
+    @classmethod
+    def _two_silos(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("silos", 2) < 2:
+            raise ValueError("needs at least 2 silos: the sum of one update is that update")
         return value
 
 

@@ -122,6 +122,7 @@ def settings_options(
     transfer_dtype: Annotated[TransferDtype | None, setting("transfer_dtype")] = None,
     norm_factor: Annotated[float | None, setting("norm_factor")] = None,
     transport: Annotated[Transport | None, setting("transport")] = None,
+    secure_aggregation: Annotated[bool | None, setting("secure_aggregation")] = None,
     tls_cert: Annotated[Path | None, setting("tls_cert")] = None,
     tls_key: Annotated[Path | None, setting("tls_key")] = None,
     tls_ca: Annotated[Path | None, setting("tls_ca")] = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsilo import comm, join, transport
+from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
 from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
@@ -51,7 +51,8 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
         raise ConfigError(f"silo {rank} has no held-out data to evaluate on")
     group = link.form_group(fed.silos + 1, fed.round_timeout)
     try:
-        run_rounds(settings, group, model, data, rank, welcome, log)
+        secrets = secagg.exchange(group, rank, token) if fed.secure_aggregation else None
+        run_rounds(settings, group, model, data, rank, welcome, log, secrets)
     finally:
         group.close()
 
@@ -64,8 +65,10 @@ def run_rounds(
     rank: int,
     welcome: join.Welcome,
     log: Log,
+    secrets: dict[int, bytes] | None = None,
 ) -> None:
-    """A silo's side of each round, in the same order as the aggregator's loop."""
+    """A silo's side of each round, in the same order as the aggregator's loop. With ``secrets``
+    (secure aggregation: this silo's pair secrets) the update travels masked."""
     fed, train = settings.federation, settings.train
     local = bind_flat(model)  # the model's own storage: it trains in it, and the update is formed in it
     weights = torch.empty(local.numel(), dtype=torch.float32, device=group.device)
@@ -107,8 +110,11 @@ def run_rounds(
             accepted = []  # the aggregator stops the federation: the next collective fails and reads why
         if rank not in accepted:
             update.zero_()  # not mul_(0): a rejected non-finite update would still be NaN
+        wire = update if wire_dtype == update.dtype else update.to(wire_dtype)
+        if secrets is not None:
+            wire = secagg.seal(wire, rank, secrets, reports, accepted, round_)
         with group.phase(f"round {round_}: sending the update"):
-            group.reduce_sum_(update if wire_dtype == update.dtype else update.to(wire_dtype))
+            group.reduce_sum_(wire)
 
         # receive the new global model; evaluate it on held-out rows if the aggregator has none
         with group.phase(f"round {round_}: receiving the global model"):

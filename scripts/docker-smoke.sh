@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the image for real and run it: `fedsilo --help`, then a 2-silo federation of three
-# containers (--network=host) that must finish and write its MLflow run. Records the outcome in
+# containers (--network=host) that must finish and write its MLflow run, then the same over
+# `--transport tls` with certificates made by the image's own `fedsilo certs`. Records the outcome in
 # docs/deploy.md ("Docker smoke test"). Needs root (it starts its own Docker engine).
 #
 #   sudo scripts/docker-smoke.sh
@@ -179,6 +180,45 @@ if [[ "$outcome" != "PASS" ]]; then
     for name in "${containers[@]}"; do echo "---- $name" >&2; tail -20 "$STATE/$name.log" >&2; done
 fi
 
+# ---- the same federation over --transport tls, certificates made by the image's `fedsilo certs` ----
+# The operator's steps and a hospital's (request, then sign) as docs/certificates.md gives them.
+in_image() { docker run --rm --network=none -v "$work/out:/out" "$IMAGE" "$@" >>"$STATE/certs.log" 2>&1; }
+: >"$STATE/certs.log"
+certs_made="ok"
+in_image certs init --dir /out/pki \
+    && in_image certs issue --role aggregator --host 127.0.0.1 --dir /out/pki \
+    && in_image certs request --rank 1 --site "smoke hospital" --dir /out/pki \
+    && in_image certs sign /out/pki/silo-1.csr --rank 1 --dir /out/pki \
+    && in_image certs issue --role silo --rank 2 --dir /out/pki \
+    || { certs_made="FAIL"; tail -20 "$STATE/certs.log" >&2; }
+tls_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+tls_common=("${common[@]:2}" --aggregator "127.0.0.1:$tls_port" --transport tls --tls-ca /out/pki/ca.pem)
+identity() { echo --tls-cert "/out/pki/$1.pem" --tls-key "/out/pki/$1.key"; }
+start=$SECONDS
+tls_containers=(fedsilo-smoke-tls-silo-1 fedsilo-smoke-tls-silo-2 fedsilo-smoke-tls-aggregator)
+# shellcheck disable=SC2046  # identity's words are meant to split
+{
+    run_container fedsilo-smoke-tls-silo-1 silo --rank 1 "${tls_common[@]}" $(identity silo-1)
+    run_container fedsilo-smoke-tls-silo-2 silo --rank 2 "${tls_common[@]}" $(identity silo-2)
+    run_container fedsilo-smoke-tls-aggregator aggregator "${tls_common[@]}" $(identity aggregator) \
+        --tracking-uri sqlite:////out/mlflow-tls.db --checkpoint-dir /out/checkpoints-tls
+}
+tls_codes=()
+for name in "${tls_containers[@]}"; do
+    tls_codes+=("$name=$(timeout 600 docker wait "$name" || echo timeout)")
+done
+tls_seconds=$((SECONDS - start))
+for name in "${tls_containers[@]}"; do docker logs "$name" >"$STATE/$name.log" 2>&1 || true; done
+[[ "$certs_made" == "ok" ]] || outcome="FAIL"
+for code in "${tls_codes[@]}"; do [[ "${code##*=}" == "0" ]] || outcome="FAIL"; done
+tls_status="$("$PYTHON" -c "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(','.join(r[0] for r in c.execute('select status from runs')))" "$work/out/mlflow-tls.db" 2>/dev/null || echo "no database")"
+[[ "$tls_status" == "FINISHED" ]] || outcome="FAIL"
+tls_last_round="$(grep -E '^round [0-9]+/[0-9]+' "$STATE/fedsilo-smoke-tls-aggregator.log" | tail -n1 || true)"
+log "TLS federation: certs $certs_made; ${tls_codes[*]}; MLflow run: $tls_status; $tls_last_round"
+if [[ "$outcome" != "PASS" ]]; then
+    for name in "${tls_containers[@]}"; do echo "---- $name" >&2; tail -20 "$STATE/$name.log" >&2; done
+fi
+
 # ---- record the outcome in docs/deploy.md ------------------------------------------------------
 "$PYTHON" - "$ROOT/docs/deploy.md" <<EOF
 import re, sys
@@ -197,6 +237,9 @@ Last run: $(date -u +%Y-%m-%d) UTC, \`scripts/docker-smoke.sh\`: **$outcome**
 | \`fedsilo --help\` | ok |
 | federation | aggregator + 2 silos in 3 containers, tiny BERT, 2 rounds: ${codes[*]} in ${federation_seconds} s |
 | MLflow run | $run_status; aggregator's last round: \`$last_round\` |
+| \`fedsilo certs\` in the image | init, issue (aggregator, silo 2), request + sign (silo 1): $certs_made |
+| federation over \`--transport tls\` | the same 3 containers, mutual TLS 1.3 on one port: ${tls_codes[*]} in ${tls_seconds} s |
+| MLflow run (TLS) | $tls_status; aggregator's last round: \`$tls_last_round\` |
 <!-- docker-smoke:end -->"""
 text = path.read_text(encoding="utf-8")
 pattern = re.compile(r"<!-- docker-smoke:begin.*?<!-- docker-smoke:end -->", re.S)

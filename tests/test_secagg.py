@@ -1,0 +1,140 @@
+"""Secure aggregation: the masks cancel in the sum and hide each update; real federations with it
+end where plain ones do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fedsilo import secagg
+from fedsilo.averaging import Report
+from fedsilo.errors import FederationError
+from tests.procs import assert_one_line_error, final_weights, run
+
+SILOS = (1, 2, 3)
+COMMON = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3"]
+
+
+def agreed_secrets(token: str | None = "join-token") -> dict[int, dict[int, bytes]]:
+    """Each silo's pair secrets, from the rows the group would gather (row 0: the aggregator's zeros)."""
+    keys = {rank: secagg.new_key() for rank in SILOS}
+    rows = torch.zeros(len(SILOS) + 1, secagg.ROW_WORDS, dtype=torch.float64)
+    for rank, key in keys.items():
+        public = secagg.public_bytes(key)
+        rows[rank] = secagg.to_row(public, secagg.key_proof(token, rank, public))
+    return {rank: secagg.pair_secrets(keys[rank], rank, rows, SILOS, token) for rank in SILOS}
+
+
+def scaled_updates(numel: int) -> tuple[dict[int, torch.Tensor], list[Report]]:
+    """n_k * Delta_k for each silo, as a silo forms it in fp32, and the reports it sends first."""
+    generator = torch.Generator().manual_seed(0)
+    updates, reports = {}, []
+    for rank in SILOS:
+        delta = torch.randn(numel, generator=generator) * 1e-3 * rank
+        examples = 40 * rank
+        updates[rank] = delta * examples
+        reports.append(Report(rank, examples, 0.5, float(delta.norm())))
+    return updates, reports
+
+
+def reduce(sealed: list[torch.Tensor]) -> torch.Tensor:
+    """What the reduce delivers: the int64 sum (wrapping, as gloo's sum does)."""
+    total = torch.zeros_like(sealed[0])
+    for part in sealed:
+        total += part
+    return total
+
+
+def test_the_masked_sum_equals_the_plain_sum_and_one_masked_update_hides_its_values() -> None:
+    # Prepare
+    secrets = agreed_secrets()
+    updates, reports = scaled_updates(200_000)
+    accepted = list(SILOS)
+    # Execute
+    sealed = {r: secagg.seal(updates[r], r, secrets[r], reports, accepted, round_=3) for r in SILOS}
+    summed = torch.zeros(200_000)
+    secagg.unseal_(summed, reduce(list(sealed.values())), reports, accepted)
+    # Assert: the sum within fp32's resolution; a lone masked update is noise
+    plain = sum(u.double() for u in updates.values())
+    assert float((summed.double() - plain).norm() / plain.norm()) < 1e-6
+    for rank in SILOS:
+        correlation = torch.corrcoef(torch.stack([sealed[rank].double(), updates[rank].double()]))[0, 1]
+        assert abs(float(correlation)) < 0.01
+    # the masks alone: zero updates seal to non-zero values that sum to exactly zero
+    zeros = [secagg.seal(torch.zeros(1000), r, secrets[r], reports, accepted, round_=3) for r in SILOS]
+    assert all(bool(z.ne(0).any()) for z in zeros)
+    assert bool(reduce(zeros).eq(0).all())
+
+
+def test_each_round_has_its_own_masks_and_a_rejected_silo_is_left_out() -> None:
+    secrets = agreed_secrets()
+    updates, reports = scaled_updates(10_000)
+    # two rounds' masks differ (a repeated keystream would let the aggregator difference them away)
+    one, two = (secagg.seal(torch.zeros(10_000), 1, secrets[1], reports, list(SILOS), round_=r) for r in (1, 2))
+    assert not torch.equal(one, two)
+    # silo 3 rejected: it sends zeros, unmasked, and the others mask only between themselves
+    accepted = [1, 2]
+    sealed = [secagg.seal(updates[r], r, secrets[r], reports, accepted, round_=1) for r in accepted]
+    sealed.append(secagg.seal(torch.zeros(10_000), 3, secrets[3], reports, accepted, round_=1))
+    summed = torch.zeros(10_000)
+    secagg.unseal_(summed, reduce(sealed), reports, accepted)
+    plain = updates[1].double() + updates[2].double()
+    assert float((summed.double() - plain).norm() / plain.norm()) < 1e-6
+
+
+def test_the_worst_case_update_does_not_overflow_the_ring() -> None:
+    # every silo's whole norm in one element, all of the same sign, many examples: the largest sum
+    # the reports allow, which the 64-bit ring must hold exactly
+    secrets = agreed_secrets()
+    reports = [Report(rank, 10**6, 0.5, 1e3) for rank in SILOS]
+    updates = {rank: torch.tensor([1e3 * 10**6, 0.0, -1.0]) for rank in SILOS}
+    sealed = [secagg.seal(updates[r], r, secrets[r], reports, list(SILOS), round_=1) for r in SILOS]
+    summed = torch.zeros(3)
+    secagg.unseal_(summed, reduce(sealed), reports, list(SILOS))
+    assert torch.allclose(summed, torch.tensor([3e9, 0.0, -3.0]), rtol=1e-6)
+
+
+def test_a_key_not_proven_by_the_join_token_stops_the_federation() -> None:
+    keys = {rank: secagg.new_key() for rank in SILOS}
+    rows = torch.zeros(4, secagg.ROW_WORDS, dtype=torch.float64)
+    for rank, key in keys.items():
+        public = secagg.public_bytes(key)
+        rows[rank] = secagg.to_row(public, secagg.key_proof("join-token", rank, public))
+    stranger = secagg.public_bytes(secagg.new_key())  # substituted on the way, its proof kept
+    rows[2, : secagg.ROW_WORDS // 2] = secagg.to_row(stranger, bytes(32))[: secagg.ROW_WORDS // 2]
+    with pytest.raises(FederationError, match="silo 2's secure-aggregation key"):
+        secagg.pair_secrets(keys[1], 1, rows, SILOS, "join-token")
+
+
+@pytest.mark.parametrize("transport", ["collective", pytest.param("tls", marks=pytest.mark.slow)])
+def test_a_federation_with_secure_aggregation_ends_with_the_plain_model(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, transport: str
+) -> None:
+    # Prepare
+    shared = ["--silos", "3", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv)]
+    shared += [*COMMON, "--transport", transport, "--checkpoint-dir", "ckpt"]
+    # Execute: the same federation with and without masks
+    finals, wire_bytes, outputs = {}, {}, {}
+    for name, extra in (("plain", []), ("masked", ["--secure-aggregation"])):
+        (tmp_path / name).mkdir()
+        result = run("run", *shared, *extra, cwd=tmp_path / name)
+        assert result.returncode == 0, result.stdout + result.stderr
+        finals[name], outputs[name] = final_weights(tmp_path / name / "ckpt"), result.stdout
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name}/mlflow.db")
+        (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
+        wire_bytes[name] = only.data.metrics["bytes_per_silo"]
+    # Assert: the same model, within the fixed point's (and fp32's) resolution; the updates did travel
+    # masked, as int64 (8 bytes an element against fp32's 4, beside the 4 of the model sent back)
+    plain, masked = finals["plain"], finals["masked"]
+    assert float((masked - plain).norm() / plain.norm()) < 1e-6
+    assert wire_bytes["masked"] == wire_bytes["plain"] * 12 / 8
+    assert "updates arrive masked" in outputs["masked"] and "masked" not in outputs["plain"]
+
+
+def test_secure_aggregation_with_one_silo_is_one_line(tmp_path: Path) -> None:
+    result = run("aggregator", "--silos", "1", "--secure-aggregation", cwd=tmp_path)
+    assert result.returncode != 0
+    assert_one_line_error(result.stderr, "needs at least 2 silos")
