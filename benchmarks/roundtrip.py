@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fedsilo import aggregator, comm, join, silo
+from fedsilo import aggregator, comm, join, secagg, silo
 from fedsilo.config import build_settings
 from fedsilo.data import Encoded
 from fedsilo.model import bind_flat, float_tensors
@@ -163,7 +163,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, help="rank 0 writes its timings here (JSON)")
     parser.add_argument("--tls-pki", type=Path, help="directory of `fedsilo certs` files: add TLS star blocks")
-    parser.add_argument("--kinds", default="fedsilo,floor", help="which blocks, rotated: fedsilo, floor, tls")
+    parser.add_argument(
+        "--kinds",
+        default="fedsilo,floor",
+        help="which blocks, rotated: fedsilo, floor, tls, secagg (fedsilo over gloo with --secure-aggregation)",
+    )
     args = parser.parse_args()
     # The import floor: what the aggregator imports in any case (transformers' BERT and DistilBERT
     # modules, which evaluation reaches through fedsilo.last_layer, bring ~110 MiB; the TLS stack),
@@ -199,9 +203,10 @@ def main() -> None:
                 "checkpoint_dir": ckpt,
             }
         )
+        secure = settings.replace(secure_aggregation=True)
         address = ("127.0.0.1", args.port)
         groups: dict[str, comm.Transport] = {}
-        if {"fedsilo", "floor"} & set(kinds):
+        if {"fedsilo", "floor", "secagg"} & set(kinds):
             store = comm.open_store(args.rank, *address, timeout=300)
             groups["fedsilo"] = comm.form_group(
                 store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600, address
@@ -217,20 +222,28 @@ def main() -> None:
                 elif args.rank == 0:
                     ledger = Capture(rss_by_round if kind == "tls" else None)
                     weights = bind_flat(model)  # as aggregator.serve makes it
-                    rounds = aggregator.Rounds(settings, groups[kind], model, weights, tiny_data(2), lambda _: None)
+                    group = groups["fedsilo" if kind == "secagg" else kind]
+                    if kind == "secagg":
+                        secagg.relay(group)
+                    rounds = aggregator.Rounds(
+                        secure if kind == "secagg" else settings, group, model, weights, tiny_data(2), lambda _: None
+                    )
                     aggregator.run_rounds(rounds, ledger)  # type: ignore[arg-type]
                     del weights, rounds
                     seconds[kind] += [m["comm_seconds"] for m in ledger.rounds]
                 else:
                     data = SiloData(tiny_data(4), None, ["0", "1"])
+                    group = groups["fedsilo" if kind == "secagg" else kind]
+                    secrets = secagg.exchange(group, args.rank, None) if kind == "secagg" else None
                     silo.run_rounds(
-                        settings,
-                        groups[kind],
+                        secure if kind == "secagg" else settings,
+                        group,
                         model,
                         data,
                         args.rank,
                         join.Welcome(["0", "1"], 1, False),
                         lambda _: None,
+                        secrets,
                     )
         finally:
             for group in groups.values():
@@ -245,6 +258,7 @@ def main() -> None:
                     "fedsilo_comm_seconds": seconds.get("fedsilo", []),
                     "floor_seconds": seconds.get("floor", []),
                     "tls_comm_seconds": seconds.get("tls", []),
+                    "secagg_comm_seconds": seconds.get("secagg", []),
                     "tls_rss_by_round": rss_by_round,
                     "import_floor_rss": floor_rss,
                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

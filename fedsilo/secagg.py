@@ -15,7 +15,7 @@ limit (the rounding of --transfer-dtype bfloat16 and of the encoding add far les
 resolution, 2^-f, is B * 2^-61: relative to the sum's own size about 1e-18, far below fp32's 1e-7.
 (fedbiomed's 32-bit ring overflowed with K updates; 64 bits with a per-round scale cannot.)
 
-Masks are a ChaCha20 keystream (OpenSSL, through ``cryptography``): uniform over the ring, so a
+Masks are an AES-256-CTR keystream (OpenSSL, through ``cryptography``): uniform over the ring, so a
 masked update by itself is uniform noise to anyone without the pair secrets.
 
 Pure functions on CPU tensors; the round loops call them around the transport's ``reduce_sum_``.
@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -93,11 +93,12 @@ def pair_secrets(
 
 
 def keystream(secret: bytes, round_: int, numel: int) -> torch.Tensor:
-    """``numel`` uniform int64 values from ChaCha20 under ``secret``, a fresh stream each round."""
-    # cryptography's 16-byte ChaCha20 nonce is a 4-byte block counter, then 12 bytes of nonce: the
-    # round goes in the nonce, so two rounds' streams never overlap (2^32 blocks, 256 GiB, each)
-    nonce = bytes(4) + round_.to_bytes(12, "little")
-    encryptor = Cipher(algorithms.ChaCha20(secret, nonce), mode=None).encryptor()
+    """``numel`` uniform int64 values from AES-256-CTR under ``secret``, a fresh stream each round."""
+    # The 16-byte counter block: the round in the high 8 bytes, the block count in the low 8, so two
+    # rounds' streams never overlap (2^64 blocks each). AES-CTR, not ChaCha20: AES-NI makes it ~1.6x
+    # faster here, and the masks are most of secure aggregation's cost.
+    counter = round_.to_bytes(8, "big") + bytes(8)
+    encryptor = Cipher(algorithms.AES(secret), modes.CTR(counter)).encryptor()
     return torch.frombuffer(bytearray(encryptor.update(bytes(numel * 8))), dtype=torch.int64)
 
 
