@@ -99,7 +99,9 @@ def keystream(secret: bytes, round_: int, numel: int) -> torch.Tensor:
     # faster here, and the masks are most of secure aggregation's cost.
     counter = round_.to_bytes(8, "big") + bytes(8)
     encryptor = Cipher(algorithms.AES(secret), modes.CTR(counter)).encryptor()
-    return torch.frombuffer(bytearray(encryptor.update(bytes(numel * 8))), dtype=torch.int64)
+    stream = bytearray(numel * 8 + 15)  # update_into wants room for a block beyond the input
+    encryptor.update_into(bytes(numel * 8), stream)
+    return torch.frombuffer(stream, dtype=torch.int64, count=numel)
 
 
 def fraction_bits(reports: Iterable[Report], accepted: Iterable[int]) -> int:
@@ -115,8 +117,9 @@ def fraction_bits(reports: Iterable[Report], accepted: Iterable[int]) -> int:
 
 
 def encode(update: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fixed point: round(update * 2^bits) as int64 (float64 on the way, exact to 2^-53 relative)."""
-    return torch.round(update.to(torch.float64) * 2.0**bits).to(torch.int64)
+    """Fixed point: round(update * 2^bits) as int64. In fp32, with no loss: scaling by a power of two
+    is exact, and rounding gives the same integer as in fp64 (above 2^23 an fp32 is already whole)."""
+    return torch.mul(update.float(), 2.0**bits).round_().to(torch.int64)
 
 
 def decode(summed: torch.Tensor, bits: int) -> torch.Tensor:
