@@ -69,6 +69,16 @@ def adaptive_step(
     weights.addcdiv_(m, denominator, value=lr)
 
 
+# What each server optimiser keeps from round to round: model-sized vectors, by name.
+STATE: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedavgm": ("m",),
+    "fedadam": ("m", "v"),
+    "fedyogi": ("m", "v"),
+    "fedadagrad": ("m", "v"),
+}
+
+
 class ServerOptimizer:
     """One federation's server optimiser and its state, over flat vectors like ``like``."""
 
@@ -78,8 +88,7 @@ class ServerOptimizer:
         """``state``: a resumed federation's (:meth:`state_dict`); a new one starts from zero."""
         self.config = config
         name = config.server_optimizer
-        shapes = {"fedavg": (), "fedavgm": ("m",)}.get(name, ("m", "v"))
-        self.state = {key: torch.zeros_like(like, dtype=torch.float32) for key in shapes}
+        self.state = {key: torch.zeros_like(like, dtype=torch.float32) for key in STATE[name]}
         if "v" in self.state:
             self.state["v"].fill_(config.server_tau**2)
         if state:
