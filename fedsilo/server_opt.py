@@ -88,7 +88,7 @@ class ServerOptimizer:
         """``state``: a resumed federation's (:meth:`state_dict`); a new one starts from zero."""
         self.config = config
         name = config.server_optimizer
-        self.state = {key: torch.zeros_like(like, dtype=torch.float32) for key in STATE[name]}
+        self.state = {key: torch.zeros_like(like) for key in STATE[name]}
         if "v" in self.state:
             self.state["v"].fill_(config.server_tau**2)
         if state:

@@ -19,15 +19,15 @@ DELTAS = [[0.5, -1.0], [0.25, 2.0]]
 TOTAL = 4
 
 
-def run_two_rounds(**config: Any) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
-    """The global model after each round, and the final state, in float64."""
+def run_two_rounds(**config: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The global model after round 1 then after round 2, one list, and the final state, in float64."""
     server = ServerOptimizer(ServerConfig(**config), torch.zeros(2, dtype=torch.float64))
     weights = torch.tensor(X0, dtype=torch.float64)
-    after = []
+    after: list[float] = []
     for delta in DELTAS:
         summed = torch.tensor(delta, dtype=torch.float64) * TOTAL
         server.step(weights, summed, TOTAL)
-        after.append(weights.tolist())
+        after.extend(weights.tolist())
     return after, server.state_dict()
 
 
@@ -48,14 +48,14 @@ def test_fedavg_with_server_lr_1_is_federated_averaging_bit_for_bit() -> None:
 def test_fedavg_with_a_server_lr_scales_the_average() -> None:
     after, _ = run_two_rounds(server_lr=0.5)
     # x1 = x0 + 0.5 delta1 = [1.25, -2.5]; x2 = x1 + 0.5 delta2 = [1.375, -1.5]
-    assert after == pytest.approx([[1.25, -2.5], [1.375, -1.5]])
+    assert after == pytest.approx([1.25, -2.5, 1.375, -1.5])
 
 
 def test_fedavgm() -> None:
     after, state = run_two_rounds(server_optimizer="fedavgm", server_lr=0.5, server_momentum=0.5)
     # round 1: m = 0.5 * 0 + [0.5, -1] = [0.5, -1];            x = [1, -2] + 0.5 m = [1.25, -2.5]
     # round 2: m = 0.5 * [0.5, -1] + [0.25, 2] = [0.5, 1.5];    x = [1.25, -2.5] + 0.5 m = [1.5, -1.75]
-    assert after == pytest.approx([[1.25, -2.5], [1.5, -1.75]])
+    assert after == pytest.approx([1.25, -2.5, 1.5, -1.75])
     assert state["m"].tolist() == pytest.approx([0.5, 1.5])
 
 
@@ -72,7 +72,7 @@ def test_fedadam() -> None:
     # round 2: m = 0.5 m + 0.5 delta2 = [0.125 + 0.125, -0.25 + 1] = [0.25, 0.75]
     #          v = 0.75 v + 0.25 delta2^2 = [0.1875 + 0.015625, 0.328125 + 1] = [0.203125, 1.328125]
     x2 = [x1[0] + 0.1 * 0.25 / (math.sqrt(0.203125) + 0.5), x1[1] + 0.1 * 0.75 / (math.sqrt(1.328125) + 0.5)]
-    assert after == pytest.approx([x1, x2], rel=1e-12)
+    assert after == pytest.approx([*x1, *x2], rel=1e-12)
     assert state["m"].tolist() == pytest.approx([0.25, 0.75])
     assert state["v"].tolist() == pytest.approx([0.203125, 1.328125])
 
@@ -86,7 +86,7 @@ def test_fedyogi() -> None:
     # round 2: delta2^2 = [0.0625, 4]: sign = [+1, -1], so v = [0.25 - 0.015625, 0.5 + 1] = [0.234375, 1.5]
     #          m = [0.25, 0.75]
     x2 = [x1[0] + 0.1 * 0.25 / (math.sqrt(0.234375) + 0.5), x1[1] + 0.1 * 0.75 / (math.sqrt(1.5) + 0.5)]
-    assert after == pytest.approx([x1, x2], rel=1e-12)
+    assert after == pytest.approx([*x1, *x2], rel=1e-12)
     assert state["v"].tolist() == pytest.approx([0.234375, 1.5])
 
 
@@ -95,7 +95,7 @@ def test_fedadagrad() -> None:
     # v = v + delta^2, from 0.25: round 1 [0.5, 1.25], round 2 [0.5625, 5.25]; m as FedAdam's
     x1 = [1 + 0.1 * 0.25 / (math.sqrt(0.5) + 0.5), -2 + 0.1 * -0.5 / (math.sqrt(1.25) + 0.5)]
     x2 = [x1[0] + 0.1 * 0.25 / (math.sqrt(0.5625) + 0.5), x1[1] + 0.1 * 0.75 / (math.sqrt(5.25) + 0.5)]
-    assert after == pytest.approx([x1, x2], rel=1e-12)
+    assert after == pytest.approx([*x1, *x2], rel=1e-12)
     assert state["v"].tolist() == pytest.approx([0.5625, 5.25])
 
 
