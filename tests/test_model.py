@@ -164,7 +164,7 @@ def test_a_drawn_head_is_the_clients_own_and_the_body_stays_shared(arch: str, he
         else:
             assert all(torch.equal(s[name], tensor) for s in states[1:]), name  # the body: shared, untouched
     # drawn as transformers draws a new head: N(0, 0.02) weights, zero biases
-    weight = first.classifier.weight if arch == "bert" else first.pre_classifier.weight
+    weight = (first.classifier.weight if arch == "bert" else first.pre_classifier.weight).detach()
     assert 0.01 < float(weight.std()) < 0.03 and abs(float(weight.mean())) < 0.01
     assert not first.classifier.bias.any()
 
