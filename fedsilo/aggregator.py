@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsilo import comm, join, secagg, transport
-from fedsilo.averaging import Report, UpdateRejected, finish_average, validate_updates
+from fedsilo.averaging import Report, UpdateRejected, validate_updates
 from fedsilo.config import Settings, agreed_settings, settings_fingerprint
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import FederationError, FedsiloError
@@ -23,6 +23,7 @@ from fedsilo.model import (
     load_tokenizer,
 )
 from fedsilo.progress import Log
+from fedsilo.server_opt import ServerOptimizer
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
 from fedsilo.workload import aggregator_test_data
@@ -139,7 +140,8 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     """The FedAvg round loop, from the ledger's start round; ``rounds.weights`` is updated in place.
 
     With ``weights`` the model's own flat vector (:func:`~fedsilo.model.bind_flat`) the
-    aggregator holds two model-sized buffers: it and the reduce's.
+    aggregator holds two model-sized buffers: it and the reduce's, and the server optimiser's
+    state beside them (none for fedavg; see :mod:`fedsilo.server_opt`).
     """
     settings, group, model, weights, log = rounds.settings, rounds.group, rounds.model, rounds.weights, rounds.log
     fed = settings.federation
@@ -151,6 +153,7 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     bytes_per_silo = weights.numel() * (
         weights.element_size() + (masked if masked is not None else summed).element_size()
     )
+    server = ServerOptimizer(settings.server, weights, ledger.server_state)
     with group.phase(f"round {ledger.start_round}: sending the global model"):
         group.broadcast_(weights)
     for round_ in range(ledger.start_round, fed.rounds + 1):
@@ -177,7 +180,7 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
         if masked is not None:
             secagg.unseal_(summed, masked, reports, accepted)
         total = sum(r.examples for r in reports if r.rank in accepted)
-        finish_average(weights, summed, total)
+        server.step(weights, summed, total)  # the server optimiser's step: fedavg adds the average
 
         # send the new global model: silos start the next round from it (and evaluate it)
         with group.phase(f"round {round_}: sending the global model"):
@@ -203,4 +206,4 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
         # log and checkpoint
         metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
         metrics.update(comm_seconds=comm_seconds, bytes_per_silo=float(bytes_per_silo))
-        ledger.record(round_, weights, metrics)
+        ledger.record(round_, weights, metrics, server.state_dict())

@@ -65,16 +65,19 @@ def take_update(
     return math.sqrt(squares)
 
 
-def finish_average(reference: torch.Tensor, summed: torch.Tensor, total_examples: int) -> torch.Tensor:
-    """The new global model: ``reference + summed / total_examples``, in place on ``reference``."""
+def finish_average(
+    reference: torch.Tensor, summed: torch.Tensor, total_examples: int, scale: float = 1.0
+) -> torch.Tensor:
+    """The new global model: ``reference + scale * summed / total_examples``, in place on
+    ``reference``; ``scale`` is a server learning rate (1: FedAvg)."""
     if total_examples <= 0:
         raise ValueError("no examples were contributed this round")
     if summed.dtype == reference.dtype:
-        return reference.add_(summed, alpha=1.0 / total_examples)
+        return reference.add_(summed, alpha=scale / total_examples)
     # A narrow wire dtype (bf16): widen slice by slice, so no model-sized fp32 temporary.
     for start in range(0, summed.numel(), WIDEN_SLICE):
         part = slice(start, start + WIDEN_SLICE)
-        reference[part].add_(summed[part].to(reference.dtype), alpha=1.0 / total_examples)
+        reference[part].add_(summed[part].to(reference.dtype), alpha=scale / total_examples)
     return reference
 
 

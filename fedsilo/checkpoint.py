@@ -1,15 +1,17 @@
 """Atomic per-round checkpoints of the aggregator's state, and resume.
 
-Silos keep no state between rounds (plain SGD has none, and each round's data order and
-dropout are seeded by (seed, rank, round)), so the global weights, the round and the MLflow run
-id are all it takes to continue a federation exactly where it stopped.
+Silos keep no state between rounds (their optimiser starts afresh each round, its learning
+rate schedule is placed by the round number, and each round's data order and dropout are seeded
+by (seed, rank, round)), so the global weights, the server optimiser's state (none for FedAvg),
+the round and the MLflow run id are all it takes to continue a federation exactly where it
+stopped. A FedAvg checkpoint is the file it always was.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ class Checkpoint:
     run_id: str | None
     labels: list[str]
     fingerprint: str
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)  # see fedsilo.server_opt
 
 
 def checkpoint_path(directory: Path, fingerprint: str) -> Path:
@@ -48,16 +51,16 @@ def save(directory: Path, state: Checkpoint) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".latest-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(
-                {
-                    "round": state.round,
-                    "weights": state.weights.detach().cpu(),
-                    "run_id": state.run_id,
-                    "labels": state.labels,
-                    "fingerprint": state.fingerprint,
-                },
-                handle,
-            )
+            raw = {
+                "round": state.round,
+                "weights": state.weights.detach().cpu(),
+                "run_id": state.run_id,
+                "labels": state.labels,
+                "fingerprint": state.fingerprint,
+            }
+            if state.server_state:  # absent for FedAvg: the file stays what older versions read and wrote
+                raw["server_state"] = {k: v.detach().cpu() for k, v in state.server_state.items()}
+            torch.save(raw, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -73,12 +76,20 @@ def load(directory: Path, fingerprint: str) -> Checkpoint | None:
         return None
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-        state = Checkpoint(int(raw["round"]), raw["weights"], raw["run_id"], list(raw["labels"]), raw["fingerprint"])
+        state = Checkpoint(
+            int(raw["round"]),
+            raw["weights"],
+            raw["run_id"],
+            list(raw["labels"]),
+            raw["fingerprint"],
+            dict(raw.get("server_state", {})),
+        )
     except Exception as exc:
         raise ConfigError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}); move it away to start over"
         ) from None
-    if not isinstance(state.weights, torch.Tensor) or state.fingerprint != fingerprint or state.round < 1:
+    tensors = [state.weights, *state.server_state.values()]
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or state.fingerprint != fingerprint or state.round < 1:
         raise ConfigError(f"checkpoint {path} is not one this federation wrote; move it away to start over")
     return state
 
@@ -91,7 +102,9 @@ def check_fits(state: Checkpoint, directory: Path, labels: list[str], size: int)
             f"checkpoint {path} was written for labels [{', '.join(state.labels)}], this federation "
             f"has [{', '.join(labels)}]; move it away to start over"
         )
-    if state.weights.numel() != size:
-        raise ConfigError(
-            f"checkpoint {path} holds {state.weights.numel()} weights, the model has {size}; move it away to start over"
-        )
+    for name, tensor in {"weights": state.weights, **state.server_state}.items():
+        if tensor.numel() != size:
+            raise ConfigError(
+                f"checkpoint {path} holds {tensor.numel()} {'weights' if name == 'weights' else 'values of ' + name}, "
+                f"the model has {size}; move it away to start over"
+            )

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from fedsilo.errors import ConfigError
 
@@ -24,6 +25,13 @@ Backend = Literal["auto", "gloo", "nccl"]
 UpdatePolicy = Literal["fail", "skip"]
 TransferDtype = Literal["float32", "bfloat16"]
 Transport = Literal["collective", "tls"]
+LocalOptimizer = Literal["sgd", "adamw"]
+LrSchedule = Literal["constant", "linear", "cosine"]
+HeadInit = Literal["shared", "per-client"]
+ServerOptimizer = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+# Server optimisers that scale each weight by its own history (Reddi et al. 2021): their step size
+# depends on the task by orders of magnitude, so none is assumed.
+ADAPTIVE = frozenset({"fedadam", "fedyogi", "fedadagrad"})
 
 
 class _Section(BaseModel):
@@ -98,7 +106,42 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     local_epochs: int = Field(2, gt=0, description="Local epochs per round (paper: 2).")
     batch_size: int = Field(32, gt=0, description="Local batch size (paper: 32).")
-    lr: float = Field(2e-5, gt=0, description="Plain SGD learning rate (paper: 2e-5).")
+    lr: float = Field(2e-5, gt=0, description="Local learning rate (paper: 2e-5, plain SGD).")
+    optimizer: LocalOptimizer = Field(
+        "sgd",
+        description="Local optimiser: sgd (plain SGD, the paper's) or adamw. It starts afresh each round: "
+        "AdamW's moments are not carried from one round to the next.",
+    )
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="Local weight decay: decoupled for adamw, an L2 term in the gradient for sgd.",
+    )
+    lr_schedule: LrSchedule = Field(
+        "constant",
+        description="Learning-rate schedule over a silo's steps in the whole federation (rounds x local "
+        "epochs x batches), after warmup: constant, linear or cosine decay to 0. Round r continues "
+        "where round r-1 ended.",
+    )
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of a silo's steps in the whole federation over which the learning rate "
+        "rises linearly from 0.",
+    )
+    fedprox_mu: float = Field(
+        0.0,
+        ge=0,
+        description="FedProx: add mu/2 ||w - w_global||^2 to the local loss, pulling each silo towards "
+        "the round's global model. 0 is FedAvg.",
+    )
+    head_init: HeadInit = Field(
+        "shared",
+        description="The classification head before round 1: shared (one seeded head for every silo) or "
+        "per-client (each silo draws its own from its seed, as the paper's code did; the pretrained "
+        "body stays shared).",
+    )
     seed: int = Field(0, ge=0, description="Seed for model initialisation, splits and data order.")
     device: Device = Field("auto", description="Where to train: auto picks cuda when a GPU is visible.")
     eval_batch_size: int = Field(128, gt=0, description="Batch size for evaluation.")
@@ -112,6 +155,52 @@ class TrainConfig(_Section):
         "BERT/DistilBERT last layer that computes only the [CLS] position its head reads (dropout "
         "then draws other masks). Turn off to rule them out when debugging.",
     )
+
+
+class ServerConfig(_Section):
+    server_optimizer: ServerOptimizer = Field(
+        "fedavg",
+        description="How the aggregator applies the averaged update: fedavg (add it), fedavgm (with "
+        "momentum), or the adaptive fedadam, fedyogi, fedadagrad (Reddi et al. 2021).",
+    )
+    server_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Server learning rate applied to the averaged update. Default: 1 for fedavg and "
+        "fedavgm; fedadam, fedyogi and fedadagrad need it set.",
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of fedavgm.")
+    server_betas: tuple[float, float] = Field(
+        (0.9, 0.99),
+        description="beta1,beta2 of the adaptive server optimisers: beta1 for the momentum of the "
+        "update, beta2 for fedadam's and fedyogi's second moment.",
+    )
+    server_tau: float = Field(
+        1e-3,
+        gt=0,
+        description="tau of the adaptive server optimisers: added to sqrt(v), it bounds the step of a "
+        "weight whose updates were small (smaller: more adaptive).",
+    )
+
+    @field_validator("server_betas", mode="before")
+    @classmethod
+    def _split_betas(cls, value: Any) -> Any:
+        """Accept ``0.9,0.99`` from a flag or an environment variable."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",")]
+        return value
+
+    @field_validator("server_betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {value[0]:g},{value[1]:g}")
+        return value
+
+    @property
+    def step_size(self) -> float:
+        """The server learning rate in force (plain averaging's 1 where none is set)."""
+        return 1.0 if self.server_lr is None else self.server_lr
 
 
 class FederationConfig(_Section):
@@ -211,6 +300,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "server": ServerConfig,
     "federation": FederationConfig,
     "tracking": TrackingConfig,
     "checkpoint": CheckpointConfig,
@@ -238,6 +328,27 @@ LOCAL_KEYS = frozenset(
 )
 
 
+# Settings added after federations were first named (checkpoint folders, sweep cells): each is agreed
+# only when set away from its default, so a federation or sweep started before it existed keeps its
+# name across the upgrade and resumes. Every later setting that changes the result belongs here.
+LATER_KEYS = frozenset(
+    {
+        "optimizer",
+        "weight_decay",
+        "lr_schedule",
+        "warmup_ratio",
+        "fedprox_mu",
+        "head_init",
+        "server_optimizer",
+        "server_lr",
+        "server_momentum",
+        "server_betas",
+        "server_tau",
+        "secure_aggregation",
+    }
+)
+
+
 class Settings(BaseModel):
     """The resolved configuration of one process."""
 
@@ -246,9 +357,23 @@ class Settings(BaseModel):
     model: ModelConfig = Field(description="The model and its inputs.")
     data: DataConfig = Field(description="Where the data comes from and how it is split.")
     train: TrainConfig = Field(description="Local training.")
+    server: ServerConfig = Field(description="The aggregator's optimiser.")
     federation: FederationConfig = Field(description="The group and its rounds.")
     tracking: TrackingConfig = Field(description="MLflow.")
     checkpoint: CheckpointConfig = Field(description="Checkpoints and resume.")
+
+    @model_validator(mode="after")
+    def _adaptive_needs_a_step_size(self) -> Settings:
+        # Here, not on ServerConfig: a flag is checked alone in its section (parse_setting), where
+        # --server-optimizer fedadam would not yet see the --server-lr beside it.
+        server = self.server
+        if server.server_optimizer in ADAPTIVE and server.server_lr is None:
+            raise PydanticCustomError(
+                "server_lr_required",
+                f"server_optimizer {server.server_optimizer} needs server_lr (--server-lr): an adaptive "
+                "server optimiser has no default step size",
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """All settings as one flat mapping, the shape users write and MLflow records."""
@@ -294,6 +419,8 @@ def parse_setting(key: str, value: Any) -> Any:
 def _invalid(exc: ValidationError) -> ConfigError:
     """The first validation error as one line naming the setting and quoting the value."""
     first = exc.errors()[0]
+    if not first["loc"]:  # a check across sections (Settings' own validators)
+        return ConfigError(f"invalid settings: {first['msg']}")
     key = ".".join(str(part) for part in first["loc"]) or "settings"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -343,9 +470,15 @@ def fingerprint(blob: str | bytes) -> str:
 
 
 def agreed_settings(settings: Settings) -> dict[str, Any]:
-    """The settings every rank must share; with private data (partition none) the data paths may differ."""
+    """The settings every rank must share; with private data (partition none) the data paths may
+    differ, and a later setting at its default is left out (:data:`LATER_KEYS`)."""
     private = {"dataset", "test_dataset"} if settings.data.partition == "none" else set()
-    return {k: v for k, v in settings.flat().items() if k not in LOCAL_KEYS | private}
+    defaults = build_settings({}).flat()
+    return {
+        k: v
+        for k, v in settings.flat().items()
+        if k not in LOCAL_KEYS | private and not (k in LATER_KEYS and v == defaults[k])
+    }
 
 
 def settings_fingerprint(settings: Settings) -> str:

@@ -72,9 +72,18 @@ class Welcome:
 
 
 def settings_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
-    """``key=theirs (aggregator: mine)`` for the first few keys that differ, or None."""
+    """``key=theirs (aggregator: mine)`` for the first few keys that differ, or None. A key one side
+    leaves out (a later setting at its default: config.LATER_KEYS) shows as ``default``."""
+
+    def shown(side: dict[str, Any], key: str) -> str:
+        return repr(side[key]) if key in side else "default"
+
     keys = sorted(set(mine) | set(theirs))
-    diffs = [f"{k}={theirs.get(k)!r} (aggregator: {mine.get(k)!r})" for k in keys if mine.get(k) != theirs.get(k)]
+    diffs = [
+        f"{k}={shown(theirs, k)} (aggregator: {shown(mine, k)})"
+        for k in keys
+        if k not in mine or k not in theirs or mine[k] != theirs[k]
+    ]
     return ", ".join(diffs[:4]) if diffs else None
 
 

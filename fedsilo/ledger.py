@@ -10,7 +10,7 @@ the run's final status are written once:
         ledger.track(params)                            # the MLflow run, new or continued
         for round_ in range(ledger.start_round, rounds + 1):
             ...
-            ledger.record(round_, weights, metrics)     # log, then checkpoint
+            ledger.record(round_, weights, metrics, server_state)  # log, then checkpoint
         return ledger.close(model, tokenizer, weights)  # the model to MLflow, run FINISHED
 
 Leaving the block by an exception marks the run FAILED (KILLED for Ctrl-C or SIGTERM). Every
@@ -88,6 +88,12 @@ class FederationRun:
         return checkpoint.checkpoint_path(self.directory, self.key)
 
     @property
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """A resumed federation's server optimiser state (see :mod:`fedsilo.server_opt`); empty when
+        starting anew or for FedAvg."""
+        return self.resumed.server_state if self.resumed else {}
+
+    @property
     def start_round(self) -> int:
         return self.resumed.round + 1 if self.resumed else 1
 
@@ -140,14 +146,22 @@ class FederationRun:
         self.log(self.tracker.ui_hint())
 
     # -- each round ------------------------------------------------------------------------------
-    def record(self, round_: int, weights: torch.Tensor, metrics: dict[str, float]) -> None:
-        """A finished round: metrics to MLflow (through the outbox), then the checkpoint, then the
-        round's line. A crash between the two repeats the round, whose metrics MLflow then skips."""
+    def record(
+        self,
+        round_: int,
+        weights: torch.Tensor,
+        metrics: dict[str, float],
+        server_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """A finished round: metrics to MLflow (through the outbox), then the checkpoint (with the
+        server optimiser's state), then the round's line. A crash between the two repeats the
+        round, whose metrics MLflow then skips."""
         assert self.tracker is not None, "track() first"
         self.tracker.log_round(round_, metrics)
-        checkpoint.save(
-            self.directory, checkpoint.Checkpoint(round_, weights, self.tracker.run_id, self.labels, self.key)
+        state = checkpoint.Checkpoint(
+            round_, weights, self.tracker.run_id, self.labels, self.key, dict(server_state or {})
         )
+        checkpoint.save(self.directory, state)
         self.final_accuracy = metrics["test_accuracy"]
         self.log(round_line(round_, self.settings.federation.rounds, metrics))
 

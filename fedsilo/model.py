@@ -8,9 +8,11 @@ is. :func:`load_flat` copies a separate buffer into the model.
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsilo.config import fingerprint
@@ -61,6 +63,39 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
         )
         raise ModelError(f"cannot load model '{name}' {where}: {first_line(exc)}") from None
     return typing.cast(torch.nn.Module, model)
+
+
+def head_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers a pretrained encoder does not bring: the model's children beside its base model
+    (BERT: classifier; DistilBERT: pre_classifier and classifier), by name."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ModelError(f"{type(model).__name__} has no pretrained base model to tell its head from")
+    return {name: child for name, child in model.named_children() if child is not base}
+
+
+@torch.no_grad()
+def draw_head(model: torch.nn.Module, seed: Sequence[int]) -> None:
+    """Initialise the head (:func:`head_modules`) afresh from ``seed``, as transformers initialises a
+    new head: linear weights from N(0, initializer_range), biases 0; the body is left as it is.
+
+    Drawn on the CPU from its own generator, so a silo on a GPU and a simulated client on the CPU
+    with the same seed get the same head, and the global random state is untouched.
+    """
+    generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1)
+    )
+    std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
+    for name, head in head_modules(model).items():
+        for layer in head.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, std, generator=generator))
+                if layer.bias is not None:
+                    layer.bias.zero_()
+            elif isinstance(layer, torch.nn.LayerNorm):
+                layer.reset_parameters()
+            elif any(True for _ in layer.parameters(recurse=False)):
+                raise ModelError(f"cannot draw a per-client head: {name} holds a {type(layer).__name__}")
 
 
 def float_tensors(model: torch.nn.Module) -> list[torch.Tensor]:

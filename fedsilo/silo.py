@@ -11,9 +11,9 @@ from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
 from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
-from fedsilo.model import architecture_fingerprint, bind_flat, build_model, load_tokenizer
+from fedsilo.model import architecture_fingerprint, bind_flat, build_model, draw_head, load_tokenizer
 from fedsilo.progress import Log, batch_progress
-from fedsilo.train import evaluate, local_train, resolve_device
+from fedsilo.train import Schedule, evaluate, local_train, resolve_device
 from fedsilo.workload import SiloData, silo_data
 
 
@@ -79,8 +79,11 @@ def run_rounds(
     with group.phase(f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
     for round_ in range(welcome.start_round, fed.rounds + 1):
-        # start from the global model and train locally
+        # start from the global model (with this silo's own head in round 1 under per-client head
+        # init) and train locally
         local.copy_(weights)
+        if round_ == 1 and train.head_init == "per-client":
+            draw_head(model, (train.seed, rank))
         result = local_train(
             model,
             data.train,
@@ -88,6 +91,10 @@ def run_rounds(
             batch_size=train.batch_size,
             lr=train.lr,
             seed=(train.seed, rank, round_),
+            optimizer=train.optimizer,
+            weight_decay=train.weight_decay,
+            schedule=Schedule(train.lr_schedule, train.warmup_ratio, parts=fed.rounds, part=round_ - 1),
+            fedprox_mu=train.fedprox_mu,
             attention_mask=settings.model.attention_mask,
             group_by_length=train.group_by_length,
             fast_paths=train.fast_paths,

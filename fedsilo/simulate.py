@@ -5,7 +5,8 @@ seeds as the distributed silos (client k: ``(seed, k, round)``, on shard k of th
 partition), and the aggregator's averaging functions combine them, so ``fedsilo simulate`` and
 ``fedsilo run`` end with the same global model. Memory does not grow with K beyond the data:
 three model-sized vectors whatever K: the model itself (bound to one flat vector that every
-client trains in), the global weights and one running weighted sum.
+client trains in), the global weights and one running weighted sum (and the server optimiser's
+state, as on the aggregator: see :mod:`fedsilo.server_opt`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import Any
 
 import torch
 
-from fedsilo.averaging import Report, Rows, UpdateRejected, finish_average, take_update, validate_updates
+from fedsilo.averaging import Report, Rows, UpdateRejected, take_update, validate_updates
 from fedsilo.config import Settings
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import ConfigError, FederationError
 from fedsilo.ledger import FederationRun, Outcome, simulation_key
-from fedsilo.model import bind_flat, build_model, flat_size, load_tokenizer, offset_in
+from fedsilo.model import bind_flat, build_model, draw_head, flat_size, load_tokenizer, offset_in
 from fedsilo.progress import Log, batch_progress
+from fedsilo.server_opt import ServerOptimizer
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
-from fedsilo.train import evaluate, local_train, resolve_device
+from fedsilo.train import Schedule, evaluate, local_train, resolve_device
 from fedsilo.workload import client_shards, shared_dataset
 
 
@@ -70,6 +72,11 @@ def simulate(
                 f"note: simulate sums updates in float32; transfer_dtype={settings.federation.transfer_dtype} "
                 "only changes what travels in `fedsilo run`"
             )
+        if settings.federation.secure_aggregation:
+            log(
+                "note: simulate has no aggregator to hide updates from and sums them in the clear; "
+                "--secure-aggregation masks them in `fedsilo run`, `aggregator` and `silo` (the same model within 1e-6)"
+            )
         ledger.open(labels, flat_size(model))
         ledger.restore(model)
         sizes = sorted(len(s) for s in shards)
@@ -94,6 +101,7 @@ def run_rounds(clients: Clients, ledger: FederationRun) -> None:
     settings, weights, log = clients.settings, clients.weights, clients.log
     fed = settings.federation
     summed = torch.zeros_like(weights)  # sum_k n_k (theta_k - theta), as the aggregator's reduce
+    server = ServerOptimizer(settings.server, weights, ledger.server_state)
     ranks = range(1, len(clients.shards) + 1)
     for round_ in range(ledger.start_round, fed.rounds + 1):
         started = time.perf_counter()
@@ -115,9 +123,10 @@ def run_rounds(clients: Clients, ledger: FederationRun) -> None:
             for k in accepted:
                 train_client(clients, k, round_, summed)
 
-        # aggregate: the new global model, then into the one model for evaluation
+        # aggregate: the server optimiser's step to the new global model, then into the one model
+        # for evaluation
         total = sum(r.examples for r in reports if r.rank in accepted)
-        finish_average(weights, summed, total)
+        server.step(weights, summed, total)
         clients.local.copy_(weights)
 
         # evaluate on the shared test set
@@ -130,7 +139,8 @@ def run_rounds(clients: Clients, ledger: FederationRun) -> None:
         )
 
         # log and checkpoint (the aggregator's metric names, less the wire's)
-        ledger.record(round_, weights, round_metrics(result, reports, accepted, skipped, time.perf_counter() - started))
+        metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
+        ledger.record(round_, weights, metrics, server.state_dict())
 
 
 def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) -> Report:
@@ -140,6 +150,8 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
     holds it again on return."""
     settings, local, data = clients.settings, clients.local, clients.shards[k - 1]
     train = settings.train
+    if round_ == 1 and train.head_init == "per-client":
+        draw_head(clients.model, (train.seed, k))  # the client's own head, as silo k draws it
     result = local_train(
         clients.model,
         data,
@@ -147,6 +159,10 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
         batch_size=train.batch_size,
         lr=train.lr,
         seed=(train.seed, k, round_),
+        optimizer=train.optimizer,
+        weight_decay=train.weight_decay,
+        schedule=Schedule(train.lr_schedule, train.warmup_ratio, parts=settings.federation.rounds, part=round_ - 1),
+        fedprox_mu=train.fedprox_mu,
         attention_mask=settings.model.attention_mask,
         group_by_length=train.group_by_length,
         fast_paths=train.fast_paths,

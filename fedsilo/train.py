@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,40 @@ class EvalResult(WireRow):
     @property
     def loss(self) -> float:
         return self.loss_sum / self.examples if self.examples else float("nan")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate's course over ``parts`` equal calls of :func:`local_train` (a federation's
+    rounds), of which a call is number ``part`` (from 0): it continues where the previous part
+    ended, so a replayed part (a resumed round) gets the same rates.
+
+    Over the ``total`` steps of all parts, as Hugging Face's schedulers: the rate rises linearly
+    from 0 over the first ``ceil(warmup_ratio * total)`` steps, then stays constant or decays
+    linearly or along a half cosine to 0 at the last step.
+    """
+
+    kind: str = "constant"
+    warmup_ratio: float = 0.0
+    parts: int = 1
+    part: int = 0
+
+    def factor(self, step: int, total: int) -> float:
+        """The multiple of the base learning rate at ``step`` (from 0) of ``total``."""
+        warmup = math.ceil(self.warmup_ratio * total)
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if self.kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        raise ValueError(f"unknown learning-rate schedule {self.kind!r}")
+
+
+CONSTANT_RATE = Schedule()
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -129,32 +164,57 @@ def local_train(
     batch_size: int,
     lr: float,
     seed: Sequence[int],
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+    schedule: Schedule = CONSTANT_RATE,
+    fedprox_mu: float = 0.0,
     attention_mask: bool = True,
     group_by_length: bool = False,
     fast_paths: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
-    """``epochs`` passes of plain SGD (no momentum, no weight decay: the paper's setup).
+    """``epochs`` passes of ``optimizer``: plain SGD by default (no momentum, no weight decay: the
+    paper's setup), or AdamW; ``weight_decay`` is decoupled for AdamW and an L2 term for SGD.
+
+    The optimiser is new on every call: AdamW's moments start at zero each time. ``lr`` follows
+    ``schedule``. ``fedprox_mu`` adds FedProx's ``mu/2 ||w - w_start||^2`` to the loss, ``w_start``
+    the weights the call began with; 0 leaves the computation as it is.
 
     ``seed`` fixes dropout and data order, so a round can be replayed exactly after a restart.
-    With ``fast_paths`` embedding tables get sparse gradients and a BERT or DistilBERT
-    classifier's last layer computes only the position its head reads (:mod:`fedsilo.last_layer`):
-    the same update, less work (dropout draws other masks, so not the same bits).
+    With ``fast_paths`` a BERT or DistilBERT classifier's last layer computes only the position its
+    head reads (:mod:`fedsilo.last_layer`), and under plain SGD embedding tables get sparse
+    gradients: the same update, less work (dropout draws other masks, so not the same bits).
     ``progress(done_batches, total_batches, loss)`` is called now and then for display, and
     after the last batch. The parameters are stepped in place (a flat binding stays valid).
     """
     device = next(model.parameters()).device
     torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown local optimiser {optimizer!r}")
+    total_batches = epochs * -(-len(data) // batch_size)
+    first = schedule.part * total_batches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: schedule.factor(first + i, schedule.parts * total_batches)
+    )
+    # FedProx's gradient mu (w - w_start), added after backward: one copy of the model, only when asked
+    anchor = [p.detach().clone() for p in params] if fedprox_mu > 0 else []
+    # Sparse gradients leave unused rows as they were only under plain SGD: weight decay, AdamW's
+    # moments and the proximal pull move every row.
+    sparse = fast_paths and optimizer == "sgd" and weight_decay == 0 and fedprox_mu == 0
     model.train()
     started = time.perf_counter()
-    total_batches = epochs * -(-len(data) // batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     seen, done = 0, 0
     changed: dict[torch.Tensor, torch.Tensor] = {}
     with contextlib.ExitStack() as speedups:
-        if fast_paths:
+        if sparse:
             changed = speedups.enter_context(sparse_embedding_grads(model))  # filled as the block ends
+        if fast_paths:
             speedups.enter_context(cls_only_last_layer(model))
         for epoch in range(epochs):
             for batch in iterate_batches(
@@ -169,9 +229,14 @@ def local_train(
                 # forward backward update
                 with _autocast(device):
                     loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if fedprox_mu > 0:
+                    for p, start in zip(params, anchor, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - start, alpha=fedprox_mu)
+                opt.step()
+                scheduler.step()
                 n = len(batch["labels"])
                 loss_sum += loss.detach() * n
                 seen += n

@@ -55,3 +55,25 @@ def test_unwritable_directory_is_named(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is not writable"):
         checkpoint.ensure_writable(tmp_path / "file" / "ckpt")
+
+
+def test_the_server_optimisers_state_round_trips(tmp_path: Path) -> None:
+    state = checkpoint.Checkpoint(
+        2, torch.arange(6.0), "run-1", ["neg", "pos"], "f1", {"m": torch.full((6,), 0.5), "v": torch.ones(6)}
+    )
+    checkpoint.save(tmp_path, state)
+    loaded = checkpoint.load(tmp_path, "f1")
+    assert loaded is not None and set(loaded.server_state) == {"m", "v"}
+    assert torch.equal(loaded.server_state["m"], state.server_state["m"])
+    checkpoint.check_fits(loaded, tmp_path, ["neg", "pos"], 6)
+    short = checkpoint.Checkpoint(2, torch.arange(6.0), None, ["neg", "pos"], "f1", {"m": torch.zeros(5)})
+    with pytest.raises(ConfigError, match="holds 5 values of m, the model has 6"):
+        checkpoint.check_fits(short, tmp_path, ["neg", "pos"], 6)
+
+
+def test_a_fedavg_checkpoint_is_the_file_older_versions_wrote_and_read(tmp_path: Path) -> None:
+    saved(tmp_path)
+    raw = torch.load(tmp_path / "f1" / "latest.pt", weights_only=True)
+    assert set(raw) == {"round", "weights", "run_id", "labels", "fingerprint"}
+    loaded = checkpoint.load(tmp_path, "f1")
+    assert loaded is not None and loaded.server_state == {}

@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.model import bind_flat, build_model, flat_size, float_tensors, is_bound, load_flat, offset_in
+from fedsilo.model import (
+    bind_flat,
+    build_model,
+    draw_head,
+    flat_size,
+    float_tensors,
+    head_modules,
+    is_bound,
+    load_flat,
+    offset_in,
+)
 from tests.reference import flatten
 
 
@@ -125,3 +135,46 @@ def test_a_transformers_classifier_trains_in_its_flat_vector(tiny_bert: Path, se
         local_train(model, data, epochs=1, batch_size=4, lr=0.3, seed=(3, 1, 1))
     # Assert: bound training is unbound training, and the vector holds its result
     assert torch.equal(flat, flatten(plain)) and is_bound(bound, flat)
+
+
+# -- per-client heads -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "arch, head",
+    [("bert", {"classifier"}), ("distilbert", {"pre_classifier", "classifier"})],
+    ids=["bert", "distilbert"],
+)
+def test_a_drawn_head_is_the_clients_own_and_the_body_stays_shared(arch: str, head: set[str], tmp_path: Path) -> None:
+    # Prepare: one model, as every client builds it (same seed), three times
+    from tests.tiny import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path, arch))
+    shared, first, second, again = (build_model(path, ["neg", "pos"], 3) for _ in range(4))
+    # Execute: clients 1 and 2 draw their heads; client 1 once more
+    draw_head(first, (3, 1))
+    draw_head(second, (3, 2))
+    draw_head(again, (3, 1))
+    # Assert: the head is exactly the layers beside the pretrained body
+    assert set(head_modules(shared)) == head | {"dropout"}
+    states = [m.state_dict() for m in (shared, first, second, again)]
+    for name, tensor in states[0].items():
+        if name.split(".")[0] in head:
+            assert not torch.equal(states[1][name], states[2][name]) or name.endswith("bias"), name
+            assert not torch.equal(states[1][name], tensor) or name.endswith("bias"), name
+            assert torch.equal(states[1][name], states[3][name]), name  # a seed draws one head
+        else:
+            assert all(torch.equal(s[name], tensor) for s in states[1:]), name  # the body: shared, untouched
+    # drawn as transformers draws a new head: N(0, 0.02) weights, zero biases
+    weight = (first.classifier.weight if arch == "bert" else first.pre_classifier.weight).detach()
+    assert 0.01 < float(weight.std()) < 0.03 and abs(float(weight.mean())) < 0.01
+    assert not first.classifier.bias.any()
+
+
+def test_drawing_a_head_writes_into_a_bound_model(tiny_bert: Path) -> None:
+    model = build_model(str(tiny_bert), ["neg", "pos"], 3)
+    flat = bind_flat(model)
+    before = flat.clone()
+    draw_head(model, (3, 1))
+    assert is_bound(model, flat)
+    head = offset_in(flat, model.classifier.weight)
+    assert not torch.equal(flat[head : head + 64], before[head : head + 64])
+    assert torch.equal(flat[:head], before[:head])

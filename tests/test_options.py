@@ -59,8 +59,8 @@ def test_every_setting_has_its_flag_variable_panel_and_help() -> None:
 def test_every_setting_option_is_typed_as_its_field() -> None:
     hints = typing.get_type_hints(settings_options)
     for key, (_, field) in FIELDS.items():
-        # labels: one comma-separated value on the command line, which the field splits
-        expected = str | None if key == "labels" else field.annotation | None
+        # labels, server_betas: one comma-separated value on the command line, which the field splits
+        expected = str | None if key in ("labels", "server_betas") else field.annotation | None
         assert hints[key] == expected, key
 
 
@@ -124,6 +124,18 @@ def test_a_commands_own_option_is_typed(resolved) -> None:
             "invalid setting 'device': Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')",
         ),
         (["run", "--max-length", "1.5"], {}, "invalid setting 'max_length'"),
+        (["run", "--server-lr", "0"], {}, "invalid setting 'server_lr': Input should be greater than 0 (got '0')"),
+        (
+            ["run", "--server-optimizer", "fedadam"],
+            {},
+            "invalid settings: server_optimizer fedadam needs server_lr (--server-lr)",
+        ),
+        (
+            ["run"],
+            {"FEDSILO_FEDPROX_MU": "-1"},
+            "invalid setting 'fedprox_mu': Input should be greater than or equal to 0 (got '-1')",
+        ),
+        (["run", "--warmup-ratio", "1"], {}, "invalid setting 'warmup_ratio': Input should be less than 1 (got '1')"),
     ],
     ids=[
         "rank-not-a-number",
@@ -133,6 +145,10 @@ def test_a_commands_own_option_is_typed(resolved) -> None:
         "partition-not-a-choice",
         "device-variable-not-a-choice",
         "max-length-not-whole",
+        "server-lr-0",
+        "adaptive-without-server-lr",
+        "fedprox-mu-negative-variable",
+        "warmup-ratio-1",
     ],
 )
 def test_a_bad_value_is_one_line(args: list[str], env: dict[str, str], expected: str, resolved, tmp_path: Path) -> None:

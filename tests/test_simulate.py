@@ -325,3 +325,135 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
     assert no_clients.stderr.strip().splitlines() == [
         "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got '0')"
     ]  # as typed
+
+
+# -- optimisers ----------------------------------------------------------------------------------------
+# Every option of the local and server optimisers away from FedAvg's at once: what the silos and the
+# aggregator of `fedsilo run` must compute as the simulation does.
+OPTIMISERS = {
+    "optimizer": "adamw",
+    "lr": 0.01,
+    "weight_decay": 0.01,
+    "lr_schedule": "cosine",
+    "warmup_ratio": 0.2,
+    "fedprox_mu": 0.1,
+    "head_init": "per-client",
+    "server_optimizer": "fedadam",
+    "server_lr": 0.05,
+}
+
+
+def test_fedavg_with_server_lr_1_and_fedprox_mu_0_is_the_same_federation_bit_for_bit(
+    simulated, tmp_path, tiny_bert, sentiment_csv
+) -> None:
+    settings = settings_for(
+        tmp_path, tiny_bert, sentiment_csv, server_optimizer="fedavg", server_lr=1.0, fedprox_mu=0.0, optimizer="sgd"
+    )
+    outcome = sim.simulate(settings, lambda line: None)
+    assert torch.equal(outcome.weights, simulated[1].weights)
+
+
+def test_optimisers_in_simulate_give_the_distributed_federations_model(tmp_path, tiny_bert, sentiment_csv) -> None:
+    # Prepare: one round of the federation in process, and as three processes over gloo.
+    # AdamW divides a gradient by its own size: where the gradient is zero but for rounding
+    # (attention key biases, which the softmax ignores) it steps by the rounding. So the simulation
+    # runs on one thread, as each silo does (tests.procs: OMP_NUM_THREADS=1), for the same rounding,
+    # and one round: in a second, the last bit in which a sum over the wire and a running sum can
+    # differ would become such a step. Later rounds are the simulation's (resume test below) and the
+    # server optimiser's (tests/test_server_opt.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outcome = sim.simulate(
+            settings_for(tmp_path / "sim", tiny_bert, sentiment_csv, rounds=1, local_epochs=1, **OPTIMISERS),
+            lambda line: None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TRAIN, "local_epochs": 1, **OPTIMISERS}.items()]
+    result = run(
+        "run",
+        "--silos",
+        "2",
+        "--rounds",
+        "1",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(sentiment_csv),
+        *flags,
+        "--checkpoint-dir",
+        "ckpt",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Assert: the same model, and the server optimiser's state kept beside it
+    distributed = final_weights(tmp_path / "ckpt")
+    difference = (outcome.weights - distributed).abs()
+    assert difference.max() <= 1e-5
+    assert (difference / distributed.abs().clamp_min(1e-3)).max() <= 1e-5
+    (path,) = (tmp_path / "ckpt").glob("*/latest.pt")
+    assert set(torch.load(path, weights_only=True)["server_state"]) == {"m", "v"}
+    # and every option is a param of the MLflow run
+    _, found = only_run(tmp_path / "sim")
+    params = found.data.params
+    assert {k: params[k] for k in OPTIMISERS} == {k: str(v) for k, v in OPTIMISERS.items()}
+    assert params["server_betas"] == "[0.9, 0.99]" and params["server_tau"] == "0.001"
+
+
+def test_an_interrupted_federation_with_optimisers_resumes_exactly(
+    monkeypatch, tmp_path, tiny_bert, sentiment_csv
+) -> None:
+    # Prepare: the uninterrupted result; then a run stopped in round 2
+    common = {"local_epochs": 1, **OPTIMISERS}
+    whole = sim.simulate(settings_for(tmp_path / "whole", tiny_bert, sentiment_csv, **common), lambda line: None)
+    settings = settings_for(tmp_path / "cut", tiny_bert, sentiment_csv, **common)
+    real_evaluate = sim.evaluate
+    calls = []
+
+    def stop_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "evaluate", stop_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        sim.simulate(settings, lambda line: None)
+    monkeypatch.setattr(sim, "evaluate", real_evaluate)
+    # Execute
+    lines: list[str] = []
+    resumed = sim.simulate(settings, lines.append)
+    # Assert: round 2 alone, from the checkpoint's model and server state, at the schedule's place
+    assert any(line.startswith("resuming after round 1") for line in lines)
+    assert torch.allclose(resumed.weights, whole.weights, rtol=0, atol=1e-6)
+
+
+def test_each_client_starts_round_1_with_its_own_head(monkeypatch, tmp_path, tiny_bert, sentiment_csv) -> None:
+    # Prepare: note the model each client starts training from
+    entries: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    real_local_train = sim.local_train
+
+    def noting(model, data, **kw):
+        _, k, round_ = kw["seed"]
+        entries[current][(k, round_)] = flatten(model)
+        return real_local_train(model, data, **kw)
+
+    monkeypatch.setattr(sim, "local_train", noting)
+    outcomes = {}
+    for current in ("shared", "per-client"):
+        entries[current] = {}
+        settings = settings_for(tmp_path / current, tiny_bert, sentiment_csv, local_epochs=1, head_init=current)
+        outcomes[current] = sim.simulate(settings, lambda line: None)
+    # Assert: per-client heads differ in round 1 (the classifier: the last 2 x 33 values), the
+    # body is the same; round 2 starts everyone from the global model; shared is one model throughout
+    head = slice(-66, None)
+    body = slice(0, -66)
+    own = entries["per-client"]
+    assert not torch.equal(own[(1, 1)][head], own[(2, 1)][head])
+    assert torch.equal(own[(1, 1)][body], own[(2, 1)][body])
+    assert torch.equal(own[(1, 2)], own[(2, 2)])
+    shared = entries["shared"]
+    assert torch.equal(shared[(1, 1)], shared[(2, 1)]) and torch.equal(shared[(1, 2)], shared[(2, 2)])
+    assert torch.equal(shared[(1, 1)][body], own[(1, 1)][body])
+    assert not torch.equal(outcomes["shared"].weights, outcomes["per-client"].weights)
