@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from fedsilo import aggregator, comm, join, secagg, silo
+from fedsilo.client import budget
 from fedsilo.config import build_settings
 from fedsilo.data import Encoded
 from fedsilo.model import bind_flat, float_tensors
@@ -108,7 +109,7 @@ def rss_now() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def star_group(rank: int, silos: int, port: int, pki: Path) -> comm.Transport:
+def star_group(rank: int, silos: int, port: int, pki: Path, rounds: int) -> comm.Transport:
     """The TLS star among the same ranks, on ``port``, with the certificates in ``pki``."""
     from fedsilo import certs, star
 
@@ -123,7 +124,7 @@ def star_group(rank: int, silos: int, port: int, pki: Path) -> comm.Transport:
             lambda _: None,
         )
         for hello in door.admit_silos(300).values():
-            door.welcome(hello, join.Welcome(["0", "1"], 1, False))
+            door.welcome(hello, join.Welcome(["0", "1"], 1, False, rounds))
         return door.form_group(600)
     context = certs.client_context(pki / f"silo-{rank}.pem", pki / f"silo-{rank}.key", ca)
     link = star.StarLink(star.dial(("127.0.0.1", port), context, "127.0.0.1", 300), rank)
@@ -212,7 +213,7 @@ def main() -> None:
                 store, args.rank, args.silos + 1, "gloo", torch.device("cpu"), 600, address
             )
         if "tls" in kinds:
-            groups["tls"] = star_group(args.rank, args.silos, args.port + 1, args.tls_pki)
+            groups["tls"] = star_group(args.rank, args.silos, args.port + 1, args.tls_pki, args.rounds)
         seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
         rss_by_round: list[int] = []
         try:
@@ -226,7 +227,13 @@ def main() -> None:
                     if kind == "secagg":
                         secagg.relay(group)
                     rounds = aggregator.Rounds(
-                        secure if kind == "secagg" else settings, group, model, weights, tiny_data(2), lambda _: None
+                        secure if kind == "secagg" else settings,
+                        group,
+                        model,
+                        weights,
+                        tiny_data(2),
+                        lambda _: None,
+                        budget(settings, {}),
                     )
                     aggregator.run_rounds(rounds, ledger)  # type: ignore[arg-type]
                     del weights, rounds
@@ -241,7 +248,7 @@ def main() -> None:
                         model,
                         data,
                         args.rank,
-                        join.Welcome(["0", "1"], 1, False),
+                        join.Welcome(["0", "1"], 1, False, args.rounds),
                         lambda _: None,
                         secrets,
                     )

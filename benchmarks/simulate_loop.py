@@ -33,6 +33,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from fedsilo import simulate
+    from fedsilo.client import budget
     from fedsilo.config import build_settings
     from fedsilo.data import batch_order, encode
     from fedsilo.model import bind_flat
@@ -58,7 +59,9 @@ def main() -> None:
     weights, summed = local.clone(), torch.zeros_like(local)
 
     def clients(shards: list) -> simulate.Clients:
-        return simulate.Clients(settings, model, local, weights, shards, shards[0], lambda _: None)
+        return simulate.Clients(
+            settings, model, local, weights, shards, shards[0], lambda _: None, budget(settings, {})
+        )
 
     # What each client's update costs on top of its training (form it, its norm, add it to the
     # sum, restore the global model), clocked apart: the part of the ratio that K itself adds.

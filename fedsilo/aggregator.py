@@ -9,6 +9,7 @@ import torch
 
 from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
+from fedsilo.client import Budget, budget
 from fedsilo.config import Settings, agreed_settings, settings_fingerprint
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import FederationError, FedsiloError
@@ -39,6 +40,7 @@ class Rounds:
     weights: torch.Tensor  # the global model, flat: best the model's own (bind_flat), updated in place
     test: Encoded | None  # None: the silos evaluate on their held-out rows
     log: Log
+    privacy: Budget  # the silos' DP-SGD plans and the round the federation ends after
 
 
 def _agree_on_labels(mine: list[str] | None, hellos: dict[int, join.Hello]) -> tuple[list[str], dict[int, str]]:
@@ -107,7 +109,10 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
                 raise FederationError(
                     f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})"
                 )
-            start = ledger.open(labels, flat_size(model), must_deliver=True)
+            privacy = budget(settings, {rank: hello.train_examples for rank, hello in hellos.items()})
+            if privacy.why:
+                log(f"{privacy.why}: the federation ends after round {privacy.last_round}")
+            start = ledger.open(labels, flat_size(model), must_deliver=True, last_round=privacy.last_round)
         except FedsiloError as exc:
             # The admitted silos are blocked on their verdict: give them the reason, not a hang-up.
             for hello in hellos.values():
@@ -115,7 +120,7 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             raise
         ledger.restore(model)
         for hello in hellos.values():
-            door.welcome(hello, join.Welcome(labels, start, test is None))
+            door.welcome(hello, join.Welcome(labels, start, test is None, privacy.last_round))
 
         group = door.form_group(fed.round_timeout)
         try:
@@ -123,14 +128,16 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             # under the round timeout (which covers a round of training), not in their verdict
             # or the group's rendezvous, under the join timeout. A slow tracking server or a new
             # sqlite store on a busy machine takes tens of seconds.
-            ledger.track({} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"})
+            ledger.track(
+                {**privacy.params(), **({} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"})}
+            )
             if fed.secure_aggregation:
                 secagg.relay(group)
                 log("secure aggregation: the silos agreed pair keys; updates arrive masked")
             weights = bind_flat(model)  # the model's own storage: the global model is never copied
             if weights.device.type != group.device.type:  # gloo with a GPU model: the wire needs a CPU copy
                 weights = weights.to(group.device)
-            run_rounds(Rounds(settings, group, model, weights, test, log), ledger)
+            run_rounds(Rounds(settings, group, model, weights, test, log, privacy), ledger)
             return ledger.close(model, tokenizer, weights)
         finally:
             group.close()
@@ -156,7 +163,7 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     server = ServerOptimizer(settings.server, weights, ledger.server_state)
     with group.phase(f"round {ledger.start_round}: sending the global model"):
         group.broadcast_(weights)
-    for round_ in range(ledger.start_round, fed.rounds + 1):
+    for round_ in range(ledger.start_round, rounds.privacy.last_round + 1):
         started = time.perf_counter()
         # local training happens on the silos; each reports its example count, loss, update norm
         with group.phase(f"round {round_}: local training"):
@@ -205,5 +212,7 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
 
         # log and checkpoint
         metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
-        metrics.update(comm_seconds=comm_seconds, bytes_per_silo=float(bytes_per_silo))
+        metrics.update(
+            comm_seconds=comm_seconds, bytes_per_silo=float(bytes_per_silo), **rounds.privacy.metrics(round_)
+        )
         ledger.record(round_, weights, metrics, server.state_dict())

@@ -29,6 +29,7 @@ LocalOptimizer = Literal["sgd", "adamw"]
 LrSchedule = Literal["constant", "linear", "cosine"]
 HeadInit = Literal["shared", "per-client"]
 ServerOptimizer = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+Accountant = Literal["rdp", "prv"]
 # Server optimisers that scale each weight by its own history (Reddi et al. 2021): their step size
 # depends on the task by orders of magnitude, so none is assumed.
 ADAPTIVE = frozenset({"fedadam", "fedyogi", "fedadagrad"})
@@ -296,11 +297,39 @@ class CheckpointConfig(_Section):
     )
 
 
+class PrivacyConfig(_Section):
+    dp_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Record-level DP-SGD in every silo with this epsilon as each silo's budget. Alone, it sets "
+        "the noise so that the last planned round ends at the budget; with --dp-noise-multiplier it is a hard "
+        "cap that can end the federation early (docs/privacy.md).",
+    )
+    dp_delta: float = Field(
+        1e-5, gt=0, lt=1, description="delta of (epsilon, delta)-DP; must also be below 1/n on each silo."
+    )
+    dp_noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="sigma: the Gaussian noise's standard deviation over the clipping norm. Default: "
+        "calibrated from --dp-epsilon.",
+    )
+    dp_max_grad_norm: float = Field(1.0, gt=0, description="C: each example's gradient is clipped to this L2 norm.")
+    dp_accountant: Accountant = Field(
+        "rdp", description="How the privacy loss is composed: rdp (Renyi DP) or prv (privacy random variables)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "server": ServerConfig,
+    "privacy": PrivacyConfig,
     "federation": FederationConfig,
     "tracking": TrackingConfig,
     "checkpoint": CheckpointConfig,
@@ -345,6 +374,11 @@ LATER_KEYS = frozenset(
         "server_betas",
         "server_tau",
         "secure_aggregation",
+        "dp_epsilon",
+        "dp_delta",
+        "dp_noise_multiplier",
+        "dp_max_grad_norm",
+        "dp_accountant",
     }
 )
 
@@ -358,6 +392,7 @@ class Settings(BaseModel):
     data: DataConfig = Field(description="Where the data comes from and how it is split.")
     train: TrainConfig = Field(description="Local training.")
     server: ServerConfig = Field(description="The aggregator's optimiser.")
+    privacy: PrivacyConfig = Field(description="Differential privacy in the silos.")
     federation: FederationConfig = Field(description="The group and its rounds.")
     tracking: TrackingConfig = Field(description="MLflow.")
     checkpoint: CheckpointConfig = Field(description="Checkpoints and resume.")

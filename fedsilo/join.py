@@ -69,6 +69,7 @@ class Welcome:
     labels: list[str]
     start_round: int
     eval_on_silos: bool
+    last_round: int  # the federation's last round: --rounds, or earlier when a silo's privacy budget ends it
 
 
 def settings_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:

@@ -112,8 +112,9 @@ class FederationRun:
         )
 
     # -- start -----------------------------------------------------------------------------------
-    def open(self, labels: list[str], size: int, *, must_deliver: bool = False) -> int:
-        """Resume or start; returns the first round to run.
+    def open(self, labels: list[str], size: int, *, must_deliver: bool = False, last_round: int | None = None) -> int:
+        """Resume or start; returns the first round to run. ``last_round``: the federation ends after it
+        (default --rounds; earlier when a silo's privacy budget ends it).
 
         A checkpoint must fit this model and label set (the files behind --model may have
         changed). One of a finished federation starts a new one, after what MLflow missed of it
@@ -123,7 +124,7 @@ class FederationRun:
         self.labels = labels
         if self.resumed is not None:
             checkpoint.check_fits(self.resumed, self.directory, labels, size)
-            if self.resumed.round >= self.settings.federation.rounds:
+            if self.resumed.round >= (last_round or self.settings.federation.rounds):
                 if not self._tracker(self.resumed.run_id).finish() and must_deliver:
                     raise FederationError(
                         f"the last federation with these settings finished, but its results still wait in "

@@ -31,6 +31,7 @@ from typer.models import OptionInfo
 
 from fedsilo.config import (
     SECTIONS,
+    Accountant,
     Backend,
     Device,
     HeadInit,
@@ -127,6 +128,11 @@ def settings_options(
     # One comma-separated value (0.9,0.99), which the field splits into the pair.
     server_betas: Annotated[str | None, setting("server_betas")] = None,
     server_tau: Annotated[float | None, setting("server_tau")] = None,
+    dp_epsilon: Annotated[float | None, setting("dp_epsilon")] = None,
+    dp_delta: Annotated[float | None, setting("dp_delta")] = None,
+    dp_noise_multiplier: Annotated[float | None, setting("dp_noise_multiplier")] = None,
+    dp_max_grad_norm: Annotated[float | None, setting("dp_max_grad_norm")] = None,
+    dp_accountant: Annotated[Accountant | None, setting("dp_accountant")] = None,
     silos: Annotated[int | None, setting("silos")] = None,
     rounds: Annotated[int | None, setting("rounds")] = None,
     aggregator: Annotated[str | None, setting("aggregator")] = None,

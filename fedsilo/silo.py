@@ -9,11 +9,12 @@ import torch
 
 from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
+from fedsilo.client import plan_of, train_round
 from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
-from fedsilo.model import architecture_fingerprint, bind_flat, build_model, draw_head, load_tokenizer
+from fedsilo.model import architecture_fingerprint, bind_flat, build_model, load_tokenizer
 from fedsilo.progress import Log, batch_progress
-from fedsilo.train import Schedule, evaluate, local_train, resolve_device
+from fedsilo.train import evaluate, resolve_device
 from fedsilo.workload import SiloData, silo_data
 
 
@@ -34,6 +35,9 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
     tokenizer = load_tokenizer(settings.model.model)
     data = silo_data(settings, rank, tokenizer)
     model = build_model(settings.model.model, data.labels, settings.train.seed).to(device)
+    if settings.privacy.enabled:  # the plan's checks, before joining; the sigma it calibrates
+        plan = plan_of(settings, len(data.train))
+        log(f"silo {rank}: DP-SGD with noise multiplier {plan.noise_multiplier:.4g}, clipping {plan.max_grad_norm:g}")
     log(f"silo {rank}: {len(data.train)} training examples; joining {address[0]}:{address[1]}")
 
     link = transport.dial(settings, rank, token, device)
@@ -78,27 +82,12 @@ def run_rounds(
     n = len(data.train)
     with group.phase(f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
-    for round_ in range(welcome.start_round, fed.rounds + 1):
-        # start from the global model (with this silo's own head in round 1 under per-client head
-        # init) and train locally
+    for round_ in range(welcome.start_round, welcome.last_round + 1):
+        # start from the global model and train locally (its own head in round 1 under
+        # per-client head init; DP-SGD under the privacy settings)
         local.copy_(weights)
-        if round_ == 1 and train.head_init == "per-client":
-            draw_head(model, (train.seed, rank))
-        result = local_train(
-            model,
-            data.train,
-            epochs=train.local_epochs,
-            batch_size=train.batch_size,
-            lr=train.lr,
-            seed=(train.seed, rank, round_),
-            optimizer=train.optimizer,
-            weight_decay=train.weight_decay,
-            schedule=Schedule(train.lr_schedule, train.warmup_ratio, parts=fed.rounds, part=round_ - 1),
-            fedprox_mu=train.fedprox_mu,
-            attention_mask=settings.model.attention_mask,
-            group_by_length=train.group_by_length,
-            fast_paths=train.fast_paths,
-            progress=batch_progress(log, f"round {round_}:", last_batch=True),
+        result = train_round(
+            settings, model, data.train, rank, round_, batch_progress(log, f"round {round_}:", last_batch=True)
         )
 
         # report, then send n * (theta_local - theta_global) if it passes validation; the

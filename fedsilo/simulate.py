@@ -19,15 +19,16 @@ from typing import Any
 import torch
 
 from fedsilo.averaging import Report, Rows, UpdateRejected, take_update, validate_updates
+from fedsilo.client import Budget, budget, train_round
 from fedsilo.config import Settings
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import ConfigError, FederationError
 from fedsilo.ledger import FederationRun, Outcome, simulation_key
-from fedsilo.model import bind_flat, build_model, draw_head, flat_size, load_tokenizer, offset_in
+from fedsilo.model import bind_flat, build_model, flat_size, load_tokenizer, offset_in
 from fedsilo.progress import Log, batch_progress
 from fedsilo.server_opt import ServerOptimizer
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
-from fedsilo.train import Schedule, evaluate, local_train, resolve_device
+from fedsilo.train import evaluate, resolve_device
 from fedsilo.workload import client_shards, shared_dataset
 
 
@@ -42,6 +43,7 @@ class Clients:
     shards: list[Encoded]  # client k's training rows are shards[k - 1]
     test: Encoded
     log: Log
+    privacy: Budget  # the clients' DP-SGD plans and the round the federation ends after
 
 
 def simulate(
@@ -77,7 +79,10 @@ def simulate(
                 "note: simulate has no aggregator to hide updates from and sums them in the clear; "
                 "--secure-aggregation masks them in `fedsilo run`, `aggregator` and `silo` (the same model within 1e-6)"
             )
-        ledger.open(labels, flat_size(model))
+        privacy = budget(settings, {k: len(shard) for k, shard in enumerate(shards, 1)})
+        if privacy.why:
+            log(f"{privacy.why}: the federation ends after round {privacy.last_round}")
+        ledger.open(labels, flat_size(model), last_round=privacy.last_round)
         ledger.restore(model)
         sizes = sorted(len(s) for s in shards)
         log(
@@ -86,12 +91,12 @@ def simulate(
         )
 
         ledger.track(
-            {MAJORITY_PARAM: f"{majority_share(test):.6f}", **(params or {})},
+            {MAJORITY_PARAM: f"{majority_share(test):.6f}", **privacy.params(), **(params or {})},
             {"fedsilo.mode": "simulate", **(tags or {})},
         )
         local = bind_flat(model)  # the model's own storage: each client trains in it
         weights = local.clone()
-        run_rounds(Clients(settings, model, local, weights, shards, test, log), ledger)
+        run_rounds(Clients(settings, model, local, weights, shards, test, log, privacy), ledger)
         return ledger.close(model, tokenizer, weights)  # run_rounds leaves the global model in it
 
 
@@ -103,7 +108,7 @@ def run_rounds(clients: Clients, ledger: FederationRun) -> None:
     summed = torch.zeros_like(weights)  # sum_k n_k (theta_k - theta), as the aggregator's reduce
     server = ServerOptimizer(settings.server, weights, ledger.server_state)
     ranks = range(1, len(clients.shards) + 1)
-    for round_ in range(ledger.start_round, fed.rounds + 1):
+    for round_ in range(ledger.start_round, clients.privacy.last_round + 1):
         started = time.perf_counter()
         # local training, one client after another, each adding n_k (theta_k - theta) to the sum
         summed.zero_()
@@ -140,6 +145,7 @@ def run_rounds(clients: Clients, ledger: FederationRun) -> None:
 
         # log and checkpoint (the aggregator's metric names, less the wire's)
         metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
+        metrics.update(clients.privacy.metrics(round_))
         ledger.record(round_, weights, metrics, server.state_dict())
 
 
@@ -149,25 +155,8 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
     ``clients.local`` is the model's flat vector: it must hold the global model on entry, and
     holds it again on return."""
     settings, local, data = clients.settings, clients.local, clients.shards[k - 1]
-    train = settings.train
-    if round_ == 1 and train.head_init == "per-client":
-        draw_head(clients.model, (train.seed, k))  # the client's own head, as silo k draws it
-    result = local_train(
-        clients.model,
-        data,
-        epochs=train.local_epochs,
-        batch_size=train.batch_size,
-        lr=train.lr,
-        seed=(train.seed, k, round_),
-        optimizer=train.optimizer,
-        weight_decay=train.weight_decay,
-        schedule=Schedule(train.lr_schedule, train.warmup_ratio, parts=settings.federation.rounds, part=round_ - 1),
-        fedprox_mu=train.fedprox_mu,
-        attention_mask=settings.model.attention_mask,
-        group_by_length=train.group_by_length,
-        fast_paths=train.fast_paths,
-        progress=batch_progress(clients.log, f"round {round_}: client {k}/{len(clients.shards)}"),
-    )
+    progress = batch_progress(clients.log, f"round {round_}: client {k}/{len(clients.shards)}")
+    result = train_round(settings, clients.model, data, k, round_, progress)
     # the update theta_k - theta, formed in the model's own buffer as a silo forms it, added to
     # the sum, and the buffer back to the global model for the next client. Embedding rows none
     # of this client's tokens reached are the global model's still (plain SGD, sparse gradients):

@@ -156,6 +156,17 @@ def sparse_embedding_grads(model: torch.nn.Module) -> Iterator[dict[torch.Tensor
     changed.update((m.weight, rows.nonzero().squeeze(1)) for m, rows in reached.items() if rows is not None)
 
 
+def make_optimizer(
+    params: list[torch.nn.Parameter], optimizer: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """A new local optimiser: plain SGD (weight decay as an L2 term) or AdamW (decoupled decay)."""
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown local optimiser {optimizer!r}")
+
+
 def local_train(
     model: torch.nn.Module,
     data: Encoded,
@@ -190,12 +201,7 @@ def local_train(
     device = next(model.parameters()).device
     torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1))
     params = list(model.parameters())
-    if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown local optimiser {optimizer!r}")
+    opt = make_optimizer(params, optimizer, lr, weight_decay)
     total_batches = epochs * -(-len(data) // batch_size)
     first = schedule.part * total_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(

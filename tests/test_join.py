@@ -50,7 +50,7 @@ def run_aggregator(store, silos, token, result):
     try:
         hellos = join.admit_silos(store, silos, token, timeout=5, log=result.setdefault("log", []).append)
         for hello in hellos.values():
-            join.welcome(store, hello, token, join.Welcome(["a", "b"], 1, False))
+            join.welcome(store, hello, token, join.Welcome(["a", "b"], 1, False, 2))
         result["hellos"] = hellos
     except Exception as exc:  # surfaced by the test
         result["error"] = exc

@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from fedsilo import client as client_round
 from fedsilo import simulate as sim
 from fedsilo.cli import app
 from fedsilo.config import Settings, build_settings
@@ -196,7 +197,7 @@ def test_without_attention_mask_pads_to_max_length_and_changes_the_model(
     monkeypatch, tmp_path, tiny_bert, sentiment_csv
 ) -> None:
     widths: list[int] = []
-    real_local_train = sim.local_train
+    real_local_train = client_round.local_train
 
     def recording(model, data, **kw):
         forward = model.forward
@@ -212,13 +213,13 @@ def test_without_attention_mask_pads_to_max_length_and_changes_the_model(
         finally:
             del model.forward
 
-    monkeypatch.setattr(sim, "local_train", recording)
+    monkeypatch.setattr(client_round, "local_train", recording)
     common = {"rounds": 1, "local_epochs": 1, "max_length": 24}
     without = sim.simulate(
         settings_for(tmp_path / "a", tiny_bert, sentiment_csv, attention_mask=False, **common), lambda line: None
     )
     assert widths and set(widths) == {24}
-    monkeypatch.setattr(sim, "local_train", real_local_train)
+    monkeypatch.setattr(client_round, "local_train", real_local_train)
     with_mask = sim.simulate(settings_for(tmp_path / "b", tiny_bert, sentiment_csv, **common), lambda line: None)
     assert (without.weights - with_mask.weights).abs().max() > 1e-6
 
@@ -253,7 +254,7 @@ def test_interrupted_simulation_resumes_its_run_and_model(monkeypatch, tmp_path,
 
 
 def poison_client_2(monkeypatch) -> None:
-    real_local_train = sim.local_train
+    real_local_train = client_round.local_train
 
     def poisoned(model, data, **kw):
         result = real_local_train(model, data, **kw)
@@ -262,7 +263,7 @@ def poison_client_2(monkeypatch) -> None:
                 list(model.parameters())[-1].fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(sim, "local_train", poisoned)
+    monkeypatch.setattr(client_round, "local_train", poisoned)
 
 
 def test_a_skipped_update_leaves_the_sum(monkeypatch, tmp_path, tiny_bert, sentiment_csv) -> None:
@@ -432,14 +433,14 @@ def test_an_interrupted_federation_with_optimisers_resumes_exactly(
 def test_each_client_starts_round_1_with_its_own_head(monkeypatch, tmp_path, tiny_bert, sentiment_csv) -> None:
     # Prepare: note the model each client starts training from
     entries: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    real_local_train = sim.local_train
+    real_local_train = client_round.local_train
 
     def noting(model, data, **kw):
         _, k, round_ = kw["seed"]
         entries[current][(k, round_)] = flatten(model)
         return real_local_train(model, data, **kw)
 
-    monkeypatch.setattr(sim, "local_train", noting)
+    monkeypatch.setattr(client_round, "local_train", noting)
     outcomes = {}
     for current in ("shared", "per-client"):
         entries[current] = {}

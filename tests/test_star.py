@@ -74,7 +74,7 @@ def formed(pki: Path) -> Iterator[tuple[star.StarGroup, list[star.StarLink], lis
 
     def admit() -> None:
         for hello in door.admit_silos(10).values():
-            door.welcome(hello, Welcome(["a", "b"], 1, False))
+            door.welcome(hello, Welcome(["a", "b"], 1, False, 2))
 
     asked = in_threads(*[lambda s=s: s.request_admission(HELLO, 10) for s in links], admit)
     assert all(isinstance(w, Welcome) for w in asked[:3]), asked
