@@ -1,0 +1,166 @@
+"""DP-SGD in the silos: the accountant's epsilon, calibration, clipping, the budget that ends a
+federation, and the same epsilon in ``simulate`` and in a real federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+from mlflow.tracking import MlflowClient
+
+from fedsilo import dp
+from fedsilo import simulate as sim
+from fedsilo.config import PrivacyConfig, build_settings
+from fedsilo.model import bind_flat, build_model, load_tokenizer
+from fedsilo.train import local_train, make_optimizer
+from fedsilo.workload import silo_data
+from tests.procs import assert_one_line_error, run
+from tests.tiny import sentiment_rows, write_csv
+
+TRAIN = {"batch_size": 16, "lr": 0.3, "local_epochs": 1, "seed": 3}
+
+
+def google_rdp(sigma: float, q: float, steps: int, delta: float) -> float:
+    accountant = rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.0, 0.01, 1000), (0.8, 0.1, 60), (2.0, 0.25, 24)])
+def test_epsilon_equals_google_dp_accounting_for_the_same_steps(sigma: float, q: float, steps: int) -> None:
+    plan = dp.Plan(sigma, 1.0, q, steps // 4, 1e-5, "rdp", None)
+    ours = plan.epsilon(4)  # four rounds of steps / 4
+    assert ours == pytest.approx(google_rdp(sigma, q, 4 * (steps // 4), 1e-5), rel=0.01)
+    assert plan.epsilon(0) == 0 and plan.epsilon(2) < ours  # it composes: more rounds, more epsilon
+
+
+def test_calibration_spends_the_budget_by_the_last_planned_round() -> None:
+    privacy = PrivacyConfig(dp_epsilon=8.0, dp_delta=1e-5)
+    plan = dp.plan(privacy, examples=500, batch_size=16, epochs=2, rounds=5)
+    assert plan.sample_rate == 16 / 500 and plan.steps_per_round == 2 * 31
+    assert plan.epsilon(5) == pytest.approx(8.0, rel=0.01) and plan.allows(5)
+    assert plan.rounds_allowed(10) == 5  # a sixth round would pass the budget
+
+
+def test_a_fixed_sigma_with_a_budget_ends_the_federation_early_with_the_silo_named() -> None:
+    plans = {
+        1: dp.Plan(1.5, 1.0, 0.1, 10, 1e-5, "rdp", 4.0),  # the small silo spends fastest
+        2: dp.Plan(1.5, 1.0, 0.02, 50, 1e-5, "rdp", 4.0),
+    }
+    end, why = dp.last_round(plans, rounds=20)
+    assert 0 < end < 20
+    assert plans[1].allows(end) and not plans[1].allows(end + 1)
+    assert why is not None and why.startswith("silo 1's privacy budget (epsilon 4)") and f"round {end + 1}" in why
+
+
+@pytest.fixture
+def silo_one(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> Any:
+    settings = build_settings({"model": str(tiny_bert), "dataset": str(sentiment_csv), "silos": 2, **TRAIN})
+    data = silo_data(settings, 1, load_tokenizer(str(tiny_bert)))
+    return settings, data
+
+
+def fresh_model(settings: Any, labels: list[str]) -> torch.nn.Module:
+    model = build_model(settings.model.model, labels, 0)
+    for module in model.modules():  # no dropout: the two trainings below must be comparable exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_without_noise_or_clipping_dp_sgd_is_plain_full_batch_sgd(silo_one: Any) -> None:
+    settings, data = silo_one
+    n = len(data.train)
+    # q = 1 (every example in every step), sigma = 0, C far above any gradient: nothing private is left
+    plan = dp.Plan(0.0, 1e9, 1.0, 3, 1e-5, "rdp", None)
+    private, plain = fresh_model(settings, data.labels), fresh_model(settings, data.labels)
+    dp.private_train(private, data.train, plan, seed=(1,), make_optimizer=lambda p: make_optimizer(p, "sgd", 0.3, 0.0))
+    local_train(plain, data.train, epochs=3, batch_size=n, lr=0.3, seed=(1,), fast_paths=False)
+    assert torch.allclose(bind_flat(private), bind_flat(plain), atol=1e-6)
+
+
+def test_clipping_bounds_one_outlier_examples_pull(silo_one: Any, tiny_bert: Path) -> None:
+    settings, data = silo_one
+    # one example repeated with a flipped label carries a large gradient; q = 1, sigma = 0, C = 0.01
+    plan = dp.Plan(0.0, 0.01, 1.0, 1, 1e-5, "rdp", None)
+    model = fresh_model(settings, data.labels)
+    before = bind_flat(model).clone()
+    dp.private_train(model, data.train, plan, seed=(1,), make_optimizer=lambda p: make_optimizer(p, "sgd", 1.0, 0.0))
+    step = float((bind_flat(model) - before).norm())
+    # the average of n clipped gradients moves at most lr * C; unclipped, the same step is far larger
+    unclipped = fresh_model(settings, data.labels)
+    local_train(unclipped, data.train, epochs=1, batch_size=len(data.train), lr=1.0, seed=(1,), fast_paths=False)
+    assert step <= 0.01 * (1 + 1e-4)
+    assert float((bind_flat(unclipped) - before).norm()) > 10 * step
+
+
+def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert: Path) -> None:
+    # Prepare: a fixed sigma that spends the budget in fewer rounds than planned
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
+    settings = build_settings(
+        {
+            "model": str(tiny_bert),
+            "dataset": str(data),
+            "silos": 2,
+            "rounds": 6,
+            **TRAIN,
+            "dp_noise_multiplier": 2.0,
+            "dp_epsilon": 3.0,
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+        }
+    )
+    lines: list[str] = []
+    # Execute
+    sim.simulate(settings, lines.append)
+    # Assert: it ended early, said why, and MLflow holds each client's epsilon within the budget
+    (said,) = [line for line in lines if "privacy budget" in line]
+    assert "the federation ends after round" in said
+    end = int(said.rsplit(" ", 1)[1])
+    assert 0 < end < 6
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
+    assert only.info.status == "FINISHED"
+    history = client.get_metric_history(only.info.run_id, "dp_epsilon_max")
+    assert [m.step for m in history] == list(range(1, end + 1))
+    assert max(m.value for m in history) <= 3.0 and only.data.params["silo_1/dp_noise_multiplier"] == "2"
+
+
+def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny_bert: Path) -> None:
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
+    flags = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(data)]
+    flags += ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3", "--dp-epsilon", "6"]
+    epsilons = {}
+    for mode in ("run", "simulate"):
+        (tmp_path / mode).mkdir()
+        result = run(mode, *flags, cwd=tmp_path / mode)
+        assert result.returncode == 0, result.stdout + result.stderr
+        client = MlflowClient(f"sqlite:///{tmp_path / mode}/mlflow.db")
+        (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
+        epsilons[mode] = {k: v for k, v in only.data.metrics.items() if "dp_epsilon" in k}
+    assert epsilons["run"] == epsilons["simulate"]
+    assert epsilons["run"]["dp_epsilon_max"] == pytest.approx(6.0, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--dp-epsilon", "0"], "dp_epsilon"),
+        (["--dp-epsilon", "8", "--dp-delta", "1"], "dp_delta"),
+        (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "dp_max_grad_norm"),
+        (["--dp-epsilon", "8", "--dp-delta", "0.1"], "must be below 1/n"),
+    ],
+)
+def test_bad_privacy_values_are_one_line(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, flags: list[str], expected: str
+) -> None:
+    result = run(
+        "simulate", "--model", str(tiny_bert), "--dataset", str(sentiment_csv), "--rounds", "1", *flags, cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert_one_line_error(result.stderr, expected)
