@@ -479,7 +479,7 @@ def test_restart_budget_counts_whole_federation_restarts(per_silo_jobs: bool) ->
         rules = spec["podFailurePolicy"]["rules"]
         assert {
             "action": "FailJob",
-            "onExitCodes": {"containerName": "fedsilo", "operator": "In", "values": [2]},
+            "onExitCodes": {"containerName": "fedsilo", "operator": "In", "values": [2, 78]},
             "onPodConditions": [],
         } in rules
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules

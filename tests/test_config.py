@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from fedsilo.config import build_settings, load_settings
-from fedsilo.errors import ConfigError
+from fedsilo.errors import EX_CONFIG, ConfigError
 
 
 def test_defaults_follow_the_paper() -> None:
@@ -64,5 +64,5 @@ def test_flag_values_are_validated_like_yaml_values() -> None:
     from fedsilo.cli import app
 
     result = CliRunner().invoke(app, ["silo", "--rank", "1", "--rounds", "many", "--dataset", "x.csv"])
-    assert result.exit_code == 1
+    assert result.exit_code == EX_CONFIG
     assert "fedsilo: error: invalid setting 'rounds'" in result.output and "'many'" in result.output

@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo import certs
+from fedsilo.errors import EX_CONFIG
 from fedsilo.launcher import free_port
 from tests.procs import assert_one_line_error, final_weights, finish, run, start, watch
 from tests.tiny import sentiment_rows, write_csv
@@ -332,7 +333,7 @@ def test_missing_certificates_are_one_line_before_anything_loads(tmp_path, role,
         str(tmp_path / "gone.pem"),
         cwd=tmp_path,
     )
-    assert missing.returncode == 1 and unreadable.returncode == 1
+    assert missing.returncode == EX_CONFIG and unreadable.returncode == EX_CONFIG
     assert_one_line_error(missing.stderr, "--transport tls needs --tls-cert, --tls-key, --tls-ca")
     assert_one_line_error(unreadable.stderr, f"--tls-ca {tmp_path / 'gone.pem'}: no such file")
     assert "no-such-model" not in missing.stderr + unreadable.stderr

@@ -497,7 +497,8 @@ backoffLimit: {{ mul (int $r.maxFederationRestarts) (int .pods) }}
 podFailurePolicy:
   rules:
     {{- if $r.failFastExitCodes }}
-    # Errors a retry cannot fix (bad flags or settings): fail the Job at once.
+    # Errors a retry cannot fix (78: bad settings, data or a refused join; 2: bad flags):
+    # fail the Job at once.
     - action: FailJob
       onExitCodes:
         containerName: fedsilo
