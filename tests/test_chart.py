@@ -140,9 +140,29 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
+def jobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every Job the manifests will make: the Jobs themselves, and each JobSet's replicated Jobs
+    (named ``<jobset>-<replicatedJob>-<index>`` as the JobSet controller names them)."""
+    out = of_kind(docs, "Job")
+    for jobset in of_kind(docs, "JobSet"):
+        for replicated in jobset["spec"]["replicatedJobs"]:
+            for index in range(replicated.get("replicas", 1)):
+                name = f"{jobset['metadata']['name']}-{replicated['name']}-{index}"
+                metadata = {**replicated["template"].get("metadata", {}), "name": name}
+                out.append(
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "metadata": metadata,
+                        "spec": replicated["template"]["spec"],
+                    }
+                )
+    return out
+
+
 def pods(docs: list[dict[str, Any]]) -> list[Pod]:
     out = []
-    for job in of_kind(docs, "Job"):
+    for job in jobs(docs):
         spec = job["spec"]
         template = spec["template"]
         env = {e["name"]: e.get("value", "") for e in template["spec"]["containers"][0].get("env", [])}
@@ -196,6 +216,9 @@ def test_rendered_manifests_validate(values_file: Path, k8s_version: str) -> Non
         if doc["apiVersion"] == "cert-manager.io/v1":  # a CRD: kubernetes-validate has no schema for it
             assert_valid_certificate(doc)
             continue
+        if doc["kind"] == "JobSet":
+            assert_valid_jobset(doc, k8s_version)
+            continue
         validator.validate(doc, k8s_version, strict=True)
 
 
@@ -241,10 +264,11 @@ def _kubernetes_validate() -> Any:
 # ---- the federation's shape -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workload", ["jobs", "jobset"])
 @pytest.mark.parametrize("silos", [1, 2, 5])
 @pytest.mark.parametrize("per_silo_jobs", [False, True], ids=["indexed-job", "job-per-silo"])
-def test_one_pod_per_rank(silos: int, per_silo_jobs: bool) -> None:
-    values: dict[str, Any] = {"silos": silos}
+def test_one_pod_per_rank(silos: int, per_silo_jobs: bool, workload: str) -> None:
+    values: dict[str, Any] = {"silos": silos, "workload": workload}
     if per_silo_jobs:
         values["siloOverrides"] = {"1": {"nodeSelector": {"site": "a"}}}
     ranks = [p.rank for p in pods(render(values))]
@@ -268,8 +292,9 @@ def test_external_silos_get_no_pod() -> None:
     assert fedsilo_yaml(docs)["silos"] == 3, "the world still counts the external silo"
 
 
-def test_every_member_finds_the_aggregator_through_the_headless_service() -> None:
-    docs = render({"comm": {"rendezvousPort": 31234}})
+@pytest.mark.parametrize("workload", ["jobs", "jobset"])
+def test_every_member_finds_the_aggregator_through_the_headless_service(workload: str) -> None:
+    docs = render({"comm": {"rendezvousPort": 31234}, "workload": workload})
     (aggregator,) = [p for p in pods(docs) if p.rank == 0]
     service = one(docs, "Service", aggregator.spec["subdomain"])
     assert service["spec"]["clusterIP"] == "None"
@@ -495,6 +520,186 @@ def test_no_restarts_without_checkpoints_is_consistent() -> None:
     assert "emptyDir" in aggregator.mount(aggregator.env["FEDSILO_CHECKPOINT_DIR"])
 
 
+# ---- workload: JobSet ---------------------------------------------------------------------------
+
+JOBSET_SCHEMA = ROOT / "tests" / "data" / "jobset-v1alpha2.schema.yaml"
+# The reasons a Job fails with (batch/v1 JobCondition reasons), which JobSet's failure policy
+# rules match (onJobFailureReasons).
+JOB_FAILURE_REASONS = {
+    "BackoffLimitExceeded",
+    "DeadlineExceeded",
+    "FailedIndexes",
+    "MaxFailedIndexesExceeded",
+    "PodFailurePolicy",
+}
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _closed(node: Any) -> Any:
+    """The schema with additionalProperties false wherever it lists properties: the API server
+    prunes fields a structural schema does not know, so a misspelt field would be lost."""
+    if isinstance(node, list):
+        return [_closed(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _closed(v) for k, v in node.items()}
+    if node.get("type") == "object" and "properties" in node:
+        node.setdefault("additionalProperties", False)
+    return node
+
+
+def assert_valid_jobset(doc: dict[str, Any], k8s_version: str) -> None:
+    """A JobSet as its CRD (pinned in tests/data) and its webhook accept it, and each of its
+    Jobs as Kubernetes ``k8s_version`` accepts a batch/v1 Job."""
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, _closed(yaml.safe_load(JOBSET_SCHEMA.read_text())))
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
+    name = doc["metadata"]["name"]
+    spec = doc["spec"]
+    replicated = spec["replicatedJobs"]
+    assert len({r["name"] for r in replicated}) == len(replicated), "replicatedJobs is a map keyed by name"
+    for rule in spec.get("failurePolicy", {}).get("rules", []):
+        assert re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", rule["name"])
+        assert set(rule.get("onJobFailureReasons", [])) <= JOB_FAILURE_REASONS
+        assert set(rule.get("targetReplicatedJobs", [])) <= {r["name"] for r in replicated}
+    # The webhook's checks: Job and pod names it will generate are DNS-1035 labels.
+    for r in replicated:
+        job_name = f"{name}-{r['name']}-{r.get('replicas', 1) - 1}"
+        assert DNS_1035_LABEL.fullmatch(job_name) and len(job_name) <= 63, job_name
+        if r["template"]["spec"].get("completionMode", "Indexed") == "Indexed":
+            pod_name = f"{job_name}-{r['template']['spec'].get('completions', 1) - 1}-abcde"
+            assert len(pod_name) <= 63, pod_name
+    validator = _kubernetes_validate()
+    for job in jobs([doc]):
+        validator.validate(job, k8s_version, strict=True)
+
+
+def _pod_failure_action(job_spec: dict[str, Any], exit_code: int) -> str:
+    """What a Job's podFailurePolicy does with a pod whose container exits ``exit_code``: the first
+    matching rule's action, else Count (against backoffLimit)."""
+    for rule in job_spec.get("podFailurePolicy", {}).get("rules", []):
+        on_codes = rule.get("onExitCodes")
+        if on_codes and on_codes["operator"] == "In" and exit_code in on_codes["values"]:
+            return str(rule["action"])
+        if on_codes and on_codes["operator"] == "NotIn" and exit_code not in on_codes["values"]:
+            return str(rule["action"])
+    return "Count"
+
+
+def _jobset_action(jobset: dict[str, Any], job_spec: dict[str, Any], exit_code: int) -> str:
+    """What the JobSet does when one pod of this Job exits ``exit_code`` (its first pod failure)."""
+    action = _pod_failure_action(job_spec, exit_code)
+    if action == "FailJob":
+        reason = "PodFailurePolicy"
+    elif action == "Count" and job_spec.get("backoffLimit", 6) == 0:
+        reason = "BackoffLimitExceeded"
+    else:
+        return "the Job replaces the pod"
+    for rule in jobset["spec"].get("failurePolicy", {}).get("rules", []):
+        if not rule.get("onJobFailureReasons") or reason in rule["onJobFailureReasons"]:
+            return str(rule["action"])
+    return "RestartJobSet"
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize(
+    "values_file", [None, HOSPITALS, GPU, EXTERNAL, CERT_MANAGER], ids=lambda p: p.stem if p else "defaults"
+)
+def test_jobset_is_valid_for_its_crd_and_its_jobs_for_kubernetes(values_file: Path | None, k8s_version: str) -> None:
+    docs = render({"workload": "jobset"}, values_file)
+    assert not of_kind(docs, "Job"), "the JobSet makes the Jobs"
+    (jobset,) = of_kind(docs, "JobSet")
+    assert_valid_jobset(jobset, k8s_version)
+
+
+def test_jobset_schema_check_catches_a_misspelt_field() -> None:
+    # The positive control of the pinned schema: pruned fields must not pass unnoticed.
+    (jobset,) = of_kind(render({"workload": "jobset"}), "JobSet")
+    jobset["spec"]["failurePolicy"]["maxRestart"] = 3
+    with pytest.raises(Exception, match="maxRestart"):
+        assert_valid_jobset(jobset, K8S_VERSIONS[-1])
+
+
+@pytest.mark.parametrize("per_silo_jobs", [False, True], ids=["indexed-silos", "job-per-silo"])
+def test_jobset_restarts_the_whole_federation_and_fails_fast_on_a_config_error(per_silo_jobs: bool) -> None:
+    values: dict[str, Any] = {"workload": "jobset", "silos": 3, "restart": {"maxFederationRestarts": 4}}
+    if per_silo_jobs:
+        values["siloOverrides"] = {"2": {"nodeSelector": {"site": "b"}}}
+    docs = render(values)
+    (jobset,) = of_kind(docs, "JobSet")
+    policy = jobset["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == 4, "restart.maxFederationRestarts restarts the whole set"
+    assert policy["restartStrategy"] == "Recreate"
+    errors = pytest.importorskip("fedsilo.errors")
+    for job in jobs(docs):
+        spec = job["spec"]
+        # Prepare/Execute: the outcome of one failed pod, by its exit code
+        outcome = {code: _jobset_action(jobset, spec, code) for code in (errors.EX_CONFIG, 2, errors.EX_RETRY, 137)}
+        # Assert: configuration errors end the JobSet; a lost peer or a kill restarts everything
+        assert outcome == {
+            errors.EX_CONFIG: "FailJobSet",
+            2: "FailJobSet",
+            errors.EX_RETRY: "RestartJobSet",
+            137: "RestartJobSet",
+        }, job["metadata"]["name"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        assert "ttlSecondsAfterFinished" not in spec, "the JobSet's, not each Job's"
+
+
+def test_plain_jobs_fail_fast_on_every_permanent_exit_code() -> None:
+    errors = pytest.importorskip("fedsilo.errors")
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert errors.PERMANENT_EXIT_CODES <= set(defaults["restart"]["failFastExitCodes"])
+    for docs in (render(), kustomize()):
+        for job in jobs(docs):
+            assert _pod_failure_action(job["spec"], errors.EX_CONFIG) == "FailJob"
+            assert _pod_failure_action(job["spec"], 2) == "FailJob"
+            assert _pod_failure_action(job["spec"], errors.EX_RETRY) == "Count"
+
+
+def test_jobset_keeps_the_charts_dns_names() -> None:
+    docs = render({"workload": "jobset", "silos": 2})
+    (jobset,) = of_kind(docs, "JobSet")
+    # JobSet's own hostnames would rename the aggregator; the chart's headless Service stays the subdomain.
+    assert jobset["spec"]["network"] == {"enableDNSHostnames": False}
+    (aggregator_job,) = [r for r in jobset["spec"]["replicatedJobs"] if r["name"] == "aggregator"]
+    assert aggregator_job["template"]["spec"]["completionMode"] == "NonIndexed", "an Indexed Job renames its host"
+    (silos_job,) = [r for r in jobset["spec"]["replicatedJobs"] if r["name"] == "silos"]
+    assert silos_job["template"]["spec"]["completionMode"] == "Indexed"
+    assert silos_job["template"]["spec"]["completions"] == silos_job["template"]["spec"]["parallelism"] == 2
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    service = one(docs, "Service", aggregator.spec["subdomain"])
+    assert aggregator.spec["hostname"] == "aggregator"
+    for pod in pods(docs):
+        assert pod.env["FEDSILO_AGGREGATOR"].startswith(f"aggregator.{service['metadata']['name']}.{NAMESPACE}.svc.")
+        assert matches(service["spec"]["selector"], pod.labels)
+
+
+@pytest.mark.parametrize("workload", ["jobs", "jobset"])
+def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: str) -> None:
+    docs = render(
+        {
+            "workload": workload,
+            "queueName": "team-a",
+            "workloadLabels": {"example.org/team": "nlp"},
+            "workloadAnnotations": {"scheduling.k8s.io/group-name": "exp"},
+        }
+    )
+    admitted = of_kind(docs, "JobSet") if workload == "jobset" else of_kind(docs, "Job")
+    assert admitted
+    for doc in admitted:
+        assert doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert doc["metadata"]["labels"]["example.org/team"] == "nlp"
+        assert doc["metadata"]["annotations"] == {"scheduling.k8s.io/group-name": "exp"}
+    if workload == "jobset":
+        # Kueue admits the JobSet whole; a queue label on its Jobs would have them admitted one by one.
+        for job in jobs(docs):
+            assert "kueue.x-k8s.io/queue-name" not in job["metadata"].get("labels", {})
+    for pod in pods(docs):
+        assert "kueue.x-k8s.io/queue-name" not in pod.labels
+    assert all("kueue.x-k8s.io/queue-name" not in j["metadata"].get("labels", {}) for j in jobs(render()))
+
+
 # ---- values that cannot work fail at render time -----------------------------------------------
 
 
@@ -534,6 +739,21 @@ def test_notes_tell_how_to_follow_the_run_and_open_mlflow() -> None:
     notes = result.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} logs -f job/{RELEASE}-fedsilo-aggregator" in notes
     assert f"port-forward svc/{RELEASE}-fedsilo-mlflow 5000:5000" in notes
+
+
+def test_notes_of_a_jobset_name_its_jobs_and_how_to_wait() -> None:
+    result = helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--set", "workload=jobset"
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    # the JobSet controller names the aggregator's Job <jobset>-aggregator-0
+    (aggregator_job,) = [
+        j["metadata"]["name"] for j in jobs(render({"workload": "jobset"})) if "aggregator" in j["metadata"]["name"]
+    ]
+    assert f"logs -f job/{aggregator_job}" in notes
+    assert f"wait --for=condition=Completed --timeout=24h jobset/{RELEASE}-fedsilo" in notes
+    assert "Exit code(s) 2, 78 end the run at once" in notes
 
 
 def iter_pod_env(docs: list[dict[str, Any]]) -> Iterator[tuple[Pod, str, str]]:

@@ -239,7 +239,8 @@ def base_values(model: Path, mlflow_port: int) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(HANG_GUARD + FEDERATION_GUARD)
-def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workload", ["jobs", pytest.param("jobset", marks=pytest.mark.slow)])
+def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: Path, workload: str) -> None:
     # Prepare: a node directory with a tiny model and a CSV, mounted in every pod at its own path.
     node = tmp_path / "node"
     node.mkdir()
@@ -250,6 +251,7 @@ def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: 
     values["config"].update(dataset=str(node / "train.csv"), partition="iid")
     volume = {"hostPath": {"path": str(node), "type": "Directory"}}
     values.update(dataMountPath=str(node), aggregator={"dataVolume": volume}, silo={"dataVolume": volume})
+    values["workload"] = workload  # the JobSet's Jobs run the same pods
     docs = render(values)
     assert sorted((p.rank, p.completion_index) for p in pods(docs)) == [(0, None), (1, 0), (2, 1)]
 

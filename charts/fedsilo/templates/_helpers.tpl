@@ -482,8 +482,79 @@ spec:
 {{- end }}
 
 {{/*
+The merged per-pod settings of the aggregator, as JSON for fromJson.
+*/}}
+{{- define "fedsilo.aggregatorSpec" -}}
+{{- $a := .Values.aggregator }}
+{{- toJson (dict "nodeSelector" $a.nodeSelector "affinity" $a.affinity "tolerations" $a.tolerations "dataVolume" $a.dataVolume "config" $a.config "env" $a.env "resources" $a.resources) }}
+{{- end }}
+
+{{/*
+The merged per-pod settings of a silo, as JSON for fromJson. Called with a dict: root, rank (a
+string; "" for the silo defaults, which the Indexed Job's one pod template uses). A silo's
+override replaces the default of each field it sets (nodeSelector, affinity, tolerations,
+dataVolume, resources, env) and adds to config.
+*/}}
+{{- define "fedsilo.siloSpec" -}}
+{{- $s := .root.Values.silo }}
+{{- $defaults := dict "nodeSelector" $s.nodeSelector "affinity" $s.affinity "tolerations" $s.tolerations "dataVolume" $s.dataVolume "config" $s.config "env" $s.env "resources" $s.resources }}
+{{- $override := dict }}
+{{- if .rank }}
+{{- $override = default dict (index .root.Values.siloOverrides .rank) }}
+{{- end }}
+{{- $spec := dict }}
+{{- range $field := list "nodeSelector" "affinity" "tolerations" "dataVolume" "env" "resources" }}
+{{- $_ := set $spec $field (default (index $defaults $field) (index $override $field)) }}
+{{- end }}
+{{- $_ := set $spec "config" (merge (deepCopy (default dict $override.config)) (deepCopy (default dict $defaults.config))) }}
+{{- toJson $spec }}
+{{- end }}
+
+{{/*
+"true" when the in-cluster silos share one pod template (an Indexed Job, rank = index + 1): no
+siloOverrides, and transport collective (with tls each silo mounts its own certificate).
+*/}}
+{{- define "fedsilo.indexedSilos" -}}
+{{- if and (not .Values.siloOverrides) (ne .Values.transport "tls") }}true{{ end }}
+{{- end }}
+
+{{/*
+Labels and annotations of a Job or JobSet: the chart's labels, the component, the Kueue queue
+and workloadLabels / workloadAnnotations (for a queue or a gang scheduler such as Volcano).
+Called with a dict: root, component ("" for the JobSet itself), rank, child (true for a Job
+inside the JobSet: the queue and the extra labels are the JobSet's, or Kueue would admit each
+Job on its own).
+*/}}
+{{- define "fedsilo.workloadMeta" -}}
+{{- $v := .root.Values -}}
+labels:
+  {{- include "fedsilo.labels" .root | nindent 2 }}
+  {{- with .component }}
+  app.kubernetes.io/component: {{ . }}
+  {{- end }}
+  {{- with .rank }}
+  fedsilo.dev/rank: {{ . | quote }}
+  {{- end }}
+  {{- if not .child }}
+  {{- with $v.queueName }}
+  kueue.x-k8s.io/queue-name: {{ . | quote }}
+  {{- end }}
+  {{- with $v.workloadLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- end }}
+{{- if not .child }}
+{{- with $v.workloadAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Job-level restart behaviour shared by the aggregator's and the silos' Jobs.
-Called with a dict: root, pods (how many pods the Job runs).
+Called with a dict: root, pods (how many pods the Job runs), jobset (true inside a JobSet, which
+owns the restart budget and the TTL).
 
 A torch.distributed group cannot lose a member: when any rank fails, every other rank fails
 too (connection reset, or a timeout), and each Job replaces its pods. The new pods form a new
@@ -492,7 +563,12 @@ costs every Job one failure per pod, hence backoffLimit = restarts x pods.
 */}}
 {{- define "fedsilo.jobRestart" -}}
 {{- $r := .root.Values.restart -}}
+{{- if .jobset -}}
+# Any failed pod fails its Job, and the JobSet restarts every Job (failurePolicy.maxRestarts).
+backoffLimit: 0
+{{- else -}}
 backoffLimit: {{ mul (int $r.maxFederationRestarts) (int .pods) }}
+{{- end }}
 {{- if or $r.failFastExitCodes $r.ignoreDisruptions }}
 podFailurePolicy:
   rules:
@@ -519,8 +595,10 @@ podFailurePolicy:
 {{- with $r.activeDeadlineSeconds }}
 activeDeadlineSeconds: {{ . }}
 {{- end }}
+{{- if not .jobset }}
 {{- with $r.ttlSecondsAfterFinished }}
 ttlSecondsAfterFinished: {{ . }}
+{{- end }}
 {{- end }}
 {{- end }}
 
