@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -489,6 +490,123 @@ def test_network_policy_extra_ingress_is_added() -> None:
     assert rules[1] == extra
 
 
+@dataclass
+class Peer:
+    """Where a connection goes: a pod (labels, namespace) or an address outside the cluster."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    namespace: str = NAMESPACE
+    ip: str | None = None
+
+
+def _peer_matches(peer: dict[str, Any], dest: Peer) -> bool:
+    if "ipBlock" in peer:
+        if dest.ip is None:
+            return False  # pod IPs are assumed inside the excepted cluster ranges; not modelled
+        block = peer["ipBlock"]
+        address = ipaddress.ip_address(dest.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if dest.ip is not None:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": dest.namespace}
+        if not matches(peer["namespaceSelector"].get("matchLabels", {}), namespace_labels):
+            return False
+    elif dest.namespace != NAMESPACE:
+        return False  # a podSelector alone means the policy's own namespace
+    return matches(peer.get("podSelector", {}).get("matchLabels", {}), dest.labels)
+
+
+def egress_allowed(
+    docs: list[dict[str, Any]], source: dict[str, str], dest: Peer, port: int, protocol: str = "TCP"
+) -> bool:
+    """Whether the NetworkPolicies let a pod labelled ``source`` open a connection to ``dest``:
+    allowed when no policy restricts its egress, else when any rule of one that does allows it."""
+    policies = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if "Egress" in p["spec"].get("policyTypes", [])
+        and matches(p["spec"]["podSelector"].get("matchLabels", {}), source)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            if rule.get("to") and not any(_peer_matches(peer, dest) for peer in rule["to"]):
+                continue
+            ports = rule.get("ports")
+            if not ports or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports):
+                return True
+    return False
+
+
+KUBE_DNS = Peer({"k8s-app": "kube-dns"}, "kube-system")
+HUB = Peer(ip="18.244.0.1")  # huggingface.co, somewhere on the internet
+
+
+def test_egress_is_open_unless_enabled() -> None:
+    docs = render()
+    (silo,) = [p for p in pods(docs) if p.rank == 1]
+    assert egress_allowed(docs, silo.labels, HUB, 443)
+
+
+@pytest.mark.parametrize("transport", ["collective", "tls"])
+def test_egress_allows_dns_each_other_and_the_aggregator_to_mlflow_only(transport: str) -> None:
+    values: dict[str, Any] = {"silos": 2, "networkPolicy": {"egress": {"enabled": True}}}
+    if transport == "tls":
+        values.update(TLS)
+    docs = render(values)
+    members = {p.rank: p for p in pods(docs)}
+    aggregator, silo1, silo2 = members[0], members[1], members[2]
+    port = 29500
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]
+    mlflow_peer = Peer(mlflow["metadata"]["labels"])
+    mlflow_port = mlflow["spec"]["containers"][0]["ports"][0]["containerPort"]
+    for pod in members.values():
+        # DNS, over UDP and TCP
+        assert egress_allowed(docs, pod.labels, KUBE_DNS, 53, "UDP")
+        assert egress_allowed(docs, pod.labels, KUBE_DNS, 53, "TCP")
+        assert not egress_allowed(docs, pod.labels, Peer({"k8s-app": "kube-dns"}, "other"), 53, "UDP")
+        # nothing else outside
+        assert not egress_allowed(docs, pod.labels, HUB, 443)
+        # a pod of another release is not a member
+        other = {**aggregator.labels, "app.kubernetes.io/instance": "other"}
+        assert not egress_allowed(docs, pod.labels, Peer(other), port)
+    # each silo dials the aggregator's port
+    for silo in (silo1, silo2):
+        assert egress_allowed(docs, silo.labels, Peer(aggregator.labels), port)
+        assert not egress_allowed(docs, silo.labels, mlflow_peer, mlflow_port), "only the aggregator logs"
+    if transport == "collective":
+        # gloo's connections between every pair of ranks, on ephemeral ports
+        assert egress_allowed(docs, silo1.labels, Peer(silo2.labels), 41234)
+        assert egress_allowed(docs, aggregator.labels, Peer(silo1.labels), 41234)
+    else:
+        # nothing listens on a silo; only the aggregator's one port takes connections
+        assert not egress_allowed(docs, silo1.labels, Peer(silo2.labels), port)
+        assert not egress_allowed(docs, silo1.labels, Peer(aggregator.labels), 41234)
+    assert egress_allowed(docs, aggregator.labels, mlflow_peer, mlflow_port)
+    assert not egress_allowed(docs, aggregator.labels, mlflow_peer, 22)
+
+
+def test_extra_egress_opens_the_hub_and_an_external_mlflow() -> None:
+    https = {
+        "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+        "ports": [{"protocol": "TCP", "port": 443}],
+    }
+    docs = render(
+        {
+            "networkPolicy": {"egress": {"enabled": True, "extraEgress": [https]}},
+            "mlflow": {"trackingUri": "https://mlflow.example.org", "server": {"enabled": False}},
+        }
+    )
+    for pod in pods(docs):
+        assert egress_allowed(docs, pod.labels, HUB, 443)
+        assert not egress_allowed(docs, pod.labels, HUB, 80)
+        assert not egress_allowed(docs, pod.labels, Peer(ip="10.1.2.3"), 443), "except keeps the cluster ranges out"
+
+
 # ---- restarts ------------------------------------------------------------------------------
 
 
@@ -721,6 +839,14 @@ def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: st
         ({"config": {"silos": 3}}, "additional properties 'silos' not allowed"),
         ({"config": {"partition": "random"}}, "value must be one of"),
         ({"unknownValue": 1}, "additional properties 'unknownValue' not allowed"),
+        (
+            {
+                "networkPolicy": {"egress": {"enabled": True}},
+                "mlflow": {"trackingUri": "http://m", "server": {"enabled": False}},
+            },
+            "needs networkPolicy.egress.extraEgress",
+        ),
+        ({"workload": "cronjob"}, "value must be one of"),
     ],
 )
 def test_illegal_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:

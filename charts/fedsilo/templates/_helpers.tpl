@@ -164,6 +164,9 @@ range errors first; these are the checks a schema cannot express.
 {{- if and (not .Values.checkpoints.enabled) (gt (int .Values.restart.maxFederationRestarts) 0) }}
 {{- fail "restart.maxFederationRestarts > 0 needs checkpoints.enabled=true: a restarted aggregator resumes from its checkpoint volume, without it every restart begins again at round 1" }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled .Values.networkPolicy.egress.enabled .Values.mlflow.trackingUri (not .Values.networkPolicy.egress.extraEgress) }}
+{{- fail (printf "networkPolicy.egress.enabled with the external MLflow server %s needs networkPolicy.egress.extraEgress: a rule to its address and port, or the aggregator cannot log" .Values.mlflow.trackingUri) }}
+{{- end }}
 {{- include "fedsilo.validateTransport" . }}
 {{- end }}
 
