@@ -607,6 +607,91 @@ def test_extra_egress_opens_the_hub_and_an_external_mlflow() -> None:
         assert not egress_allowed(docs, pod.labels, Peer(ip="10.1.2.3"), 443), "except keeps the cluster ranges out"
 
 
+# ---- standard pod knobs ------------------------------------------------------------------------
+
+PRODUCTION = CHART / "ci" / "production-values.yaml"
+
+
+def test_standard_pod_knobs_reach_every_member() -> None:
+    docs = render(values_file=PRODUCTION)
+    (account,) = of_kind(docs, "ServiceAccount")
+    assert account["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": "fl@project.iam.gserviceaccount.com"
+    }
+    assert account["automountServiceAccountToken"] is False
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    assert mlflow["serviceAccountName"] == account["metadata"]["name"]
+    digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    for pod in pods(docs):
+        assert pod.spec["serviceAccountName"] == account["metadata"]["name"]
+        assert pod.spec["automountServiceAccountToken"] is False, "fedsilo never calls the API"
+        assert pod.spec["priorityClassName"] == "fl-high"
+        assert pod.container["image"] == f"registry.example.org/fedsilo@{digest}", "a digest pins the image, no tag"
+        assert pod.mount("/etc/ssl/corp/ca.pem")["configMap"]["name"] == "corp-ca-bundle"
+        spread = pod.spec.get("topologySpreadConstraints", [])
+        assert bool(spread) == (pod.rank > 0), "silo.topologySpreadConstraints are the silos'"
+    assert "schedulerName" not in pods(docs)[0].spec
+    docs = render({"schedulerName": "volcano", "serviceAccount": {"name": "existing"}})
+    assert not of_kind(docs, "ServiceAccount")
+    assert all(p.spec["schedulerName"] == "volcano" and p.spec["serviceAccountName"] == "existing" for p in pods(docs))
+    assert all("serviceAccountName" not in p.spec for p in pods(render())), "the namespace's default"
+
+
+def _anti_affinity_terms(pod: Pod) -> tuple[str, list[dict[str, Any]]]:
+    anti = pod.spec.get("affinity", {}).get("podAntiAffinity", {})
+    if "requiredDuringSchedulingIgnoredDuringExecution" in anti:
+        return "hard", anti["requiredDuringSchedulingIgnoredDuringExecution"]
+    preferred = anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+    return ("soft" if preferred else "none"), [p["podAffinityTerm"] for p in preferred]
+
+
+@pytest.mark.parametrize("preset", ["soft", "hard", "none"])
+def test_silos_keep_off_each_others_nodes(preset: str) -> None:
+    docs = render({"silos": 3, "silo": {"podAntiAffinity": preset}})
+    members = pods(docs)
+    for pod in members:
+        kind, terms = _anti_affinity_terms(pod)
+        if pod.rank == 0:
+            assert kind == "none", "the aggregator may share a node with a silo"
+            continue
+        assert kind == preset
+        for term in terms:
+            assert term["topologyKey"] == "kubernetes.io/hostname"
+            repelled = {p.rank for p in members if matches(term["labelSelector"]["matchLabels"], p.labels)}
+            assert repelled == {1, 2, 3}, "every silo, and only silos"
+
+
+def test_a_silos_own_affinity_replaces_the_anti_affinity_preset() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]
+            }
+        }
+    }
+    docs = render({"silos": 2, "siloOverrides": {"2": {"affinity": affinity}}})
+    silos = {p.rank: p for p in pods(docs) if p.rank > 0}
+    assert silos[2].spec["affinity"] == affinity
+    assert _anti_affinity_terms(silos[1])[0] == "soft"
+
+
+def test_gpu_pods_tolerate_gpu_taints_and_request_the_named_resource() -> None:
+    docs = render({"gpu": {"enabled": True, "resourceName": "nvidia.com/mig-1g.10gb", "perPod": 2}})
+    for pod in pods(docs):
+        limits = pod.container["resources"]["limits"]
+        assert limits["nvidia.com/mig-1g.10gb"] == 2 and "nvidia.com/gpu" not in limits
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod.spec["tolerations"]
+    # a toleration given by hand is not repeated
+    docs = render(values_file=GPU)
+    for pod in pods(docs):
+        assert len(pod.spec["tolerations"]) == len({json.dumps(t, sort_keys=True) for t in pod.spec["tolerations"]})
+    # only GPU pods: the aggregator without a GPU, and CPU-only releases, get none
+    docs = render({"gpu": {"enabled": True, "aggregator": False}})
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert "tolerations" not in aggregator.spec
+    assert all("tolerations" not in p.spec for p in pods(render()))
+
+
 # ---- restarts ------------------------------------------------------------------------------
 
 
@@ -847,6 +932,8 @@ def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: st
             "needs networkPolicy.egress.extraEgress",
         ),
         ({"workload": "cronjob"}, "value must be one of"),
+        ({"image": {"digest": "latest"}}, "does not match pattern"),
+        ({"silo": {"podAntiAffinity": "always"}}, "value must be one of"),
     ],
 )
 def test_illegal_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:

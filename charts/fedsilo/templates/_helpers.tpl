@@ -52,7 +52,20 @@ fedsilo.dev/member: "true"
 Wiring shared by several templates.
 */}}
 {{- define "fedsilo.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The pods' ServiceAccount: the one the chart creates, a named one, or the namespace's default. */}}
+{{- define "fedsilo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fedsilo.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- .Values.serviceAccount.name }}
+{{- end }}
 {{- end }}
 
 {{/* The aggregator's port's name: the rendezvous (collective) or its one TLS port (tls). */}}
@@ -271,7 +284,11 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
 Pod-level settings shared by every pod of the chart.
 */}}
 {{- define "fedsilo.podCommon" -}}
-automountServiceAccountToken: false
+{{- with include "fedsilo.serviceAccountName" . }}
+serviceAccountName: {{ . }}
+{{- end }}
+# fedsilo never calls the Kubernetes API.
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
 enableServiceLinks: false
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
@@ -328,16 +345,43 @@ spec:
   {{- if and $gpu $root.Values.gpu.runtimeClassName }}
   runtimeClassName: {{ $root.Values.gpu.runtimeClassName }}
   {{- end }}
+  {{- with $root.Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
   {{- with $spec.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $spec.affinity }}
+  {{- $affinity := $spec.affinity }}
+  {{- $preset := $root.Values.silo.podAntiAffinity }}
+  {{- if and (not $affinity) (eq .component "silo") (ne $preset "none") }}
+  {{- /* Silos on different nodes: one node's failure then takes one silo, and they do not
+         share its CPUs, memory bandwidth or network. affinity, when set, replaces this. */}}
+  {{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (merge (include "fedsilo.memberLabels" $root | fromYaml) (dict "app.kubernetes.io/component" "silo"))) }}
+  {{- if eq $preset "hard" }}
+  {{- $affinity = dict "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+  {{- else }}
+  {{- $affinity = dict "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+  {{- end }}
+  {{- end }}
+  {{- with $affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $spec.tolerations }}
+  {{- $tolerations := default list $spec.tolerations }}
+  {{- if $gpu }}
+  {{- /* GPU nodes are commonly tainted so that only GPU pods land there. */}}
+  {{- $tolerations = concat $tolerations $root.Values.gpu.tolerations | uniq }}
+  {{- end }}
+  {{- with $tolerations }}
   tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.topologySpreadConstraints }}
+  topologySpreadConstraints:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
@@ -385,7 +429,7 @@ spec:
         {{- end }}
       {{- $resources := deepCopy (default dict $spec.resources) }}
       {{- if $gpu }}
-      {{- $limits := merge (dict "nvidia.com/gpu" (int $root.Values.gpu.perPod)) (default dict $resources.limits) }}
+      {{- $limits := merge (dict $root.Values.gpu.resourceName (int $root.Values.gpu.perPod)) (default dict $resources.limits) }}
       {{- $_ := set $resources "limits" $limits }}
       {{- end }}
       {{- with $resources }}
@@ -424,6 +468,9 @@ spec:
         - name: data
           mountPath: {{ $root.Values.dataMountPath }}
           readOnly: true
+        {{- end }}
+        {{- with $root.Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
   volumes:
     - name: config
@@ -482,6 +529,9 @@ spec:
     - name: data
       {{- toYaml . | nindent 6 }}
     {{- end }}
+    {{- with $root.Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/*
@@ -489,24 +539,24 @@ The merged per-pod settings of the aggregator, as JSON for fromJson.
 */}}
 {{- define "fedsilo.aggregatorSpec" -}}
 {{- $a := .Values.aggregator }}
-{{- toJson (dict "nodeSelector" $a.nodeSelector "affinity" $a.affinity "tolerations" $a.tolerations "dataVolume" $a.dataVolume "config" $a.config "env" $a.env "resources" $a.resources) }}
+{{- toJson (dict "nodeSelector" $a.nodeSelector "affinity" $a.affinity "tolerations" $a.tolerations "topologySpreadConstraints" $a.topologySpreadConstraints "dataVolume" $a.dataVolume "config" $a.config "env" $a.env "resources" $a.resources) }}
 {{- end }}
 
 {{/*
 The merged per-pod settings of a silo, as JSON for fromJson. Called with a dict: root, rank (a
 string; "" for the silo defaults, which the Indexed Job's one pod template uses). A silo's
 override replaces the default of each field it sets (nodeSelector, affinity, tolerations,
-dataVolume, resources, env) and adds to config.
+dataVolume, topologySpreadConstraints, resources, env) and adds to config.
 */}}
 {{- define "fedsilo.siloSpec" -}}
 {{- $s := .root.Values.silo }}
-{{- $defaults := dict "nodeSelector" $s.nodeSelector "affinity" $s.affinity "tolerations" $s.tolerations "dataVolume" $s.dataVolume "config" $s.config "env" $s.env "resources" $s.resources }}
+{{- $defaults := dict "nodeSelector" $s.nodeSelector "affinity" $s.affinity "tolerations" $s.tolerations "topologySpreadConstraints" $s.topologySpreadConstraints "dataVolume" $s.dataVolume "config" $s.config "env" $s.env "resources" $s.resources }}
 {{- $override := dict }}
 {{- if .rank }}
 {{- $override = default dict (index .root.Values.siloOverrides .rank) }}
 {{- end }}
 {{- $spec := dict }}
-{{- range $field := list "nodeSelector" "affinity" "tolerations" "dataVolume" "env" "resources" }}
+{{- range $field := list "nodeSelector" "affinity" "tolerations" "topologySpreadConstraints" "dataVolume" "env" "resources" }}
 {{- $_ := set $spec $field (default (index $defaults $field) (index $override $field)) }}
 {{- end }}
 {{- $_ := set $spec "config" (merge (deepCopy (default dict $override.config)) (deepCopy (default dict $defaults.config))) }}
