@@ -198,6 +198,8 @@ EXTERNAL = CHART / "ci" / "external-silo-values.yaml"
 CERT_MANAGER = CHART / "ci" / "tls-cert-manager-values.yaml"
 # The least that makes transport tls render: the aggregator's certificate from a Secret.
 TLS: dict[str, Any] = {"transport": "tls", "tls": {"existingSecret": "agg-tls"}}
+# A join token as long as the schema asks (32 characters or more).
+GIVEN_TOKEN = "s3cr3t-token-value-0123456789abcdef"
 
 
 # ---- lint and schema validation --------------------------------------------------------------
@@ -918,7 +920,8 @@ def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: st
         ({"siloOverrides": {"zero": {}}}, "'zero' does not match pattern"),
         ({"silos": 2, "externalSilos": 3}, "cannot exceed"),
         ({"checkpoints": {"enabled": False}}, "needs checkpoints.enabled=true"),
-        ({"joinToken": {"existingSecret": "s", "value": "t"}}, "not both"),
+        ({"joinToken": {"existingSecret": "s", "value": GIVEN_TOKEN}}, "not both"),
+        ({"joinToken": {"value": "short"}}, "minLength: got 5, want 32"),
         ({"silo": {"config": {"dataset": "/data/own.csv"}}}, "need config.partition=none"),
         ({"config": {"dataset": None}}, "config.dataset is required with config.partition=iid"),
         ({"config": {"silos": 3}}, "additional properties 'silos' not allowed"),
@@ -976,10 +979,31 @@ def iter_pod_env(docs: list[dict[str, Any]]) -> Iterator[tuple[Pod, str, str]]:
 
 
 def test_no_pod_carries_the_token_in_its_spec() -> None:
-    docs = render({"joinToken": {"value": "s3cr3t-token-value"}})
+    docs = render({"joinToken": {"value": GIVEN_TOKEN}})
     secret = one(docs, "Secret", f"{RELEASE}-fedsilo-token")
-    assert base64.b64decode(secret["data"]["token"]).decode() == "s3cr3t-token-value"
+    assert base64.b64decode(secret["data"]["token"]).decode() == GIVEN_TOKEN
     assert all("s3cr3t" not in value for _, _, value in iter_pod_env(docs))
+
+
+def test_a_given_token_or_secret_renders_the_same_every_time() -> None:
+    # What a GitOps tool (helm template, no cluster to look the Secret up in) needs: no churn.
+    first, again = (
+        render({"joinToken": {"value": GIVEN_TOKEN}}),
+        render({"joinToken": {"value": GIVEN_TOKEN, "key": "token"}}),
+    )
+    assert one(first, "Secret", f"{RELEASE}-fedsilo-token") == one(again, "Secret", f"{RELEASE}-fedsilo-token")
+    docs = render({"joinToken": {"existingSecret": "fl-join", "key": "join"}})
+    assert not of_kind(docs, "Secret"), "an existing Secret is never rendered"
+    for pod in pods(docs):
+        volume = pod.mount(pod.env["FEDSILO_TOKEN_FILE"])["secret"]
+        assert volume["secretName"] == "fl-join" and volume["items"] == [{"key": "join", "path": "join"}]
+        assert pod.env["FEDSILO_TOKEN_FILE"].endswith("/join")
+    # The documented limit: without a cluster, lookup finds nothing and each render generates anew.
+    generated = [
+        base64.b64decode(one(render({"silos": s}), "Secret", f"{RELEASE}-fedsilo-token")["data"]["token"])
+        for s in (2, 3)
+    ]
+    assert generated[0] != generated[1] and all(len(t) >= 32 for t in generated)
 
 
 def test_schema_describes_every_value() -> None:
@@ -1431,7 +1455,7 @@ def test_network_policy_of_tls_keeps_extra_ingress() -> None:
             {**TLS, "expose": {"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
             "expose.loadBalancerSourceRanges needs expose.type=LoadBalancer",
         ),
-        ({**TLS, "joinToken": {"value": "t"}}, "joinToken is not used with transport=tls"),
+        ({**TLS, "joinToken": {"value": GIVEN_TOKEN}}, "joinToken is not used with transport=tls"),
         ({**TLS, "tls": {"existingSecret": "s", "siloSecretName": "silo-cert"}}, "does not match pattern"),
         ({"externalSiloCidrs": ["10.0.0.1"]}, "does not match pattern"),
         ({"transport": "wireguard"}, "value must be one of"),
