@@ -694,6 +694,61 @@ def test_gpu_pods_tolerate_gpu_taints_and_request_the_named_resource() -> None:
     assert all("tolerations" not in p.spec for p in pods(render()))
 
 
+# ---- caches, air gaps, scratch space, CA bundle ----------------------------------------------
+
+
+def test_model_cache_is_hf_home_in_every_member() -> None:
+    docs = render({"silos": 3, "modelCache": {"enabled": True, "size": "80Gi"}, "offline": True})
+    claim = one(docs, "PersistentVolumeClaim", f"{RELEASE}-fedsilo-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "members on different nodes share it"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "80Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for pod in pods(docs):
+        cache = pod.mount(pod.env["HF_HOME"] + "/hub/models--bert-base-cased")
+        assert cache["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert pod.env["HF_HUB_OFFLINE"] == pod.env["HF_DATASETS_OFFLINE"] == pod.env["TRANSFORMERS_OFFLINE"] == "1"
+    # a pre-filled claim, read-only
+    docs = render({"modelCache": {"enabled": True, "existingClaim": "hf-mirror", "readOnly": True}})
+    assert not [c for c in of_kind(docs, "PersistentVolumeClaim") if "model-cache" in c["metadata"]["name"]]
+    for pod in pods(docs):
+        assert pod.mount(pod.env["HF_HOME"])["persistentVolumeClaim"] == {"claimName": "hf-mirror", "readOnly": True}
+        (mount,) = [m for m in pod.container["volumeMounts"] if m["name"] == "model-cache"]
+        assert mount["readOnly"] is True
+        assert "HF_HUB_OFFLINE" not in pod.env, "offline is its own choice"
+
+
+def test_without_a_model_cache_the_hub_cache_is_on_bounded_scratch() -> None:
+    docs = render({"scratch": {"sizeLimit": "8Gi", "ephemeralStorageRequest": "10Gi"}})
+    for pod in pods(docs):
+        scratch = pod.mount(pod.env["HF_HOME"])
+        assert scratch["emptyDir"] == {"sizeLimit": "8Gi"}, "the kubelet evicts a pod that writes more"
+        assert pod.container["resources"]["requests"]["ephemeral-storage"] == "10Gi"
+        assert pod.container["resources"]["requests"]["memory"] == "8Gi", "the other requests stay"
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    (tmp,) = [v for v in mlflow["volumes"] if v["name"] == "tmp"]
+    assert tmp["emptyDir"] == {"sizeLimit": "8Gi"}
+    for pod in pods(render()):
+        assert pod.mount("/tmp")["emptyDir"] == {"sizeLimit": "20Gi"}
+        assert "ephemeral-storage" not in pod.container["resources"]["requests"]
+
+
+@pytest.mark.parametrize("source", ["configMap", "secret"])
+def test_ca_bundle_is_what_every_https_client_trusts(source: str) -> None:
+    docs = render({"caBundle": {source: "corp-ca", "key": "bundle.pem"}})
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    mlflow_pod = Pod(
+        "mlflow", mlflow, {}, None, {e["name"]: e.get("value", "") for e in mlflow["containers"][0]["env"]}
+    )
+    for pod in [*pods(docs), mlflow_pod]:
+        files = {pod.env[name] for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE")}
+        (path,) = files
+        volume = pod.mount(path)
+        name_key = "name" if source == "configMap" else "secretName"
+        assert volume[source][name_key] == "corp-ca"
+        assert {"key": "bundle.pem", "path": Path(path).name} in volume[source]["items"]
+    assert all("SSL_CERT_FILE" not in p.env for p in pods(render()))
+
+
 # ---- restarts ------------------------------------------------------------------------------
 
 
@@ -937,6 +992,8 @@ def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: st
         ({"workload": "cronjob"}, "value must be one of"),
         ({"image": {"digest": "latest"}}, "does not match pattern"),
         ({"silo": {"podAntiAffinity": "always"}}, "value must be one of"),
+        ({"caBundle": {"configMap": "a", "secret": "b"}}, "set either caBundle.configMap or caBundle.secret"),
+        ({"modelCache": {"enabled": True, "accessModes": ["ReadWriteOnce"]}}, "use ReadWriteMany"),
     ],
 )
 def test_illegal_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:

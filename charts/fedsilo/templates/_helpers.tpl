@@ -180,6 +180,12 @@ range errors first; these are the checks a schema cannot express.
 {{- if and .Values.networkPolicy.enabled .Values.networkPolicy.egress.enabled .Values.mlflow.trackingUri (not .Values.networkPolicy.egress.extraEgress) }}
 {{- fail (printf "networkPolicy.egress.enabled with the external MLflow server %s needs networkPolicy.egress.extraEgress: a rule to its address and port, or the aggregator cannot log" .Values.mlflow.trackingUri) }}
 {{- end }}
+{{- if and .Values.caBundle.configMap .Values.caBundle.secret }}
+{{- fail "set either caBundle.configMap or caBundle.secret, not both" }}
+{{- end }}
+{{- if and .Values.modelCache.enabled (not .Values.modelCache.existingClaim) (has "ReadWriteOnce" .Values.modelCache.accessModes) (gt (len .Values.modelCache.accessModes) 0) (eq (len .Values.modelCache.accessModes) 1) }}
+{{- fail "modelCache.accessModes [ReadWriteOnce]: every member mounts the cache, on different nodes; use ReadWriteMany (or ReadOnlyMany with modelCache.readOnly and a pre-filled existingClaim)" }}
+{{- end }}
 {{- include "fedsilo.validateTransport" . }}
 {{- end }}
 
@@ -268,9 +274,25 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
   value: "1"
 {{- end }}
 {{- end }}
+{{- if .Values.modelCache.enabled }}
+# Models and datasets from the shared cache volume (modelCache).
+- name: HF_HOME
+  value: {{ .Values.modelCache.mountPath | quote }}
+{{- else }}
 # Caches on the writable emptyDir: the root filesystem is read-only.
 - name: HF_HOME
   value: /tmp/huggingface
+{{- end }}
+{{- if .Values.offline }}
+# Air-gapped: never try the hub; models and datasets come from HF_HOME or local paths.
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: HF_DATASETS_OFFLINE
+  value: "1"
+- name: TRANSFORMERS_OFFLINE
+  value: "1"
+{{- end }}
+{{- include "fedsilo.caBundleEnv" . }}
 - name: MPLCONFIGDIR
   value: /tmp/matplotlib
 - name: PYTHONUNBUFFERED
@@ -278,6 +300,59 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
 {{- with .Values.comm.env }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+caBundle: the env vars that make Python's HTTPS clients (requests, httpx, boto3) trust the
+bundle instead of the image's roots. fedsilo's own TLS transport trusts only the federation CA
+and ignores them.
+*/}}
+{{- define "fedsilo.caBundleEnv" -}}
+{{- if or .Values.caBundle.configMap .Values.caBundle.secret }}
+{{- $file := printf "/etc/fedsilo-ca/%s" .Values.caBundle.key }}
+# HTTPS to the hub, MLflow and object stores trusts this bundle (caBundle).
+- name: SSL_CERT_FILE
+  value: {{ $file | quote }}
+- name: REQUESTS_CA_BUNDLE
+  value: {{ $file | quote }}
+- name: AWS_CA_BUNDLE
+  value: {{ $file | quote }}
+{{- end }}
+{{- end }}
+
+{{/* caBundle: the volume and the mount (called with the key "volume" or "mount"). */}}
+{{- define "fedsilo.caBundleVolume" -}}
+{{- $v := .root.Values.caBundle }}
+{{- if or $v.configMap $v.secret }}
+{{- if eq .part "mount" }}
+- name: ca-bundle
+  mountPath: /etc/fedsilo-ca
+  readOnly: true
+{{- else }}
+- name: ca-bundle
+  {{- if $v.configMap }}
+  configMap:
+    name: {{ $v.configMap }}
+  {{- else }}
+  secret:
+    secretName: {{ $v.secret }}
+  {{- end }}
+    items:
+      - key: {{ $v.key }}
+        path: {{ $v.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The writable scratch emptyDir at /tmp (caches, the working directory), bounded. */}}
+{{- define "fedsilo.scratchVolume" -}}
+- name: tmp
+  {{- with .Values.scratch.sizeLimit }}
+  emptyDir:
+    sizeLimit: {{ . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
 {{- end }}
 
 {{/*
@@ -428,6 +503,9 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- $resources := deepCopy (default dict $spec.resources) }}
+      {{- with $root.Values.scratch.ephemeralStorageRequest }}
+      {{- $_ := set $resources "requests" (merge (default dict $resources.requests) (dict "ephemeral-storage" .)) }}
+      {{- end }}
       {{- if $gpu }}
       {{- $limits := merge (dict $root.Values.gpu.resourceName (int $root.Values.gpu.perPod)) (default dict $resources.limits) }}
       {{- $_ := set $resources "limits" $limits }}
@@ -460,6 +538,12 @@ spec:
           mountPath: /tmp
         - name: shm
           mountPath: /dev/shm
+        {{- if $root.Values.modelCache.enabled }}
+        - name: model-cache
+          mountPath: {{ $root.Values.modelCache.mountPath }}
+          readOnly: {{ $root.Values.modelCache.readOnly }}
+        {{- end }}
+        {{- include "fedsilo.caBundleVolume" (dict "root" $root "part" "mount") | nindent 8 }}
         {{- if eq .component "aggregator" }}
         - name: checkpoints
           mountPath: /var/lib/fedsilo/checkpoints
@@ -508,8 +592,15 @@ spec:
         # Readable by the pod's fsGroup only.
         defaultMode: 0440
     {{- end }}
-    - name: tmp
-      emptyDir: {}
+    {{- include "fedsilo.scratchVolume" $root | nindent 4 }}
+    {{- if $root.Values.modelCache.enabled }}
+    # The shared model and dataset cache (HF_HOME).
+    - name: model-cache
+      persistentVolumeClaim:
+        claimName: {{ default (printf "%s-model-cache" (include "fedsilo.fullname" $root)) $root.Values.modelCache.existingClaim }}
+        readOnly: {{ $root.Values.modelCache.readOnly }}
+    {{- end }}
+    {{- include "fedsilo.caBundleVolume" (dict "root" $root "part" "volume") | nindent 4 }}
     # PyTorch's DataLoader workers pass batches through shared memory; the runtime's default
     # /dev/shm is 64 MiB.
     - name: shm
