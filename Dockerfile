@@ -56,7 +56,8 @@ COPY docker/constraints.txt /opt/fedsilo/constraints.txt
 RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
         --constraint /opt/fedsilo/constraints.txt "torch==${TORCH_VERSION}"
 COPY pyproject.toml /tmp/fedsilo-pyproject.toml
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/fedsilo-pyproject.toml', 'rb'))['project']['dependencies']))" \
+# fedsilo's dependencies and its "server" extra (PostgreSQL and S3 for the bundled MLflow server).
+RUN python3 -c "import tomllib; p = tomllib.load(open('/tmp/fedsilo-pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" \
         > /tmp/requirements.txt \
     && pip install --constraint /opt/fedsilo/constraints.txt --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt /tmp/fedsilo-pyproject.toml
