@@ -7,7 +7,9 @@ helm, kubectl, kubernetes-validate and hadolint come from scripts/install-deploy
 from __future__ import annotations
 
 import base64
+import configparser
 import fcntl
+import fnmatch
 import functools
 import ipaddress
 import json
@@ -354,6 +356,112 @@ def test_bundled_mlflow_is_what_the_aggregator_logs_to() -> None:
     assert any(re.fullmatch(re.escape(a).replace(r"\*", ".*"), host) for a in allowed)
     silos = [p for p in pods(docs) if p.rank > 0]
     assert all("FEDSILO_TRACKING_URI" not in p.env for p in silos), "only the aggregator logs"
+
+
+MLFLOW_PRODUCTION = CHART / "ci" / "mlflow-production-values.yaml"
+
+
+def _mlflow(docs: list[dict[str, Any]]) -> tuple[Pod, list[str]]:
+    spec = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    return Pod("mlflow", spec, {}, None, env), container["args"]
+
+
+def _secret_ref(container: dict[str, Any], name: str) -> tuple[str, str]:
+    (item,) = [e for e in container["env"] if e["name"] == name]
+    ref = item["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def _host_allowed(args: list[str], host: str) -> bool:
+    allowed = args[args.index("--allowed-hosts") + 1].split(",")
+    return "*" in allowed or any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed)
+
+
+def test_mlflow_on_postgresql_and_s3_keeps_nothing_on_a_volume() -> None:
+    docs = render(values_file=MLFLOW_PRODUCTION)
+    server, args = _mlflow(docs)
+    assert "--backend-store-uri" not in args, "MLflow reads MLFLOW_BACKEND_STORE_URI (the password stays in the Secret)"
+    assert _secret_ref(server.container, "MLFLOW_BACKEND_STORE_URI") == ("mlflow-db", "uri")
+    assert args[args.index("--artifacts-destination") + 1] == "s3://fl-artifacts/fedsilo"
+    assert server.env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.storage.svc.cluster.local:9000"
+    assert _secret_ref(server.container, "AWS_ACCESS_KEY_ID") == ("mlflow-s3", "AWS_ACCESS_KEY_ID")
+    assert _secret_ref(server.container, "AWS_SECRET_ACCESS_KEY") == ("mlflow-s3", "AWS_SECRET_ACCESS_KEY")
+    assert server.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # the aggregator only talks HTTP to the server: no database or S3 credentials
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert not {"MLFLOW_BACKEND_STORE_URI", "AWS_ACCESS_KEY_ID"} & {e["name"] for e in aggregator.container["env"]}
+    # with auth, its sqlite database still needs the volume; without auth nothing does
+    assert one(docs, "PersistentVolumeClaim", f"{RELEASE}-fedsilo-mlflow")
+    docs = render(
+        {"mlflow": {"server": {"backendStore": {"existingSecret": "db"}, "artifacts": {"s3": {"bucket": "bkt"}}}}}
+    )
+    server, args = _mlflow(docs)
+    assert not [c for c in of_kind(docs, "PersistentVolumeClaim") if c["metadata"]["name"].endswith("-mlflow")]
+    assert [m["mountPath"] for m in server.container["volumeMounts"]] == ["/tmp"]
+    assert args[args.index("--artifacts-destination") + 1] == "s3://bkt"
+    assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in server.container["env"]}, "the pod's own identity"
+
+
+def test_mlflow_basic_auth_admin_comes_from_a_secret_and_the_aggregator_logs_as_it() -> None:
+    docs = render(values_file=MLFLOW_PRODUCTION)
+    server, args = _mlflow(docs)
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    assert _secret_ref(server.container, "MLFLOW_AUTH_ADMIN_USERNAME") == ("mlflow-admin", "username")
+    assert _secret_ref(server.container, "MLFLOW_AUTH_ADMIN_PASSWORD") == ("mlflow-admin", "password")
+    ini_path = server.env["MLFLOW_AUTH_CONFIG_PATH"]
+    config_map = one(docs, "ConfigMap", server.mount(ini_path)["configMap"]["name"])
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"][Path(ini_path).name])
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert "admin_password" not in ini["mlflow"], "no password in a ConfigMap"
+    # the auth database, relative to the working directory, is on the server's volume
+    database = ini["mlflow"]["database_uri"]
+    assert database == "sqlite:///basic_auth.db"
+    assert server.mount(server.container["workingDir"] + "/basic_auth.db")["persistentVolumeClaim"]
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert _secret_ref(aggregator.container, "MLFLOW_TRACKING_USERNAME") == ("mlflow-admin", "username")
+    assert _secret_ref(aggregator.container, "MLFLOW_TRACKING_PASSWORD") == ("mlflow-admin", "password")
+    assert all(
+        "MLFLOW_TRACKING_PASSWORD" not in {e["name"] for e in p.container["env"]} for p in pods(docs) if p.rank > 0
+    )
+
+
+def test_mlflow_ingress_host_is_served_and_admitted() -> None:
+    docs = render(values_file=MLFLOW_PRODUCTION)
+    ingress = one(docs, "Ingress", f"{RELEASE}-fedsilo-mlflow")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "mlflow.example.org"
+    assert ingress["spec"]["tls"] == [{"hosts": ["mlflow.example.org"], "secretName": "mlflow-example-org-tls"}]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = one(docs, "Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    _, args = _mlflow(docs)
+    assert _host_allowed(args, "mlflow.example.org") and _host_allowed(args, "mlflow.example.org:443")
+    assert not _host_allowed(args, "evil.example.com")
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo-mlflow")
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
+
+
+def test_mlflow_behind_a_node_port_answers_the_hosts_it_is_told() -> None:
+    with pytest.raises(RenderError, match="needs mlflow.server.allowedHosts"):
+        render({"mlflow": {"server": {"service": {"type": "NodePort"}}}})
+    docs = render(
+        {
+            "mlflow": {
+                "server": {"service": {"type": "NodePort", "nodePort": 30500}, "allowedHosts": ["203.0.113.*:30500"]}
+            }
+        }
+    )
+    service = one(docs, "Service", f"{RELEASE}-fedsilo-mlflow")
+    assert service["spec"]["type"] == "NodePort" and service["spec"]["ports"][0]["nodePort"] == 30500
+    _, args = _mlflow(docs)
+    assert _host_allowed(args, "203.0.113.7:30500") and not _host_allowed(args, "198.51.100.1:30500")
+    assert _host_allowed(args, f"{RELEASE}-fedsilo-mlflow.{NAMESPACE}.svc.cluster.local:5000"), (
+        "the aggregator still gets in"
+    )
 
 
 def test_external_tracking_uri_replaces_the_bundled_server() -> None:
@@ -993,6 +1101,13 @@ def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: st
         ({"image": {"digest": "latest"}}, "does not match pattern"),
         ({"silo": {"podAntiAffinity": "always"}}, "value must be one of"),
         ({"caBundle": {"configMap": "a", "secret": "b"}}, "set either caBundle.configMap or caBundle.secret"),
+        ({"mlflow": {"server": {"auth": {"enabled": True}}}}, "needs mlflow.server.auth.existingSecret"),
+        ({"mlflow": {"server": {"ingress": {"enabled": True}}}}, "needs mlflow.server.ingress.host"),
+        ({"mlflow": {"server": {"service": {"nodePort": 30000}}}}, "service.nodePort needs"),
+        (
+            {"mlflow": {"server": {"artifacts": {"s3": {"existingSecret": "s"}}}}},
+            "needs mlflow.server.artifacts.s3.bucket",
+        ),
         ({"modelCache": {"enabled": True, "accessModes": ["ReadWriteOnce"]}}, "use ReadWriteMany"),
     ],
 )

@@ -110,6 +110,32 @@ Wiring shared by several templates.
 {{- end }}
 {{- end }}
 
+{{/*
+The Host headers the bundled MLflow server answers (--allowed-hosts): its Service's names (and
+with them its full in-cluster name, which the aggregator uses), port-forwards to localhost,
+the Ingress host and mlflow.server.allowedHosts. NodePort and LoadBalancer need allowedHosts
+(fedsilo.validate says so): browsers then send a node's or the load balancer's address.
+*/}}
+{{- define "fedsilo.mlflowAllowedHosts" -}}
+{{- $name := include "fedsilo.mlflowName" . }}
+{{- $m := .Values.mlflow.server }}
+{{- $hosts := list (printf "%s:*" $name) (printf "%s.*" $name) "localhost:*" "127.0.0.1:*" }}
+{{- if $m.ingress.enabled }}
+{{- $hosts = concat $hosts (list $m.ingress.host (printf "%s:*" $m.ingress.host)) }}
+{{- end }}
+{{- concat $hosts $m.allowedHosts | uniq | join "," }}
+{{- end }}
+
+{{/* basic_auth.ini of MLflow's basic-auth app. Its database is sqlite on the server's volume
+(relative to the working directory, /var/lib/mlflow), unless mlflow.server.auth.databaseUri. */}}
+{{- define "fedsilo.mlflowAuthIni" -}}
+{{- $a := .Values.mlflow.server.auth -}}
+[mlflow]
+default_permission = {{ $a.defaultPermission }}
+database_uri = {{ default "sqlite:///basic_auth.db" $a.databaseUri }}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+{{- end }}
+
 {{/* backend "auto" is resolved here so that render-time checks see the real choice. */}}
 {{- define "fedsilo.backend" -}}
 {{- if eq .Values.backend "auto" }}
@@ -180,6 +206,7 @@ range errors first; these are the checks a schema cannot express.
 {{- if and .Values.networkPolicy.enabled .Values.networkPolicy.egress.enabled .Values.mlflow.trackingUri (not .Values.networkPolicy.egress.extraEgress) }}
 {{- fail (printf "networkPolicy.egress.enabled with the external MLflow server %s needs networkPolicy.egress.extraEgress: a rule to its address and port, or the aggregator cannot log" .Values.mlflow.trackingUri) }}
 {{- end }}
+{{- include "fedsilo.validateMlflow" . }}
 {{- if and .Values.caBundle.configMap .Values.caBundle.secret }}
 {{- fail "set either caBundle.configMap or caBundle.secret, not both" }}
 {{- end }}
@@ -187,6 +214,31 @@ range errors first; these are the checks a schema cannot express.
 {{- fail "modelCache.accessModes [ReadWriteOnce]: every member mounts the cache, on different nodes; use ReadWriteMany (or ReadOnlyMany with modelCache.readOnly and a pre-filled existingClaim)" }}
 {{- end }}
 {{- include "fedsilo.validateTransport" . }}
+{{- end }}
+
+{{/* The checks of the bundled MLflow server (part of fedsilo.validate). */}}
+{{- define "fedsilo.validateMlflow" -}}
+{{- $m := .Values.mlflow.server }}
+{{- if $m.enabled }}
+{{- if and (ne $m.service.type "ClusterIP") (not $m.allowedHosts) (not $m.ingress.enabled) }}
+{{- fail (printf "mlflow.server.service.type=%s needs mlflow.server.allowedHosts: the Host headers browsers will send (a node's or the load balancer's address or name, e.g. 203.0.113.10:*, or * for any). MLflow answers other hosts with 403" $m.service.type) }}
+{{- end }}
+{{- if and $m.service.nodePort (eq $m.service.type "ClusterIP") }}
+{{- fail "mlflow.server.service.nodePort needs mlflow.server.service.type NodePort or LoadBalancer" }}
+{{- end }}
+{{- if and $m.ingress.enabled (not $m.ingress.host) }}
+{{- fail "mlflow.server.ingress.enabled needs mlflow.server.ingress.host" }}
+{{- end }}
+{{- if and $m.auth.enabled (not $m.auth.existingSecret) }}
+{{- fail "mlflow.server.auth.enabled needs mlflow.server.auth.existingSecret: a Secret with the admin's username and password (the aggregator logs as that user)" }}
+{{- end }}
+{{- if and $m.artifacts.s3.existingSecret (not $m.artifacts.s3.bucket) }}
+{{- fail "mlflow.server.artifacts.s3.existingSecret needs mlflow.server.artifacts.s3.bucket" }}
+{{- end }}
+{{- if and $m.ingress.enabled .Values.networkPolicy.enabled (not $m.ingress.allowFrom) }}
+{{- fail "mlflow.server.ingress.enabled with networkPolicy.enabled needs mlflow.server.ingress.allowFrom: the ingress controller's pods, which the MLflow NetworkPolicy must admit" }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The checks of transport, tls, certManager, expose and ingress (part of fedsilo.validate). */}}
@@ -484,6 +536,20 @@ spec:
         {{- if eq .component "aggregator" }}
         - name: FEDSILO_TRACKING_URI
           value: {{ include "fedsilo.trackingUri" $root | quote }}
+        {{- $auth := $root.Values.mlflow.server.auth }}
+        {{- if and $root.Values.mlflow.server.enabled $auth.enabled }}
+        # The bundled server's basic auth: the aggregator logs as the admin of its Secret.
+        - name: MLFLOW_TRACKING_USERNAME
+          valueFrom:
+            secretKeyRef:
+              name: {{ $auth.existingSecret }}
+              key: {{ $auth.usernameKey }}
+        - name: MLFLOW_TRACKING_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ $auth.existingSecret }}
+              key: {{ $auth.passwordKey }}
+        {{- end }}
         - name: FEDSILO_CHECKPOINT_DIR
           value: /var/lib/fedsilo/checkpoints
         {{- if and $tls $root.Values.tls.revoked.configMap }}
