@@ -530,13 +530,59 @@ def test_each_hospital_silo_runs_on_its_node_with_only_its_own_data() -> None:
         assert len(data_volumes) == 1, "a silo mounts exactly one data volume: its own"
         (mount,) = [m for m in pod.container["volumeMounts"] if m["name"] == "data"]
         assert mount["readOnly"] is True
-    assert silos[2].mount("/data")["persistentVolumeClaim"]["claimName"] == "hospital-2-notes"
-    assert silos[3].mount("/data")["hostPath"]["path"] == "/srv/fedsilo/notes"
+    for rank, pod in silos.items():
+        assert pod.mount("/data")["persistentVolumeClaim"] == {"claimName": f"hospital-{rank}-notes", "readOnly": True}
     assert silos[3].spec["tolerations"][0]["value"] == "hospital-3"
     assert silos[3].env["FEDSILO_DATASET"] == "/data/notes-2024.jsonl"
     assert "FEDSILO_DATASET" not in silos[1].env
     assert silos[3].container["resources"]["requests"]["memory"] == "16Gi"
     assert silos[1].container["resources"]["requests"]["memory"] == "8Gi", "defaults for the others"
+
+
+HOSPITAL_VOLUMES = ROOT / "docs" / "examples" / "hospitals-local-volumes.yaml"
+
+
+def _node_selector_terms_admit(terms: list[dict[str, Any]], node_labels: dict[str, str]) -> bool:
+    """Whether a node with ``node_labels`` satisfies nodeSelectorTerms (ORed terms of ANDed In/Exists)."""
+
+    def holds(expr: dict[str, Any]) -> bool:
+        if expr["operator"] == "In":
+            return node_labels.get(expr["key"]) in expr["values"]
+        if expr["operator"] == "Exists":
+            return expr["key"] in node_labels
+        raise AssertionError(f"operator {expr['operator']} not modelled")
+
+    return any(all(holds(e) for e in term.get("matchExpressions", [])) for term in terms)
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_hospital_data_is_on_local_volumes_bound_to_each_silos_node(k8s_version: str) -> None:
+    validator = _kubernetes_validate()
+    volumes = [d for d in yaml.safe_load_all(HOSPITAL_VOLUMES.read_text()) if d]
+    for doc in volumes:
+        validator.validate(doc, k8s_version, strict=True)
+    claims = {d["metadata"]["name"]: d for d in of_kind(volumes, "PersistentVolumeClaim")}
+    pvs = {d["metadata"]["name"]: d for d in of_kind(volumes, "PersistentVolume")}
+    (storage_class,) = of_kind(volumes, "StorageClass")
+    assert storage_class["volumeBindingMode"] == "WaitForFirstConsumer", "bind when the silo's pod is placed"
+    docs = render(values_file=HOSPITALS)
+    for pod in (p for p in pods(docs) if p.rank > 0):
+        # the silo's claim, in the release's namespace, bound by name to one local PV...
+        claim = claims[pod.mount("/data")["persistentVolumeClaim"]["claimName"]]
+        assert claim["metadata"]["namespace"] == NAMESPACE
+        pv = pvs[claim["spec"]["volumeName"]]
+        assert claim["spec"]["storageClassName"] == pv["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+        assert set(claim["spec"]["accessModes"]) <= set(pv["spec"]["accessModes"])
+        assert "local" in pv["spec"] and "hostPath" not in pv["spec"]
+        # ...whose node is the one the silo's nodeSelector picks, and no other hospital's
+        terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+        assert _node_selector_terms_admit(terms, pod.spec["nodeSelector"])
+        for other in range(1, 4):
+            if other != pod.rank:
+                assert not _node_selector_terms_admit(terms, {"fedsilo.dev/site": f"hospital-{other}"})
+        assert not [v for v in pod.spec["volumes"] if "hostPath" in v]
+        assert pod.spec["securityContext"]["fsGroup"] == 10001, "the data's group on the node"
+        assert pod.spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
 def test_default_silo_volume_reaches_every_silo_of_the_indexed_job() -> None:
