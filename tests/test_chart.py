@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -200,6 +201,8 @@ EXTERNAL = CHART / "ci" / "external-silo-values.yaml"
 CERT_MANAGER = CHART / "ci" / "tls-cert-manager-values.yaml"
 # The least that makes transport tls render: the aggregator's certificate from a Secret.
 TLS: dict[str, Any] = {"transport": "tls", "tls": {"existingSecret": "agg-tls"}}
+# The labels every object of the release is selected by.
+SELECTOR = {"app.kubernetes.io/name": "fedsilo", "app.kubernetes.io/instance": RELEASE}
 # A join token as long as the schema asks (32 characters or more).
 GIVEN_TOKEN = "s3cr3t-token-value-0123456789abcdef"
 
@@ -626,7 +629,7 @@ def test_network_policy_admits_only_this_federation() -> None:
     selector = policy["spec"]["podSelector"]["matchLabels"]
     members = pods(docs)
     assert all(matches(selector, p.labels) for p in members)
-    (rule,) = policy["spec"]["ingress"]
+    rule = policy["spec"]["ingress"][0]
     (peer,) = rule["from"]
     assert peer["podSelector"]["matchLabels"] == selector
     # All TCP ports: the rendezvous port and the collectives' ephemeral ports.
@@ -635,15 +638,19 @@ def test_network_policy_admits_only_this_federation() -> None:
     assert not matches(peer["podSelector"]["matchLabels"], {**members[0].labels, "app.kubernetes.io/instance": "other"})
     mlflow_policy = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo-mlflow")
     (mlflow_rule,) = mlflow_policy["spec"]["ingress"]
-    (only,) = mlflow_rule["from"]
-    assert only["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "aggregator"
+    components = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in mlflow_rule["from"]]
+    assert components == ["aggregator", "helm-test"], "the aggregator, and `helm test`"
+    # `helm test` reaches the aggregator's rendezvous port, and no other port of any member.
+    (test_rule,) = [r for r in policy["spec"]["ingress"] if r is not rule]
+    assert test_rule["ports"] == [{"protocol": "TCP", "port": 29500}]
+    assert test_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "helm-test"
 
 
 def test_network_policy_extra_ingress_is_added() -> None:
     extra = {"from": [{"ipBlock": {"cidr": "10.99.0.3/32"}}], "ports": [{"protocol": "TCP"}]}
     docs = render({"networkPolicy": {"extraIngress": [extra]}})
     rules = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]["ingress"]
-    assert rules[1] == extra
+    assert rules[-1] == extra
 
 
 @dataclass
@@ -901,6 +908,80 @@ def test_ca_bundle_is_what_every_https_client_trusts(source: str) -> None:
         assert volume[source][name_key] == "corp-ca"
         assert {"key": "bundle.pem", "path": Path(path).name} in volume[source]["items"]
     assert all("SSL_CERT_FILE" not in p.env for p in pods(render()))
+
+
+# ---- helm test ---------------------------------------------------------------------------------
+
+
+def _helm_test_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (pod,) = [d for d in of_kind(docs, "Pod") if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    return pod
+
+
+def _run_helm_test(pod: dict[str, Any], aggregator: str, health: str, wait: str) -> subprocess.CompletedProcess[str]:
+    """The test pod's rendered command, run here with its env (cluster names replaced)."""
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["WAIT_SECONDS"]
+    env.update(AGGREGATOR=aggregator, MLFLOW_HEALTH=health, WAIT_SECONDS=wait)
+    argv = [sys.executable, *container["command"][1:], *container["args"]]
+    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_helm_test_checks_the_aggregator_port_and_mlflow_health(tmp_path: Path) -> None:
+    docs = render({"comm": {"rendezvousPort": 31234}})
+    pod = _helm_test_pod(docs)
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert env["AGGREGATOR"] == aggregator.env["FEDSILO_AGGREGATOR"], "where the silos dial"
+    assert env["MLFLOW_HEALTH"] == aggregator.env["FEDSILO_TRACKING_URI"] + "/health"
+    assert container["command"][0] == "python3" and pod["spec"]["restartPolicy"] == "Never"
+    # Prepare: a listening "aggregator" and an "MLflow" whose /health answers 200
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with socket.socket() as listener, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as web:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        aggregator_address = f"127.0.0.1:{listener.getsockname()[1]}"
+        health = f"http://127.0.0.1:{web.server_address[1]}/health"
+        # Execute / Assert: both answer; then MLflow down, then the aggregator down
+        ok = _run_helm_test(pod, aggregator_address, health, "5")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "ok: the aggregator takes connections" in ok.stdout and "ok: MLflow answers" in ok.stdout
+        no_mlflow = _run_helm_test(pod, aggregator_address, health.replace("/health", "/nope"), "2")
+        assert no_mlflow.returncode != 0 and "FAIL MLflow" in no_mlflow.stderr
+        web.shutdown()
+    closed = _run_helm_test(pod, aggregator_address, health, "2")
+    assert closed.returncode != 0 and f"FAIL aggregator {aggregator_address}" in closed.stderr
+
+
+def test_helm_test_is_admitted_where_it_checks_and_nowhere_else() -> None:
+    docs = render(values_file=EXTERNAL)
+    pod = _helm_test_pod(docs)
+    labels = pod["metadata"]["labels"]
+    assert not matches({"fedsilo.dev/member": "true"}, labels), "not a member: the Service does not publish it"
+    policies = of_kind(docs, "NetworkPolicy")
+    aggregator_policy = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo-aggregator")["spec"]
+    (rule,) = aggregator_policy["ingress"]
+    assert any(matches(p.get("podSelector", {}).get("matchLabels", {"x": "y"}), labels) for p in rule["from"])
+    assert all(p.get("port") == 29500 for p in rule["ports"])
+    # the silos admit nothing, the test pod included
+    everyone = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]
+    assert not everyone.get("ingress")
+    assert len(policies) == 3  # members, the aggregator's port, MLflow
+    assert not [d for d in render({"helmTest": {"enabled": False}}) if d["kind"] == "Pod"]
 
 
 # ---- restarts ------------------------------------------------------------------------------
@@ -1632,6 +1713,9 @@ def test_network_policy_admits_only_the_tls_port_from_declared_peers(values_file
     cidrs = [p["ipBlock"]["cidr"] for p in peers if "ipBlock" in p]
     assert cidrs == values.get("externalSiloCidrs", [])
     others = [p for p in peers[1:] if "ipBlock" not in p]
+    helm_test = {"podSelector": {"matchLabels": {**SELECTOR, "app.kubernetes.io/component": "helm-test"}}}
+    assert helm_test in others, "`helm test` checks the port"
+    others.remove(helm_test)
     if values.get("ingress", {}).get("enabled"):
         assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
     else:

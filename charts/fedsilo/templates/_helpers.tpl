@@ -48,6 +48,12 @@ and the NetworkPolicy select.
 fedsilo.dev/member: "true"
 {{- end }}
 
+{{/* The `helm test` pod, which the NetworkPolicies admit to the aggregator's port and MLflow. */}}
+{{- define "fedsilo.helmTestLabels" -}}
+{{ include "fedsilo.selectorLabels" . }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
 {{/*
 Wiring shared by several templates.
 */}}
