@@ -264,6 +264,26 @@ def test_dockerfile_is_hadolint_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_documented_image_variants_use_the_dockerfiles_own_build_args() -> None:
+    declared = set(re.findall(r"^ARG (\w+)", (ROOT / "Dockerfile").read_text(), re.M))
+    for text in ((ROOT / "docs" / "deploy.md").read_text(), (ROOT / "Dockerfile").read_text()):
+        used = set(re.findall(r"--build-arg (\w+)=", text))
+        assert used and used <= declared, f"unknown build args {used - declared}"
+    assert (
+        "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126"
+        in (ROOT / "docs" / "deploy.md").read_text()
+    )
+
+
+def test_docker_smoke_runs_every_container_hardened() -> None:
+    script = (ROOT / "scripts" / "docker-smoke.sh").read_text()
+    (flags,) = re.findall(r"^hardened=\((.*?)^\)", script, re.M | re.S)
+    for flag in ("--read-only", "--tmpfs /tmp", "--user 10001:10001", "--cap-drop ALL"):
+        assert flag in " ".join(flags.split()), flag
+    runs = re.findall(r"docker run [^\n]*", script)
+    assert len(runs) == 2 and all('"${hardened[@]}"' in run for run in runs), runs
+
+
 def _kubernetes_validate() -> Any:
     tools_bin()
     return pytest.importorskip("kubernetes_validate")
