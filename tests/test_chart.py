@@ -1037,7 +1037,7 @@ def test_no_restarts_without_checkpoints_is_consistent() -> None:
 
 # ---- workload: JobSet ---------------------------------------------------------------------------
 
-JOBSET_SCHEMA = ROOT / "tests" / "data" / "jobset-v1alpha2.schema.yaml"
+JOBSET_SCHEMA = ROOT / "tests" / "schemas" / "jobset-v1alpha2.schema.yaml"
 # The reasons a Job fails with (batch/v1 JobCondition reasons), which JobSet's failure policy
 # rules match (onJobFailureReasons).
 JOB_FAILURE_REASONS = {
@@ -1064,7 +1064,7 @@ def _closed(node: Any) -> Any:
 
 
 def assert_valid_jobset(doc: dict[str, Any], k8s_version: str) -> None:
-    """A JobSet as its CRD (pinned in tests/data) and its webhook accept it, and each of its
+    """A JobSet as its CRD (pinned in tests/schemas) and its webhook accept it, and each of its
     Jobs as Kubernetes ``k8s_version`` accepts a batch/v1 Job."""
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(doc, _closed(yaml.safe_load(JOBSET_SCHEMA.read_text())))
