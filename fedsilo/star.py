@@ -458,8 +458,11 @@ def dial(address: tuple[str, int], context: ssl.SSLContext, server_name: str, ti
         tls = context.wrap_socket(sock, server_hostname=server_name)
     except (OSError, ValueError) as exc:
         sock.close()
+        # Our own check of its certificate (wrong CA, wrong name, expired) fails the same way at
+        # every try: permanent. A reset or a timeout mid-handshake may not be.
         raise FederationError(
-            f"TLS handshake with the aggregator at {address[0]}:{address[1]} failed: {_reason(exc)}"
+            f"TLS handshake with the aggregator at {address[0]}:{address[1]} failed: {_reason(exc)}",
+            retryable=not isinstance(exc, ssl.SSLCertVerificationError),
         ) from None
     keep_alive(tls)
     return tls

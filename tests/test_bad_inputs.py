@@ -77,9 +77,7 @@ def mlflow_statuses(workdir: Path) -> set[str]:
             return set()
 
 
-def refused(
-    result: subprocess.CompletedProcess[str], workdir: Path, *expected: str, code: int = EX_CONFIG
-) -> str:
+def refused(result: subprocess.CompletedProcess[str], workdir: Path, *expected: str, code: int = EX_CONFIG) -> str:
     """A single process failed cleanly: exit ``code`` (EX_CONFIG unless a retry could help), one
     error line on stderr, nothing written."""
     assert result.returncode == code, result.stdout + result.stderr
