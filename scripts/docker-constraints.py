@@ -35,7 +35,8 @@ def canonical(name: str) -> str:
 
 
 def closure(requirements: list[str]) -> dict[str, str]:
-    """Installed version of every distribution the requirements pull in (no extras)."""
+    """Installed version of every distribution the requirements pull in, with the extras they
+    name (psycopg[binary] pulls psycopg-binary)."""
     environment = {**default_environment(), "extra": ""}
     versions: dict[str, str] = {}
     todo = [Requirement(r) for r in requirements]
@@ -51,7 +52,8 @@ def closure(requirements: list[str]) -> dict[str, str]:
         versions[name] = dist.version
         for line in dist.requires or []:
             sub = Requirement(line)
-            if sub.marker is None or sub.marker.evaluate(environment):
+            extras = ["", *requirement.extras]
+            if sub.marker is None or any(sub.marker.evaluate({**environment, "extra": e}) for e in extras):
                 todo.append(sub)
     return versions
 

@@ -433,6 +433,7 @@ def test_mlflow_basic_auth_admin_comes_from_a_secret_and_the_aggregator_logs_as_
     assert args[args.index("--app-name") + 1] == "basic-auth"
     assert _secret_ref(server.container, "MLFLOW_AUTH_ADMIN_USERNAME") == ("mlflow-admin", "username")
     assert _secret_ref(server.container, "MLFLOW_AUTH_ADMIN_PASSWORD") == ("mlflow-admin", "password")
+    assert _secret_ref(server.container, "MLFLOW_FLASK_SERVER_SECRET_KEY") == ("mlflow-admin", "secretKey")
     ini_path = server.env["MLFLOW_AUTH_CONFIG_PATH"]
     config_map = one(docs, "ConfigMap", server.mount(ini_path)["configMap"]["name"])
     ini = configparser.ConfigParser()

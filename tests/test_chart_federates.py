@@ -418,7 +418,7 @@ def _install_postgres() -> Path:
 @pytest.fixture
 def postgres() -> Any:
     """A throwaway PostgreSQL server on a free loopback port with a database "mlflow": its URI."""
-    pytest.importorskip("psycopg2", reason="MLflow's PostgreSQL driver (the image's server extra)")
+    pytest.importorskip("psycopg", reason="MLflow's PostgreSQL driver (the image's server extra)")
     bindir = _install_postgres()
     data = Path(tempfile.mkdtemp(prefix="fedsilo-pg-"))
     as_postgres: list[str] = []
@@ -460,7 +460,7 @@ def postgres() -> Any:
 def test_bundled_mlflow_on_postgresql_with_basic_auth_records_the_federation(
     tmp_path: Path, postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import psycopg2
+    import psycopg
 
     # Prepare: the chart with its MLflow server's backend store in a Secret (PostgreSQL), MLflow's
     # basic auth with the admin from another Secret, and the usual tiny federation.
@@ -493,6 +493,7 @@ def test_bundled_mlflow_on_postgresql_with_basic_auth_records_the_federation(
             "data": {
                 "username": base64.b64encode(b"fl-admin").decode(),
                 "password": base64.b64encode(password.encode()).decode(),
+                "secretKey": base64.b64encode(os.urandom(24).hex().encode()).decode(),
             },
         },
     ]
@@ -513,7 +514,7 @@ def test_bundled_mlflow_on_postgresql_with_basic_auth_records_the_federation(
     assert run.info.status == "FINISHED"
     assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
     # ...and it lives in PostgreSQL, not in a sqlite file on the volume.
-    with psycopg2.connect(postgres) as connection, connection.cursor() as cursor:
+    with psycopg.connect(postgres) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT run_uuid, status FROM runs")
         assert cursor.fetchall() == [(run.info.run_id, "FINISHED")]
         cursor.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'test_accuracy'", (run.info.run_id,))
