@@ -13,6 +13,10 @@
 # supports CUDA 13.0 (>= 580). Change TORCH_VERSION and BASE together. torch brings its own
 # CUDA libraries, so a smaller "-base-" flavour of the same CUDA release works as BASE too.
 # For a CPU-only image: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# For CUDA 12 (nodes whose driver predates CUDA 13, i.e. older than 580), torch's CUDA 12.6
+# build and a CUDA 12.6 base; driver >= 525.60.13 (CUDA 12 minor-version compatibility):
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 \
+#   --build-arg BASE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 # BASE only needs a shell, coreutils and useradd; python3 with venv is installed when missing.
 ARG BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
@@ -56,7 +60,8 @@ COPY docker/constraints.txt /opt/fedsilo/constraints.txt
 RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
         --constraint /opt/fedsilo/constraints.txt "torch==${TORCH_VERSION}"
 COPY pyproject.toml /tmp/fedsilo-pyproject.toml
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/fedsilo-pyproject.toml', 'rb'))['project']['dependencies']))" \
+# fedsilo's dependencies and its "server" extra (PostgreSQL and S3 for the bundled MLflow server).
+RUN python3 -c "import tomllib; p = tomllib.load(open('/tmp/fedsilo-pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" \
         > /tmp/requirements.txt \
     && pip install --constraint /opt/fedsilo/constraints.txt --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt /tmp/fedsilo-pyproject.toml

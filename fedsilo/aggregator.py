@@ -49,7 +49,9 @@ def _agree_on_labels(mine: list[str] | None, hellos: dict[int, join.Hello]) -> t
         votes = {tuple(h.labels or []) for h in hellos.values()}
         if len(votes) != 1:
             sets = "; ".join(f"silo {r}: [{', '.join(h.labels or [])}]" for r, h in sorted(hellos.items()))
-            raise FederationError(f"silos disagree on the label set ({sets}); set --labels on every rank")
+            raise FederationError(
+                f"silos disagree on the label set ({sets}); set --labels on every rank", retryable=False
+            )
         mine = list(votes.pop())
     wrong = {
         r: f"its label set [{', '.join(h.labels or [])}] differs from the federation's [{', '.join(mine)}]"
@@ -78,7 +80,8 @@ def _admit(
         summary = "; ".join(f"silo {r}: {why}" for r, why in sorted(refusals.items()))
         for rank, hello in hellos.items():
             door.refuse(hello, refusals.get(rank, f"the federation could not form ({summary})"))
-        raise FederationError(f"refused {summary}")
+        # The settings or labels differ: the same pods would be refused again.
+        raise FederationError(f"refused {summary}", retryable=False)
     return hellos, labels
 
 
@@ -107,7 +110,8 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             mismatched = [r for r, h in hellos.items() if h.architecture != arch]
             if mismatched:
                 raise FederationError(
-                    f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})"
+                    f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})",
+                    retryable=False,
                 )
             privacy = budget(settings, {rank: hello.train_examples for rank, hello in hellos.items()})
             if privacy.why:
@@ -116,7 +120,7 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
         except FedsiloError as exc:
             # The admitted silos are blocked on their verdict: give them the reason, not a hang-up.
             for hello in hellos.values():
-                door.refuse(hello, str(exc))
+                door.refuse(hello, str(exc), retryable=exc.retryable)
             raise
         ledger.restore(model)
         for hello in hellos.values():

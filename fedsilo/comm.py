@@ -94,7 +94,7 @@ def resolve_address(aggregator: str | None) -> tuple[str, int]:
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = os.environ.get("MASTER_PORT", str(DEFAULT_PORT))
     if not port.isdigit():
-        raise FederationError(f"MASTER_PORT must be a port number, got {port!r}")
+        raise FederationError(f"MASTER_PORT must be a port number, got {port!r}", retryable=False)
     return host, int(port)
 
 
@@ -102,7 +102,7 @@ def pick_backend(choice: str, device: torch.device) -> str:
     if choice == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if choice == "nccl" and device.type != "cuda":
-        raise FederationError("backend 'nccl' needs a GPU; this process trains on the CPU (use gloo)")
+        raise FederationError("backend 'nccl' needs a GPU; this process trains on the CPU (use gloo)", retryable=False)
     return choice
 
 

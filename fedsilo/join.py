@@ -122,14 +122,16 @@ def admit_silos(
             reason = f"silo(s) {missing} did not join within {timeout:g}s"
             # The silos already in are blocked on their verdict: tell them why, not just hang up.
             for hello in hellos.values():
-                refuse(store, hello, reason)
+                refuse(store, hello, reason, retryable=True)
             raise FederationError(reason)
         time.sleep(0.05)
     return hellos
 
 
-def refuse(store: Store, hello: Hello, reason: str) -> None:
-    store.set(f"fedsilo/verdict/{hello.rank}/{hello.nonce}", json.dumps({"ok": False, "reason": reason}))
+def refuse(store: Store, hello: Hello, reason: str, *, retryable: bool = False) -> None:
+    """Tell a waiting silo no, and whether trying again later can help (its exit code)."""
+    verdict = {"ok": False, "reason": reason, "retryable": retryable}
+    store.set(f"fedsilo/verdict/{hello.rank}/{hello.nonce}", json.dumps(verdict))
 
 
 def welcome(store: Store, hello: Hello, token: str | None, body: Welcome) -> None:
@@ -150,7 +152,10 @@ def request_admission(
     """
     try:
         if store.add(f"fedsilo/claim/{rank}", 1) != 1:
-            raise JoinRefused(f"rank {rank} is already taken by another silo (each silo needs its own --rank)")
+            # Retryable: after a restart the previous aggregator may still hold the old claim.
+            raise JoinRefused(
+                f"rank {rank} is already taken by another silo (each silo needs its own --rank)", retryable=True
+            )
         server_nonce = store.get("fedsilo/nonce").decode()
         nonce = secrets.token_hex(16)
         hello = Hello(rank=rank, nonce=nonce, proof=proof(token, "silo", server_nonce, rank), **hello_fields)
@@ -161,7 +166,9 @@ def request_admission(
             f"silo {rank} got no verdict: the aggregator went away or did not answer in time ({first_line(exc)})"
         ) from None
     if not verdict.pop("ok"):
-        raise JoinRefused(f"the aggregator refused silo {rank}: {verdict['reason']}")
+        raise JoinRefused(
+            f"the aggregator refused silo {rank}: {verdict['reason']}", retryable=verdict.get("retryable", False)
+        )
     if not _matches(token, verdict.pop("proof"), "aggregator", nonce, rank):
         raise JoinRefused("the aggregator could not prove it holds the join token; not sending it anything")
     return Welcome(**verdict)

@@ -22,7 +22,7 @@ import yaml
 
 from fedsilo import certs
 from fedsilo.config import Settings
-from fedsilo.errors import FederationError
+from fedsilo.errors import PERMANENT_EXIT_CODES, FederationError
 
 # How long a child gets to exit after SIGTERM before it is killed.
 TERMINATE_GRACE_SECONDS = 5.0
@@ -116,7 +116,11 @@ def launch_once(config_path: Path, silos: int, env: dict[str, str], rank_flags: 
             for child in children:
                 code = child.process.poll()
                 if code not in (None, 0):
-                    raise FederationError(f"{child.role} failed (exit code {code}); stopped the others")
+                    # A child's configuration error is ours too: report it as permanent.
+                    raise FederationError(
+                        f"{child.role} failed (exit code {code}); stopped the others",
+                        retryable=code not in PERMANENT_EXIT_CODES,
+                    )
             if all(child.process.poll() == 0 for child in children):
                 return
             time.sleep(0.2)
@@ -125,7 +129,8 @@ def launch_once(config_path: Path, silos: int, env: dict[str, str], rank_flags: 
 
 
 def run_local(settings: Settings, restarts: int) -> None:
-    """Run the federation locally, restarting it up to ``restarts`` times (it resumes)."""
+    """Run the federation locally, restarting it up to ``restarts`` times (it resumes); a child's
+    permanent error (a bad setting, bad data, a refused join: exit code 78) is not retried."""
     flat = settings.flat()
     if settings.federation.aggregator is None:
         flat["aggregator"] = f"127.0.0.1:{free_port()}"
@@ -150,6 +155,6 @@ def run_local(settings: Settings, restarts: int) -> None:
                 launch_once(config_path, fed.silos, env, rank_flags)
                 return
             except FederationError as exc:
-                if attempt == restarts:
+                if attempt == restarts or not exc.retryable:
                     raise
                 print(f"fedsilo: {exc}; restarting the federation ({attempt + 1}/{restarts})", flush=True)

@@ -191,7 +191,7 @@ def settings_of(ctx: typer.Context) -> Settings:
 def whole_number(flag: str, *, minimum: int | None = None, **option: Any) -> OptionInfo:
     """A command's own integer option (not a setting), ``option`` being further ``typer.Option``
     arguments. Parsed here rather than by Typer's int so that a bad value, like a bad setting, is
-    a line that names the flag and quotes the value, with exit code 1."""
+    a line that names the flag and quotes the value, with exit code 78 (EX_CONFIG)."""
 
     def parse(value: Any) -> int:
         try:
@@ -209,16 +209,18 @@ def whole_number(flag: str, *, minimum: int | None = None, **option: Any) -> Opt
 def user_errors() -> Iterator[None]:
     """Errors a user can fix become one line on stderr; bugs keep their traceback.
 
-    A FedsiloError (a bad setting from any layer, bad data, a refused join) exits 1. Typer's own
-    errors, Click's usage errors (unknown option, missing value, unknown command) among them, keep
-    their exit code (2 for usage errors, which the Helm chart fails fast on). Ctrl-C, and SIGTERM
-    inside :func:`stop_on_sigterm`, exit 130.
+    A FedsiloError exits with its own code (fedsilo.errors): 78 (EX_CONFIG) for a bad setting
+    from any layer, bad data or a refused join, which no restart can fix; 1 for a broken
+    federation (a lost peer, a timeout), which a restart resumes. Typer's own errors, Click's
+    usage errors (unknown option, missing value, unknown command) among them, keep their exit
+    code (2 for usage errors). The Helm chart fails the Job at once on 2 and 78. Ctrl-C, and
+    SIGTERM inside :func:`stop_on_sigterm`, exit 130.
     """
     try:
         yield
     except FedsiloError as exc:
         typer.echo(f"fedsilo: error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exc.exit_code) from None
     except typer.TyperException as exc:  # the base of the Click exceptions Typer vendors
         message = " ".join(exc.format_message().split())
         typer.echo(f"fedsilo: error: {message[:1].lower()}{message[1:]}", err=True)

@@ -58,6 +58,11 @@ class Kind(enum.IntEnum):
     ABORT = 5
 
 
+# The reason a silo is turned away at the door after the group formed; a silo told this exits
+# retryable (a restarted silo may meet the previous federation still running).
+ALREADY_FORMED = "the federation has already formed"
+
+
 class Aborted(Exception):
     """The aggregator stopped the federation; ``str()`` is its reason."""
 
@@ -244,7 +249,8 @@ class StarListener:
             if body.get("rank") != rank:
                 raise JoinRefused(f"its certificate binds rank {rank}, not {body.get('rank')}")
             if self._formed.is_set():
-                raise JoinRefused("the federation has already formed")
+                # A restarted silo can meet the previous federation still running: try again.
+                raise JoinRefused(ALREADY_FORMED, retryable=True)
             keep_alive(tls)
             self.arrived.put((Hello(**{**body, "nonce": "", "proof": ""}), channel))
         except (FedsiloError, OSError, ValueError, TypeError, Aborted) as exc:
@@ -265,28 +271,28 @@ class StarListener:
                 missing = ", ".join(str(r) for r in range(1, self.silos + 1) if r not in hellos)
                 reason = f"silo(s) {missing} did not join within {timeout:g}s"
                 for hello in hellos.values():
-                    self.refuse(hello, reason)
+                    self.refuse(hello, reason, retryable=True)
                 raise FederationError(reason) from None
             if not 1 <= hello.rank <= self.silos:
                 self._turn_away(channel, f"rank {hello.rank} is outside 1..{self.silos}")
             elif hello.rank in hellos:
-                self._turn_away(channel, f"rank {hello.rank} is already taken by another silo")
+                self._turn_away(channel, f"rank {hello.rank} is already taken by another silo", retryable=True)
             else:
                 hellos[hello.rank] = hello
                 self.channels[hello.rank] = channel
                 self.log(f"silo {hello.rank} joined ({hello.train_examples} training examples)")
         return hellos
 
-    def _turn_away(self, channel: Channel, reason: str) -> None:
+    def _turn_away(self, channel: Channel, reason: str, *, retryable: bool = False) -> None:
         self.log(f"refused a process claiming silo {channel.rank}: {reason}")
         with contextlib.suppress(OSError):
-            channel.send_json(Kind.VERDICT, {"ok": False, "reason": reason})
+            channel.send_json(Kind.VERDICT, {"ok": False, "reason": reason, "retryable": retryable})
         channel.close()
 
-    def refuse(self, hello: Hello, reason: str) -> None:
+    def refuse(self, hello: Hello, reason: str, *, retryable: bool = False) -> None:
         channel = self.channels.pop(hello.rank)
         with contextlib.suppress(OSError):
-            channel.send_json(Kind.VERDICT, {"ok": False, "reason": reason})
+            channel.send_json(Kind.VERDICT, {"ok": False, "reason": reason, "retryable": retryable})
         channel.close()
 
     def welcome(self, hello: Hello, body: Welcome) -> None:
@@ -456,8 +462,11 @@ def dial(address: tuple[str, int], context: ssl.SSLContext, server_name: str, ti
         tls = context.wrap_socket(sock, server_hostname=server_name)
     except (OSError, ValueError) as exc:
         sock.close()
+        # Our own check of its certificate (wrong CA, wrong name, expired) fails the same way at
+        # every try: permanent. A reset or a timeout mid-handshake may not be.
         raise FederationError(
-            f"TLS handshake with the aggregator at {address[0]}:{address[1]} failed: {_reason(exc)}"
+            f"TLS handshake with the aggregator at {address[0]}:{address[1]} failed: {_reason(exc)}",
+            retryable=not isinstance(exc, ssl.SSLCertVerificationError),
         ) from None
     keep_alive(tls)
     return tls
@@ -481,7 +490,11 @@ class StarLink:
             self.channel.send_json(Kind.HELLO, {"rank": self.rank, **hello_fields})
             verdict = self.channel.recv_json(Kind.VERDICT)
         except Aborted as exc:
-            raise JoinRefused(f"the aggregator refused silo {self.rank}: {exc}") from None
+            # Refused at the door, before any verdict: only a federation already formed is worth
+            # another try (its ABORT carries the reason only).
+            raise JoinRefused(
+                f"the aggregator refused silo {self.rank}: {exc}", retryable=str(exc) == ALREADY_FORMED
+            ) from None
         except ssl.SSLError as exc:  # the aggregator's OpenSSL refused our certificate: its alert says why
             raise JoinRefused(f"the aggregator refused silo {self.rank}'s certificate ({_reason(exc)})") from None
         except (OSError, ValueError) as exc:
@@ -489,7 +502,10 @@ class StarLink:
                 f"silo {self.rank} got no verdict: {_reason(exc)}; the aggregator went away or did not answer in time"
             ) from None
         if not verdict.pop("ok"):
-            raise JoinRefused(f"the aggregator refused silo {self.rank}: {verdict['reason']}")
+            raise JoinRefused(
+                f"the aggregator refused silo {self.rank}: {verdict['reason']}",
+                retryable=verdict.pop("retryable", False),
+            )
         return Welcome(**verdict)
 
     def form_group(self, world_size: int, round_timeout: float) -> StarLink:

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, fingerprint, read_yaml_mapping
-from fedsilo.errors import ConfigError, FedsiloError, first_line
+from fedsilo.errors import EX_RETRY, ConfigError, FedsiloError, first_line
 from fedsilo.ledger import discard_finished, simulation_key
 from fedsilo.progress import Log
 from fedsilo.simulate import simulate
@@ -45,6 +45,8 @@ CELL_KEYS = (SETTING_KEYS | EXTRA_KEYS) - TOP_LEVEL_KEYS
 
 class SweepError(FedsiloError):
     """Some cells of a sweep failed; the others finished and a rerun retries only the failed."""
+
+    exit_code = EX_RETRY
 
 
 def _normalise(mapping: dict[str, Any]) -> dict[str, Any]:

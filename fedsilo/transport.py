@@ -31,7 +31,7 @@ class Listener(Protocol):
     """The aggregator's door: admit K silos, answer each, then form the group."""
 
     def admit_silos(self, timeout: float) -> dict[int, Hello]: ...
-    def refuse(self, hello: Hello, reason: str) -> None: ...
+    def refuse(self, hello: Hello, reason: str, *, retryable: bool = False) -> None: ...
     def welcome(self, hello: Hello, body: Welcome) -> None: ...
     def form_group(self, round_timeout: float) -> comm.Transport: ...
 
@@ -58,8 +58,8 @@ class StoreListener:
     def admit_silos(self, timeout: float) -> dict[int, Hello]:
         return join.admit_silos(self.store, self.silos, self.token, timeout, self.log)
 
-    def refuse(self, hello: Hello, reason: str) -> None:
-        join.refuse(self.store, hello, reason)
+    def refuse(self, hello: Hello, reason: str, *, retryable: bool = False) -> None:
+        join.refuse(self.store, hello, reason, retryable=retryable)
 
     def welcome(self, hello: Hello, body: Welcome) -> None:
         join.welcome(self.store, hello, self.token, body)

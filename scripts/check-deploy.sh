@@ -3,8 +3,9 @@
 #
 #   helm lint --strict           the chart, with its defaults and every charts/fedsilo/ci/*-values.yaml
 #   helm template + kubernetes-validate --strict, against each of $K8S_VERSIONS (it has no schema
-#                                for cert-manager's Certificate, a custom resource, and only warns:
-#                                tests/test_chart.py checks those against the CRD's fields)
+#                                for custom resources, cert-manager's Certificate and the JobSet,
+#                                and only warns: tests/test_chart.py checks those against their
+#                                CRDs, the JobSet against a pinned copy of its openAPIV3Schema)
 #   kubectl kustomize k8s/ + kubernetes-validate, the same way
 #   hadolint Dockerfile
 #   yamllint on the plain YAML (values, value sets, kustomize base)
@@ -79,7 +80,7 @@ check "hadolint Dockerfile" hadolint Dockerfile
 
 check "yamllint" yamllint --strict \
     -d "{extends: default, rules: {line-length: {max: 100}, document-start: disable}}" \
-    k8s/ "$CHART/values.yaml" "$CHART/Chart.yaml" "$CHART/ci/"
+    k8s/ "$CHART/values.yaml" "$CHART/Chart.yaml" "$CHART/ci/" docs/examples/
 
 echo "check-deploy: $passed passed, $failed failed"
 [[ "$failed" -eq 0 ]]

@@ -1,7 +1,7 @@
 """Print docker/constraints.txt: pins for the image's Python libraries.
 
-The pins are the closure of fedsilo's runtime requirements (pyproject.toml) as installed in the
-current environment, the one the tests pass in. torch and its CUDA wheels are left out: the
+The pins are the closure of fedsilo's runtime requirements (pyproject.toml, with the ``server``
+extra the image installs for the bundled MLflow server) as installed in the current environment, the one the tests pass in. torch and its CUDA wheels are left out: the
 Dockerfile pins torch to match its CUDA base, and torch pins its CUDA wheels.
 
     python scripts/docker-constraints.py > docker/constraints.txt
@@ -35,7 +35,8 @@ def canonical(name: str) -> str:
 
 
 def closure(requirements: list[str]) -> dict[str, str]:
-    """Installed version of every distribution the requirements pull in (no extras)."""
+    """Installed version of every distribution the requirements pull in, with the extras they
+    name (psycopg[binary] pulls psycopg-binary)."""
     environment = {**default_environment(), "extra": ""}
     versions: dict[str, str] = {}
     todo = [Requirement(r) for r in requirements]
@@ -51,14 +52,16 @@ def closure(requirements: list[str]) -> dict[str, str]:
         versions[name] = dist.version
         for line in dist.requires or []:
             sub = Requirement(line)
-            if sub.marker is None or sub.marker.evaluate(environment):
+            extras = ["", *requirement.extras]
+            if sub.marker is None or any(sub.marker.evaluate({**environment, "extra": e}) for e in extras):
                 todo.append(sub)
     return versions
 
 
 def main() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    versions = closure(project["dependencies"])
+    # The image also carries the bundled MLflow server's PostgreSQL and S3 clients.
+    versions = closure(project["dependencies"] + project["optional-dependencies"]["server"])
     skipped = ("torch", "triton", "nvidia-", "cuda-")
     sys.stdout.write(HEADER)
     for name, version in sorted(versions.items()):

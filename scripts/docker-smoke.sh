@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the image for real and run it: `fedsilo --help`, then a 2-silo federation of three
 # containers (--network=host) that must finish and write its MLflow run, then the same over
-# `--transport tls` with certificates made by the image's own `fedsilo certs`. Records the outcome in
-# docs/deploy.md ("Docker smoke test"). Needs root (it starts its own Docker engine).
+# `--transport tls` with certificates made by the image's own `fedsilo certs`. Every container runs
+# hardened as the chart's pods do: --read-only --tmpfs /tmp --user 10001:10001 --cap-drop ALL.
+# Records the outcome in docs/deploy.md ("Docker smoke test"). Needs root (it starts its own
+# Docker engine).
 #
 #   sudo scripts/docker-smoke.sh
 #
@@ -120,8 +122,17 @@ image_size="$(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf 
 image_user="$(docker image inspect --format '{{.Config.User}}' "$IMAGE")"
 log "built $IMAGE in ${build_seconds}s, $image_size, user $image_user"
 
+# ---- how every container runs: as a Kubernetes pod of the chart would --------------------------
+# A read-only root filesystem with a writable /tmp (caches, the working directory), uid/gid
+# 10001, no Linux capabilities, no privilege gain: the chart's securityContext. Anything that
+# writes outside /tmp and the mounted /out fails here as it would in the cluster.
+hardened=(
+    --read-only --tmpfs /tmp --user 10001:10001 --cap-drop ALL --security-opt no-new-privileges
+    -e HOME=/tmp -e HF_HOME=/tmp/huggingface -e MPLCONFIGDIR=/tmp/matplotlib -w /tmp
+)
+
 # ---- fedsilo --help -----------------------------------------------------------------------------
-help_out="$(docker run --rm "$IMAGE" --help)"
+help_out="$(docker run --rm "${hardened[@]}" "$IMAGE" --help)"
 grep -q "aggregator" <<<"$help_out" && grep -q "silo" <<<"$help_out" \
     || { log "fedsilo --help did not list the commands"; echo "$help_out" >&2; exit 1; }
 log "fedsilo --help: ok"
@@ -152,7 +163,7 @@ run_container() {  # run_container NAME ARGS...
     shift
     containers+=("$name")
     docker rm -f "$name" >/dev/null 2>&1 || true
-    docker run -d --name "$name" --network=host \
+    docker run -d --name "$name" --network=host "${hardened[@]}" \
         -v "$work:/work:ro" -v "$work/out:/out" \
         -e FEDSILO_TOKEN="$token" -e GLOO_SOCKET_IFNAME=lo \
         -e HF_HUB_OFFLINE=1 -e HF_DATASETS_OFFLINE=1 \
@@ -182,7 +193,7 @@ fi
 
 # ---- the same federation over --transport tls, certificates made by the image's `fedsilo certs` ----
 # The operator's steps and a hospital's (request, then sign) as docs/certificates.md gives them.
-in_image() { docker run --rm --network=none -v "$work/out:/out" "$IMAGE" "$@" >>"$STATE/certs.log" 2>&1; }
+in_image() { docker run --rm --network=none "${hardened[@]}" -v "$work/out:/out" "$IMAGE" "$@" >>"$STATE/certs.log" 2>&1; }
 : >"$STATE/certs.log"
 certs_made="ok"
 in_image certs init --dir /out/pki \
@@ -234,6 +245,7 @@ Last run: $(date -u +%Y-%m-%d) UTC, \`scripts/docker-smoke.sh\`: **$outcome**
 | base | \`$BASE_IMAGE\` (debootstrap bookworm minbase + python3, python3-venv) via \`--build-arg BASE\` |
 | torch | $torch_source |
 | build | ${build_seconds} s; image $image_size; runs as user $image_user |
+| containers | \`${hardened[*]:0:9}\` |
 | \`fedsilo --help\` | ok |
 | federation | aggregator + 2 silos in 3 containers, tiny BERT, 2 rounds: ${codes[*]} in ${federation_seconds} s |
 | MLflow run | $run_status; aggregator's last round: \`$last_round\` |

@@ -1,7 +1,9 @@
 """Bad inputs through the real CLI: each is refused with one clear line and leaves nothing behind.
 
 Every case runs ``python -m fedsilo ...`` as a subprocess, the way users start it, and asserts:
-exit code 1, exactly one ``fedsilo: error: ...`` line naming the problem, no Python traceback,
+its exit code (78, EX_CONFIG, for what no restart can fix: a bad setting, bad data, a refused
+join; 1 for a broken federation that a restart may form again: a lost or absent peer, a port in
+use), exactly one ``fedsilo: error: ...`` line naming the problem, no Python traceback,
 no checkpoint file under ``--checkpoint-dir`` and no MLflow run left RUNNING or FINISHED in the
 ``mlflow.db`` of the working directory.
 
@@ -29,6 +31,7 @@ from typer.testing import CliRunner
 
 from fedsilo.cli import app
 from fedsilo.config import load_settings, settings_fingerprint
+from fedsilo.errors import EX_CONFIG, EX_RETRY
 from fedsilo.launcher import free_port
 from tests.procs import HANG_GUARD, Watched, run, run_timed, watch
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
@@ -74,9 +77,10 @@ def mlflow_statuses(workdir: Path) -> set[str]:
             return set()
 
 
-def refused(result: subprocess.CompletedProcess[str], workdir: Path, *expected: str) -> str:
-    """A single process failed cleanly: exit 1, one error line on stderr, nothing written."""
-    assert result.returncode == 1, result.stdout + result.stderr
+def refused(result: subprocess.CompletedProcess[str], workdir: Path, *expected: str, code: int = EX_CONFIG) -> str:
+    """A single process failed cleanly: exit ``code`` (EX_CONFIG unless a retry could help), one
+    error line on stderr, nothing written."""
+    assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stdout, result.stdout
     line = error_line(result.stderr, *expected)
     nothing_written(workdir)
@@ -277,11 +281,12 @@ def test_bad_data_through_fedsilo_run_names_role_and_problem(tmp_path: Path, tin
     result = run(
         "run", "--silos", "1", "--model", str(tiny_bert), "--dataset", str(data), *QUICK, cwd=tmp_path, timeout=120
     )
-    assert result.returncode == 1, result.stdout + result.stderr
+    # a child's configuration error is the launcher's too: 78, and no restart
+    assert result.returncode == EX_CONFIG, result.stdout + result.stderr
     # the children's own one-line errors, prefixed by role, then the launcher's verdict
     assert f"] {ERROR}{data}: unsupported file type" in result.stdout
     assert "Traceback" not in result.stdout
-    refused(result, tmp_path, "failed (exit code 1); stopped the others")
+    refused(result, tmp_path, f"failed (exit code {EX_CONFIG}); stopped the others")
 
 
 # -- settings ---------------------------------------------------------------------------------------------
@@ -422,7 +427,7 @@ def test_a_commands_own_option_of_the_wrong_type(
     result = CliRunner().invoke(
         app, [*args, "--silos", "2", "--model", str(tiny_bert), "--dataset", str(sentiment_csv)]
     )
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == EX_CONFIG, result.output
     assert result.stderr.strip().splitlines() == [f"fedsilo: error: {expected}"]
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
@@ -474,7 +479,7 @@ def test_checkpoint_directory_under_a_regular_file(tmp_path: Path, tiny_bert: Pa
         "ckpt/run1",
         cwd=tmp_path,
     )
-    assert result.returncode == 1
+    assert result.returncode == EX_CONFIG
     error_line(result.stderr, "checkpoint directory ckpt/run1 is not writable", "Not a directory")
     assert (tmp_path / "ckpt").read_text() == "not a directory\n"
     assert not mlflow_statuses(tmp_path)
@@ -498,7 +503,8 @@ def test_port_in_use(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> No
             *QUICK,
             cwd=tmp_path,
         )
-    refused(result, tmp_path, f"cannot listen on port {port}", "in use")
+    # retryable: in Kubernetes the previous aggregator may still be going away
+    refused(result, tmp_path, f"cannot listen on port {port}", "in use", code=EX_RETRY)
 
 
 @pytest.fixture(scope="module")
@@ -532,7 +538,7 @@ def unreachable(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path):
 
 def test_unreachable_aggregator(unreachable) -> None:
     workdir, port, result, seconds = unreachable
-    refused(result, workdir, f"cannot reach the aggregator at 127.0.0.1:{port} within 2s")
+    refused(result, workdir, f"cannot reach the aggregator at 127.0.0.1:{port} within 2s", code=EX_RETRY)
     assert seconds is not None and seconds < 60
 
 
@@ -589,7 +595,7 @@ def test_a_local_classifier_with_another_label_count_gets_a_fresh_head(unreachab
     # tiny_bert has a 2-label head; three labels need a new one, and the encoder is kept. The
     # silo then gets as far as looking for the (absent) aggregator.
     workdir, _, result, _ = unreachable
-    refused(result, workdir, "cannot reach the aggregator")
+    refused(result, workdir, "cannot reach the aggregator", code=EX_RETRY)
     assert "training examples; joining" in result.stdout
 
 
@@ -641,7 +647,7 @@ def test_duplicate_rank_is_refused_and_the_federation_still_forms(
     reaper.extend(twins)
     loser = first_to_exit(twins)
     code, output = loser.result()
-    assert code == 1
+    assert code == EX_RETRY, "a rank still taken can be free after a restart"
     error_line(output, "rank 1 is already taken by another silo")
     # the claim of the refused twin does not block rank 2, and the federation completes
     reaper.append(rank2 := watch("silo", "--rank", "2", *shared, cwd=tmp_path))
@@ -694,7 +700,7 @@ def missing_rank(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sent
 
 def test_missing_rank_is_named_by_the_aggregator(missing_rank) -> None:
     workdir, (code, output), _ = missing_rank
-    assert code == 1
+    assert code == EX_RETRY
     assert "silo 1 joined" in output
     error_line(output, f"silo(s) 2 did not join within {MISSING_RANK_TIMEOUT}s")
     nothing_written(workdir)
@@ -702,7 +708,7 @@ def test_missing_rank_is_named_by_the_aggregator(missing_rank) -> None:
 
 def test_missing_rank_the_waiting_silo_gets_one_line(missing_rank) -> None:
     _, _, (code, output) = missing_rank
-    assert code == 1
+    assert code == EX_RETRY, "told the join timed out: a restart may bring the missing silo"
     error_line(output, "aggregator")
 
 
@@ -726,7 +732,7 @@ def test_wrong_world_size_is_refused_naming_the_key(
         ]
     )
     (agg_code, agg_out), (s1_code, s1_out), (s2_code, s2_out) = [p.result() for p in procs]
-    assert (agg_code, s1_code, s2_code) == (1, 1, 1)
+    assert (agg_code, s1_code, s2_code) == (EX_CONFIG, EX_CONFIG, EX_CONFIG)
     error_line(agg_out, "refused silo 2", "its settings differ: silos=3 (aggregator: 2)")
     error_line(s2_out, "the aggregator refused silo 2", "silos=3 (aggregator: 2)")
     error_line(s1_out, "the aggregator refused silo 1", "the federation could not form", "silos=3")
@@ -761,7 +767,7 @@ def test_wrong_and_missing_tokens_are_refused_and_the_real_silos_join(tmp_path: 
     )
     for rank, stranger in enumerate(strangers, start=1):
         code, output = stranger.result()
-        assert code == 1
+        assert code == EX_CONFIG
         error_line(output, f"the aggregator refused silo {rank}", "wrong or missing join token")
     assert aggregator.process.poll() is None  # still waiting for the real silos
     real = [watch("silo", "--rank", str(r), *shared, cwd=tmp_path, FEDSILO_TOKEN=secret) for r in (1, 2)]
@@ -798,7 +804,7 @@ def test_a_silo_with_another_architecture_is_refused(
     ]
     reaper.extend(procs := [watch("aggregator", *shared, cwd=here), watch("silo", "--rank", "1", *shared, cwd=there)])
     (agg_code, agg_out), (silo_code, silo_out) = [p.result() for p in procs]
-    assert (agg_code, silo_code) == (1, 1)
+    assert (agg_code, silo_code) == (EX_CONFIG, EX_CONFIG)
     error_line(agg_out, "silo(s) [1] built a different model from the aggregator's (model)")
     error_line(silo_out, "the aggregator refused silo 1", "different model")
     nothing_written(here)
@@ -828,7 +834,7 @@ def test_silos_that_disagree_on_the_label_set_are_refused_on_both_sides(tmp_path
         ]
     )
     (agg_code, agg_out), *silos = [p.result() for p in procs]
-    assert agg_code == 1
+    assert agg_code == EX_CONFIG
     error_line(
         agg_out,
         "silos disagree on the label set",
@@ -837,7 +843,7 @@ def test_silos_that_disagree_on_the_label_set_are_refused_on_both_sides(tmp_path
         "set --labels on every rank",
     )
     for rank, (code, output) in enumerate(silos, start=1):
-        assert code == 1
+        assert code == EX_CONFIG
         error_line(output, f"the aggregator refused silo {rank}", "silos disagree on the label set")
     nothing_written(tmp_path)
 
@@ -880,7 +886,7 @@ def corrupt_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path
 @pytest.mark.slow  # a federation of two processes
 def test_corrupt_checkpoint_is_named_and_left_alone(corrupt_checkpoint) -> None:
     workdir, latest, ((code, output), _) = corrupt_checkpoint
-    assert code == 1
+    assert code == EX_CONFIG
     error_line(output, f"checkpoint {latest.relative_to(workdir)} is unreadable", "move it away")
     assert latest.read_bytes() == b"half a checkpoint"
     nothing_written(workdir, allowed=frozenset({latest}))
@@ -892,5 +898,5 @@ def test_corrupt_checkpoint_stops_the_aggregator_before_it_admits_anyone(corrupt
     # left waiting for a verdict that never comes; it reports the absent aggregator in one line.
     _, _, ((_, agg_output), (code, output)) = corrupt_checkpoint
     assert "waiting for" not in agg_output
-    assert code == 1
+    assert code == EX_RETRY
     error_line(output, "cannot reach the aggregator", "within 30s")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fedsilo import certs
 from fedsilo.cli import app
-from fedsilo.errors import CertificateRefused, ConfigError
+from fedsilo.errors import EX_CONFIG, CertificateRefused, ConfigError
 
 CA = tuple[Path, Path]
 
@@ -387,7 +387,7 @@ def test_cli_init_request_sign_show(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line(ca: CA, tmp_path: Path, args: list[str], expected: str) -> None:
     certs.request(tmp_path, "silo", 3)
     result = CliRunner().invoke(app, ["certs", *(a.format(tmp=tmp_path) for a in args)])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == EX_CONFIG, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fedsilo: error: {expected.format(tmp=tmp_path)}"), lines
 

@@ -7,12 +7,16 @@ helm, kubectl, kubernetes-validate and hadolint come from scripts/install-deploy
 from __future__ import annotations
 
 import base64
+import configparser
 import fcntl
+import fnmatch
 import functools
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -140,9 +144,29 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
+def jobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every Job the manifests will make: the Jobs themselves, and each JobSet's replicated Jobs
+    (named ``<jobset>-<replicatedJob>-<index>`` as the JobSet controller names them)."""
+    out = of_kind(docs, "Job")
+    for jobset in of_kind(docs, "JobSet"):
+        for replicated in jobset["spec"]["replicatedJobs"]:
+            for index in range(replicated.get("replicas", 1)):
+                name = f"{jobset['metadata']['name']}-{replicated['name']}-{index}"
+                metadata = {**replicated["template"].get("metadata", {}), "name": name}
+                out.append(
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "metadata": metadata,
+                        "spec": replicated["template"]["spec"],
+                    }
+                )
+    return out
+
+
 def pods(docs: list[dict[str, Any]]) -> list[Pod]:
     out = []
-    for job in of_kind(docs, "Job"):
+    for job in jobs(docs):
         spec = job["spec"]
         template = spec["template"]
         env = {e["name"]: e.get("value", "") for e in template["spec"]["containers"][0].get("env", [])}
@@ -177,6 +201,10 @@ EXTERNAL = CHART / "ci" / "external-silo-values.yaml"
 CERT_MANAGER = CHART / "ci" / "tls-cert-manager-values.yaml"
 # The least that makes transport tls render: the aggregator's certificate from a Secret.
 TLS: dict[str, Any] = {"transport": "tls", "tls": {"existingSecret": "agg-tls"}}
+# The labels every object of the release is selected by.
+SELECTOR = {"app.kubernetes.io/name": "fedsilo", "app.kubernetes.io/instance": RELEASE}
+# A join token as long as the schema asks (32 characters or more).
+GIVEN_TOKEN = "s3cr3t-token-value-0123456789abcdef"
 
 
 # ---- lint and schema validation --------------------------------------------------------------
@@ -195,6 +223,9 @@ def test_rendered_manifests_validate(values_file: Path, k8s_version: str) -> Non
     for doc in render(values_file=values_file):
         if doc["apiVersion"] == "cert-manager.io/v1":  # a CRD: kubernetes-validate has no schema for it
             assert_valid_certificate(doc)
+            continue
+        if doc["kind"] == "JobSet":
+            assert_valid_jobset(doc, k8s_version)
             continue
         validator.validate(doc, k8s_version, strict=True)
 
@@ -233,6 +264,26 @@ def test_dockerfile_is_hadolint_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_documented_image_variants_use_the_dockerfiles_own_build_args() -> None:
+    declared = set(re.findall(r"^ARG (\w+)", (ROOT / "Dockerfile").read_text(), re.M))
+    for text in ((ROOT / "docs" / "deploy.md").read_text(), (ROOT / "Dockerfile").read_text()):
+        used = set(re.findall(r"--build-arg (\w+)=", text))
+        assert used and used <= declared, f"unknown build args {used - declared}"
+    assert (
+        "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126"
+        in (ROOT / "docs" / "deploy.md").read_text()
+    )
+
+
+def test_docker_smoke_runs_every_container_hardened() -> None:
+    script = (ROOT / "scripts" / "docker-smoke.sh").read_text()
+    (flags,) = re.findall(r"^hardened=\((.*?)^\)", script, re.M | re.S)
+    for flag in ("--read-only", "--tmpfs /tmp", "--user 10001:10001", "--cap-drop ALL"):
+        assert flag in " ".join(flags.split()), flag
+    runs = re.findall(r"docker run [^\n]*", script)
+    assert len(runs) == 2 and all('"${hardened[@]}"' in run for run in runs), runs
+
+
 def _kubernetes_validate() -> Any:
     tools_bin()
     return pytest.importorskip("kubernetes_validate")
@@ -241,10 +292,11 @@ def _kubernetes_validate() -> Any:
 # ---- the federation's shape -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workload", ["jobs", "jobset"])
 @pytest.mark.parametrize("silos", [1, 2, 5])
 @pytest.mark.parametrize("per_silo_jobs", [False, True], ids=["indexed-job", "job-per-silo"])
-def test_one_pod_per_rank(silos: int, per_silo_jobs: bool) -> None:
-    values: dict[str, Any] = {"silos": silos}
+def test_one_pod_per_rank(silos: int, per_silo_jobs: bool, workload: str) -> None:
+    values: dict[str, Any] = {"silos": silos, "workload": workload}
     if per_silo_jobs:
         values["siloOverrides"] = {"1": {"nodeSelector": {"site": "a"}}}
     ranks = [p.rank for p in pods(render(values))]
@@ -268,8 +320,9 @@ def test_external_silos_get_no_pod() -> None:
     assert fedsilo_yaml(docs)["silos"] == 3, "the world still counts the external silo"
 
 
-def test_every_member_finds_the_aggregator_through_the_headless_service() -> None:
-    docs = render({"comm": {"rendezvousPort": 31234}})
+@pytest.mark.parametrize("workload", ["jobs", "jobset"])
+def test_every_member_finds_the_aggregator_through_the_headless_service(workload: str) -> None:
+    docs = render({"comm": {"rendezvousPort": 31234}, "workload": workload})
     (aggregator,) = [p for p in pods(docs) if p.rank == 0]
     service = one(docs, "Service", aggregator.spec["subdomain"])
     assert service["spec"]["clusterIP"] == "None"
@@ -326,6 +379,113 @@ def test_bundled_mlflow_is_what_the_aggregator_logs_to() -> None:
     assert any(re.fullmatch(re.escape(a).replace(r"\*", ".*"), host) for a in allowed)
     silos = [p for p in pods(docs) if p.rank > 0]
     assert all("FEDSILO_TRACKING_URI" not in p.env for p in silos), "only the aggregator logs"
+
+
+MLFLOW_PRODUCTION = CHART / "ci" / "mlflow-production-values.yaml"
+
+
+def _mlflow(docs: list[dict[str, Any]]) -> tuple[Pod, list[str]]:
+    spec = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    return Pod("mlflow", spec, {}, None, env), container["args"]
+
+
+def _secret_ref(container: dict[str, Any], name: str) -> tuple[str, str]:
+    (item,) = [e for e in container["env"] if e["name"] == name]
+    ref = item["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def _host_allowed(args: list[str], host: str) -> bool:
+    allowed = args[args.index("--allowed-hosts") + 1].split(",")
+    return "*" in allowed or any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed)
+
+
+def test_mlflow_on_postgresql_and_s3_keeps_nothing_on_a_volume() -> None:
+    docs = render(values_file=MLFLOW_PRODUCTION)
+    server, args = _mlflow(docs)
+    assert "--backend-store-uri" not in args, "MLflow reads MLFLOW_BACKEND_STORE_URI (the password stays in the Secret)"
+    assert _secret_ref(server.container, "MLFLOW_BACKEND_STORE_URI") == ("mlflow-db", "uri")
+    assert args[args.index("--artifacts-destination") + 1] == "s3://fl-artifacts/fedsilo"
+    assert server.env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.storage.svc.cluster.local:9000"
+    assert _secret_ref(server.container, "AWS_ACCESS_KEY_ID") == ("mlflow-s3", "AWS_ACCESS_KEY_ID")
+    assert _secret_ref(server.container, "AWS_SECRET_ACCESS_KEY") == ("mlflow-s3", "AWS_SECRET_ACCESS_KEY")
+    assert server.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # the aggregator only talks HTTP to the server: no database or S3 credentials
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert not {"MLFLOW_BACKEND_STORE_URI", "AWS_ACCESS_KEY_ID"} & {e["name"] for e in aggregator.container["env"]}
+    # with auth, its sqlite database still needs the volume; without auth nothing does
+    assert one(docs, "PersistentVolumeClaim", f"{RELEASE}-fedsilo-mlflow")
+    docs = render(
+        {"mlflow": {"server": {"backendStore": {"existingSecret": "db"}, "artifacts": {"s3": {"bucket": "bkt"}}}}}
+    )
+    server, args = _mlflow(docs)
+    assert not [c for c in of_kind(docs, "PersistentVolumeClaim") if c["metadata"]["name"].endswith("-mlflow")]
+    assert [m["mountPath"] for m in server.container["volumeMounts"]] == ["/tmp"]
+    assert args[args.index("--artifacts-destination") + 1] == "s3://bkt"
+    assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in server.container["env"]}, "the pod's own identity"
+
+
+def test_mlflow_basic_auth_admin_comes_from_a_secret_and_the_aggregator_logs_as_it() -> None:
+    docs = render(values_file=MLFLOW_PRODUCTION)
+    server, args = _mlflow(docs)
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    assert _secret_ref(server.container, "MLFLOW_AUTH_ADMIN_USERNAME") == ("mlflow-admin", "username")
+    assert _secret_ref(server.container, "MLFLOW_AUTH_ADMIN_PASSWORD") == ("mlflow-admin", "password")
+    assert _secret_ref(server.container, "MLFLOW_FLASK_SERVER_SECRET_KEY") == ("mlflow-admin", "secretKey")
+    ini_path = server.env["MLFLOW_AUTH_CONFIG_PATH"]
+    config_map = one(docs, "ConfigMap", server.mount(ini_path)["configMap"]["name"])
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"][Path(ini_path).name])
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert "admin_password" not in ini["mlflow"], "no password in a ConfigMap"
+    # the auth database, relative to the working directory, is on the server's volume
+    database = ini["mlflow"]["database_uri"]
+    assert database == "sqlite:///basic_auth.db"
+    assert server.mount(server.container["workingDir"] + "/basic_auth.db")["persistentVolumeClaim"]
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert _secret_ref(aggregator.container, "MLFLOW_TRACKING_USERNAME") == ("mlflow-admin", "username")
+    assert _secret_ref(aggregator.container, "MLFLOW_TRACKING_PASSWORD") == ("mlflow-admin", "password")
+    assert all(
+        "MLFLOW_TRACKING_PASSWORD" not in {e["name"] for e in p.container["env"]} for p in pods(docs) if p.rank > 0
+    )
+
+
+def test_mlflow_ingress_host_is_served_and_admitted() -> None:
+    docs = render(values_file=MLFLOW_PRODUCTION)
+    ingress = one(docs, "Ingress", f"{RELEASE}-fedsilo-mlflow")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "mlflow.example.org"
+    assert ingress["spec"]["tls"] == [{"hosts": ["mlflow.example.org"], "secretName": "mlflow-example-org-tls"}]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = one(docs, "Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    _, args = _mlflow(docs)
+    assert _host_allowed(args, "mlflow.example.org") and _host_allowed(args, "mlflow.example.org:443")
+    assert not _host_allowed(args, "evil.example.com")
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo-mlflow")
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
+
+
+def test_mlflow_behind_a_node_port_answers_the_hosts_it_is_told() -> None:
+    with pytest.raises(RenderError, match="needs mlflow.server.allowedHosts"):
+        render({"mlflow": {"server": {"service": {"type": "NodePort"}}}})
+    docs = render(
+        {
+            "mlflow": {
+                "server": {"service": {"type": "NodePort", "nodePort": 30500}, "allowedHosts": ["203.0.113.*:30500"]}
+            }
+        }
+    )
+    service = one(docs, "Service", f"{RELEASE}-fedsilo-mlflow")
+    assert service["spec"]["type"] == "NodePort" and service["spec"]["ports"][0]["nodePort"] == 30500
+    _, args = _mlflow(docs)
+    assert _host_allowed(args, "203.0.113.7:30500") and not _host_allowed(args, "198.51.100.1:30500")
+    assert _host_allowed(args, f"{RELEASE}-fedsilo-mlflow.{NAMESPACE}.svc.cluster.local:5000"), (
+        "the aggregator still gets in"
+    )
 
 
 def test_external_tracking_uri_replaces_the_bundled_server() -> None:
@@ -394,13 +554,59 @@ def test_each_hospital_silo_runs_on_its_node_with_only_its_own_data() -> None:
         assert len(data_volumes) == 1, "a silo mounts exactly one data volume: its own"
         (mount,) = [m for m in pod.container["volumeMounts"] if m["name"] == "data"]
         assert mount["readOnly"] is True
-    assert silos[2].mount("/data")["persistentVolumeClaim"]["claimName"] == "hospital-2-notes"
-    assert silos[3].mount("/data")["hostPath"]["path"] == "/srv/fedsilo/notes"
+    for rank, pod in silos.items():
+        assert pod.mount("/data")["persistentVolumeClaim"] == {"claimName": f"hospital-{rank}-notes", "readOnly": True}
     assert silos[3].spec["tolerations"][0]["value"] == "hospital-3"
     assert silos[3].env["FEDSILO_DATASET"] == "/data/notes-2024.jsonl"
     assert "FEDSILO_DATASET" not in silos[1].env
     assert silos[3].container["resources"]["requests"]["memory"] == "16Gi"
     assert silos[1].container["resources"]["requests"]["memory"] == "8Gi", "defaults for the others"
+
+
+HOSPITAL_VOLUMES = ROOT / "docs" / "examples" / "hospitals-local-volumes.yaml"
+
+
+def _node_selector_terms_admit(terms: list[dict[str, Any]], node_labels: dict[str, str]) -> bool:
+    """Whether a node with ``node_labels`` satisfies nodeSelectorTerms (ORed terms of ANDed In/Exists)."""
+
+    def holds(expr: dict[str, Any]) -> bool:
+        if expr["operator"] == "In":
+            return node_labels.get(expr["key"]) in expr["values"]
+        if expr["operator"] == "Exists":
+            return expr["key"] in node_labels
+        raise AssertionError(f"operator {expr['operator']} not modelled")
+
+    return any(all(holds(e) for e in term.get("matchExpressions", [])) for term in terms)
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_hospital_data_is_on_local_volumes_bound_to_each_silos_node(k8s_version: str) -> None:
+    validator = _kubernetes_validate()
+    volumes = [d for d in yaml.safe_load_all(HOSPITAL_VOLUMES.read_text()) if d]
+    for doc in volumes:
+        validator.validate(doc, k8s_version, strict=True)
+    claims = {d["metadata"]["name"]: d for d in of_kind(volumes, "PersistentVolumeClaim")}
+    pvs = {d["metadata"]["name"]: d for d in of_kind(volumes, "PersistentVolume")}
+    (storage_class,) = of_kind(volumes, "StorageClass")
+    assert storage_class["volumeBindingMode"] == "WaitForFirstConsumer", "bind when the silo's pod is placed"
+    docs = render(values_file=HOSPITALS)
+    for pod in (p for p in pods(docs) if p.rank > 0):
+        # the silo's claim, in the release's namespace, bound by name to one local PV...
+        claim = claims[pod.mount("/data")["persistentVolumeClaim"]["claimName"]]
+        assert claim["metadata"]["namespace"] == NAMESPACE
+        pv = pvs[claim["spec"]["volumeName"]]
+        assert claim["spec"]["storageClassName"] == pv["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+        assert set(claim["spec"]["accessModes"]) <= set(pv["spec"]["accessModes"])
+        assert "local" in pv["spec"] and "hostPath" not in pv["spec"]
+        # ...whose node is the one the silo's nodeSelector picks, and no other hospital's
+        terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+        assert _node_selector_terms_admit(terms, pod.spec["nodeSelector"])
+        for other in range(1, 4):
+            if other != pod.rank:
+                assert not _node_selector_terms_admit(terms, {"fedsilo.dev/site": f"hospital-{other}"})
+        assert not [v for v in pod.spec["volumes"] if "hostPath" in v]
+        assert pod.spec["securityContext"]["fsGroup"] == 10001, "the data's group on the node"
+        assert pod.spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
 def test_default_silo_volume_reaches_every_silo_of_the_indexed_job() -> None:
@@ -444,7 +650,7 @@ def test_network_policy_admits_only_this_federation() -> None:
     selector = policy["spec"]["podSelector"]["matchLabels"]
     members = pods(docs)
     assert all(matches(selector, p.labels) for p in members)
-    (rule,) = policy["spec"]["ingress"]
+    rule = policy["spec"]["ingress"][0]
     (peer,) = rule["from"]
     assert peer["podSelector"]["matchLabels"] == selector
     # All TCP ports: the rendezvous port and the collectives' ephemeral ports.
@@ -453,15 +659,350 @@ def test_network_policy_admits_only_this_federation() -> None:
     assert not matches(peer["podSelector"]["matchLabels"], {**members[0].labels, "app.kubernetes.io/instance": "other"})
     mlflow_policy = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo-mlflow")
     (mlflow_rule,) = mlflow_policy["spec"]["ingress"]
-    (only,) = mlflow_rule["from"]
-    assert only["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "aggregator"
+    components = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in mlflow_rule["from"]]
+    assert components == ["aggregator", "helm-test"], "the aggregator, and `helm test`"
+    # `helm test` reaches the aggregator's rendezvous port, and no other port of any member.
+    (test_rule,) = [r for r in policy["spec"]["ingress"] if r is not rule]
+    assert test_rule["ports"] == [{"protocol": "TCP", "port": 29500}]
+    assert test_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "helm-test"
 
 
 def test_network_policy_extra_ingress_is_added() -> None:
     extra = {"from": [{"ipBlock": {"cidr": "10.99.0.3/32"}}], "ports": [{"protocol": "TCP"}]}
     docs = render({"networkPolicy": {"extraIngress": [extra]}})
     rules = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]["ingress"]
-    assert rules[1] == extra
+    assert rules[-1] == extra
+
+
+@dataclass
+class Peer:
+    """Where a connection goes: a pod (labels, namespace) or an address outside the cluster."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    namespace: str = NAMESPACE
+    ip: str | None = None
+
+
+def _peer_matches(peer: dict[str, Any], dest: Peer) -> bool:
+    if "ipBlock" in peer:
+        if dest.ip is None:
+            return False  # pod IPs are assumed inside the excepted cluster ranges; not modelled
+        block = peer["ipBlock"]
+        address = ipaddress.ip_address(dest.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if dest.ip is not None:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": dest.namespace}
+        if not matches(peer["namespaceSelector"].get("matchLabels", {}), namespace_labels):
+            return False
+    elif dest.namespace != NAMESPACE:
+        return False  # a podSelector alone means the policy's own namespace
+    return matches(peer.get("podSelector", {}).get("matchLabels", {}), dest.labels)
+
+
+def egress_allowed(
+    docs: list[dict[str, Any]], source: dict[str, str], dest: Peer, port: int, protocol: str = "TCP"
+) -> bool:
+    """Whether the NetworkPolicies let a pod labelled ``source`` open a connection to ``dest``:
+    allowed when no policy restricts its egress, else when any rule of one that does allows it."""
+    policies = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if "Egress" in p["spec"].get("policyTypes", [])
+        and matches(p["spec"]["podSelector"].get("matchLabels", {}), source)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            if rule.get("to") and not any(_peer_matches(peer, dest) for peer in rule["to"]):
+                continue
+            ports = rule.get("ports")
+            if not ports or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports):
+                return True
+    return False
+
+
+KUBE_DNS = Peer({"k8s-app": "kube-dns"}, "kube-system")
+HUB = Peer(ip="18.244.0.1")  # huggingface.co, somewhere on the internet
+
+
+def test_egress_is_open_unless_enabled() -> None:
+    docs = render()
+    (silo,) = [p for p in pods(docs) if p.rank == 1]
+    assert egress_allowed(docs, silo.labels, HUB, 443)
+
+
+@pytest.mark.parametrize("transport", ["collective", "tls"])
+def test_egress_allows_dns_each_other_and_the_aggregator_to_mlflow_only(transport: str) -> None:
+    values: dict[str, Any] = {"silos": 2, "networkPolicy": {"egress": {"enabled": True}}}
+    if transport == "tls":
+        values.update(TLS)
+    docs = render(values)
+    members = {p.rank: p for p in pods(docs)}
+    aggregator, silo1, silo2 = members[0], members[1], members[2]
+    port = 29500
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]
+    mlflow_peer = Peer(mlflow["metadata"]["labels"])
+    mlflow_port = mlflow["spec"]["containers"][0]["ports"][0]["containerPort"]
+    for pod in members.values():
+        # DNS, over UDP and TCP
+        assert egress_allowed(docs, pod.labels, KUBE_DNS, 53, "UDP")
+        assert egress_allowed(docs, pod.labels, KUBE_DNS, 53, "TCP")
+        assert not egress_allowed(docs, pod.labels, Peer({"k8s-app": "kube-dns"}, "other"), 53, "UDP")
+        # nothing else outside
+        assert not egress_allowed(docs, pod.labels, HUB, 443)
+        # a pod of another release is not a member
+        other = {**aggregator.labels, "app.kubernetes.io/instance": "other"}
+        assert not egress_allowed(docs, pod.labels, Peer(other), port)
+    # each silo dials the aggregator's port
+    for silo in (silo1, silo2):
+        assert egress_allowed(docs, silo.labels, Peer(aggregator.labels), port)
+        assert not egress_allowed(docs, silo.labels, mlflow_peer, mlflow_port), "only the aggregator logs"
+    if transport == "collective":
+        # gloo's connections between every pair of ranks, on ephemeral ports
+        assert egress_allowed(docs, silo1.labels, Peer(silo2.labels), 41234)
+        assert egress_allowed(docs, aggregator.labels, Peer(silo1.labels), 41234)
+    else:
+        # nothing listens on a silo; only the aggregator's one port takes connections
+        assert not egress_allowed(docs, silo1.labels, Peer(silo2.labels), port)
+        assert not egress_allowed(docs, silo1.labels, Peer(aggregator.labels), 41234)
+    assert egress_allowed(docs, aggregator.labels, mlflow_peer, mlflow_port)
+    assert not egress_allowed(docs, aggregator.labels, mlflow_peer, 22)
+
+
+def test_extra_egress_opens_the_hub_and_an_external_mlflow() -> None:
+    https = {
+        "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+        "ports": [{"protocol": "TCP", "port": 443}],
+    }
+    docs = render(
+        {
+            "networkPolicy": {"egress": {"enabled": True, "extraEgress": [https]}},
+            "mlflow": {"trackingUri": "https://mlflow.example.org", "server": {"enabled": False}},
+        }
+    )
+    for pod in pods(docs):
+        assert egress_allowed(docs, pod.labels, HUB, 443)
+        assert not egress_allowed(docs, pod.labels, HUB, 80)
+        assert not egress_allowed(docs, pod.labels, Peer(ip="10.1.2.3"), 443), "except keeps the cluster ranges out"
+
+
+# ---- standard pod knobs ------------------------------------------------------------------------
+
+PRODUCTION = CHART / "ci" / "production-values.yaml"
+
+
+def test_standard_pod_knobs_reach_every_member() -> None:
+    docs = render(values_file=PRODUCTION)
+    (account,) = of_kind(docs, "ServiceAccount")
+    assert account["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": "fl@project.iam.gserviceaccount.com"
+    }
+    assert account["automountServiceAccountToken"] is False
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    assert mlflow["serviceAccountName"] == account["metadata"]["name"]
+    digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    for pod in pods(docs):
+        assert pod.spec["serviceAccountName"] == account["metadata"]["name"]
+        assert pod.spec["automountServiceAccountToken"] is False, "fedsilo never calls the API"
+        assert pod.spec["priorityClassName"] == "fl-high"
+        assert pod.container["image"] == f"registry.example.org/fedsilo@{digest}", "a digest pins the image, no tag"
+        assert pod.mount("/etc/ssl/corp/ca.pem")["configMap"]["name"] == "corp-ca-bundle"
+        spread = pod.spec.get("topologySpreadConstraints", [])
+        assert bool(spread) == (pod.rank > 0), "silo.topologySpreadConstraints are the silos'"
+    assert "schedulerName" not in pods(docs)[0].spec
+    docs = render({"schedulerName": "volcano", "serviceAccount": {"name": "existing"}})
+    assert not of_kind(docs, "ServiceAccount")
+    assert all(p.spec["schedulerName"] == "volcano" and p.spec["serviceAccountName"] == "existing" for p in pods(docs))
+    assert all("serviceAccountName" not in p.spec for p in pods(render())), "the namespace's default"
+
+
+def _anti_affinity_terms(pod: Pod) -> tuple[str, list[dict[str, Any]]]:
+    anti = pod.spec.get("affinity", {}).get("podAntiAffinity", {})
+    if "requiredDuringSchedulingIgnoredDuringExecution" in anti:
+        return "hard", anti["requiredDuringSchedulingIgnoredDuringExecution"]
+    preferred = anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+    return ("soft" if preferred else "none"), [p["podAffinityTerm"] for p in preferred]
+
+
+@pytest.mark.parametrize("preset", ["soft", "hard", "none"])
+def test_silos_keep_off_each_others_nodes(preset: str) -> None:
+    docs = render({"silos": 3, "silo": {"podAntiAffinity": preset}})
+    members = pods(docs)
+    for pod in members:
+        kind, terms = _anti_affinity_terms(pod)
+        if pod.rank == 0:
+            assert kind == "none", "the aggregator may share a node with a silo"
+            continue
+        assert kind == preset
+        for term in terms:
+            assert term["topologyKey"] == "kubernetes.io/hostname"
+            repelled = {p.rank for p in members if matches(term["labelSelector"]["matchLabels"], p.labels)}
+            assert repelled == {1, 2, 3}, "every silo, and only silos"
+
+
+def test_a_silos_own_affinity_replaces_the_anti_affinity_preset() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]
+            }
+        }
+    }
+    docs = render({"silos": 2, "siloOverrides": {"2": {"affinity": affinity}}})
+    silos = {p.rank: p for p in pods(docs) if p.rank > 0}
+    assert silos[2].spec["affinity"] == affinity
+    assert _anti_affinity_terms(silos[1])[0] == "soft"
+
+
+def test_gpu_pods_tolerate_gpu_taints_and_request_the_named_resource() -> None:
+    docs = render({"gpu": {"enabled": True, "resourceName": "nvidia.com/mig-1g.10gb", "perPod": 2}})
+    for pod in pods(docs):
+        limits = pod.container["resources"]["limits"]
+        assert limits["nvidia.com/mig-1g.10gb"] == 2 and "nvidia.com/gpu" not in limits
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod.spec["tolerations"]
+    # a toleration given by hand is not repeated
+    docs = render(values_file=GPU)
+    for pod in pods(docs):
+        assert len(pod.spec["tolerations"]) == len({json.dumps(t, sort_keys=True) for t in pod.spec["tolerations"]})
+    # only GPU pods: the aggregator without a GPU, and CPU-only releases, get none
+    docs = render({"gpu": {"enabled": True, "aggregator": False}})
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert "tolerations" not in aggregator.spec
+    assert all("tolerations" not in p.spec for p in pods(render()))
+
+
+# ---- caches, air gaps, scratch space, CA bundle ----------------------------------------------
+
+
+def test_model_cache_is_hf_home_in_every_member() -> None:
+    docs = render({"silos": 3, "modelCache": {"enabled": True, "size": "80Gi"}, "offline": True})
+    claim = one(docs, "PersistentVolumeClaim", f"{RELEASE}-fedsilo-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "members on different nodes share it"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "80Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for pod in pods(docs):
+        cache = pod.mount(pod.env["HF_HOME"] + "/hub/models--bert-base-cased")
+        assert cache["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert pod.env["HF_HUB_OFFLINE"] == pod.env["HF_DATASETS_OFFLINE"] == pod.env["TRANSFORMERS_OFFLINE"] == "1"
+    # a pre-filled claim, read-only
+    docs = render({"modelCache": {"enabled": True, "existingClaim": "hf-mirror", "readOnly": True}})
+    assert not [c for c in of_kind(docs, "PersistentVolumeClaim") if "model-cache" in c["metadata"]["name"]]
+    for pod in pods(docs):
+        assert pod.mount(pod.env["HF_HOME"])["persistentVolumeClaim"] == {"claimName": "hf-mirror", "readOnly": True}
+        (mount,) = [m for m in pod.container["volumeMounts"] if m["name"] == "model-cache"]
+        assert mount["readOnly"] is True
+        assert "HF_HUB_OFFLINE" not in pod.env, "offline is its own choice"
+
+
+def test_without_a_model_cache_the_hub_cache_is_on_bounded_scratch() -> None:
+    docs = render({"scratch": {"sizeLimit": "8Gi", "ephemeralStorageRequest": "10Gi"}})
+    for pod in pods(docs):
+        scratch = pod.mount(pod.env["HF_HOME"])
+        assert scratch["emptyDir"] == {"sizeLimit": "8Gi"}, "the kubelet evicts a pod that writes more"
+        assert pod.container["resources"]["requests"]["ephemeral-storage"] == "10Gi"
+        assert pod.container["resources"]["requests"]["memory"] == "8Gi", "the other requests stay"
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    (tmp,) = [v for v in mlflow["volumes"] if v["name"] == "tmp"]
+    assert tmp["emptyDir"] == {"sizeLimit": "8Gi"}
+    for pod in pods(render()):
+        assert pod.mount("/tmp")["emptyDir"] == {"sizeLimit": "20Gi"}
+        assert "ephemeral-storage" not in pod.container["resources"]["requests"]
+
+
+@pytest.mark.parametrize("source", ["configMap", "secret"])
+def test_ca_bundle_is_what_every_https_client_trusts(source: str) -> None:
+    docs = render({"caBundle": {source: "corp-ca", "key": "bundle.pem"}})
+    mlflow = one(docs, "Deployment", f"{RELEASE}-fedsilo-mlflow")["spec"]["template"]["spec"]
+    mlflow_pod = Pod(
+        "mlflow", mlflow, {}, None, {e["name"]: e.get("value", "") for e in mlflow["containers"][0]["env"]}
+    )
+    for pod in [*pods(docs), mlflow_pod]:
+        files = {pod.env[name] for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE")}
+        (path,) = files
+        volume = pod.mount(path)
+        name_key = "name" if source == "configMap" else "secretName"
+        assert volume[source][name_key] == "corp-ca"
+        assert {"key": "bundle.pem", "path": Path(path).name} in volume[source]["items"]
+    assert all("SSL_CERT_FILE" not in p.env for p in pods(render()))
+
+
+# ---- helm test ---------------------------------------------------------------------------------
+
+
+def _helm_test_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (pod,) = [d for d in of_kind(docs, "Pod") if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    return pod
+
+
+def _run_helm_test(pod: dict[str, Any], aggregator: str, health: str, wait: str) -> subprocess.CompletedProcess[str]:
+    """The test pod's rendered command, run here with its env (cluster names replaced)."""
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["WAIT_SECONDS"]
+    env.update(AGGREGATOR=aggregator, MLFLOW_HEALTH=health, WAIT_SECONDS=wait)
+    argv = [sys.executable, *container["command"][1:], *container["args"]]
+    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_helm_test_checks_the_aggregator_port_and_mlflow_health(tmp_path: Path) -> None:
+    docs = render({"comm": {"rendezvousPort": 31234}})
+    pod = _helm_test_pod(docs)
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    assert env["AGGREGATOR"] == aggregator.env["FEDSILO_AGGREGATOR"], "where the silos dial"
+    assert env["MLFLOW_HEALTH"] == aggregator.env["FEDSILO_TRACKING_URI"] + "/health"
+    assert container["command"][0] == "python3" and pod["spec"]["restartPolicy"] == "Never"
+    # Prepare: a listening "aggregator" and an "MLflow" whose /health answers 200
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with socket.socket() as listener, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as web:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        aggregator_address = f"127.0.0.1:{listener.getsockname()[1]}"
+        health = f"http://127.0.0.1:{web.server_address[1]}/health"
+        # Execute / Assert: both answer; then MLflow down, then the aggregator down
+        ok = _run_helm_test(pod, aggregator_address, health, "5")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "ok: the aggregator takes connections" in ok.stdout and "ok: MLflow answers" in ok.stdout
+        no_mlflow = _run_helm_test(pod, aggregator_address, health.replace("/health", "/nope"), "2")
+        assert no_mlflow.returncode != 0 and "FAIL MLflow" in no_mlflow.stderr
+        web.shutdown()
+    closed = _run_helm_test(pod, aggregator_address, health, "2")
+    assert closed.returncode != 0 and f"FAIL aggregator {aggregator_address}" in closed.stderr
+
+
+def test_helm_test_is_admitted_where_it_checks_and_nowhere_else() -> None:
+    docs = render(values_file=EXTERNAL)
+    pod = _helm_test_pod(docs)
+    labels = pod["metadata"]["labels"]
+    assert not matches({"fedsilo.dev/member": "true"}, labels), "not a member: the Service does not publish it"
+    policies = of_kind(docs, "NetworkPolicy")
+    aggregator_policy = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo-aggregator")["spec"]
+    (rule,) = aggregator_policy["ingress"]
+    assert any(matches(p.get("podSelector", {}).get("matchLabels", {"x": "y"}), labels) for p in rule["from"])
+    assert all(p.get("port") == 29500 for p in rule["ports"])
+    # the silos admit nothing, the test pod included
+    everyone = one(docs, "NetworkPolicy", f"{RELEASE}-fedsilo")["spec"]
+    assert not everyone.get("ingress")
+    assert len(policies) == 3  # members, the aggregator's port, MLflow
+    assert not [d for d in render({"helmTest": {"enabled": False}}) if d["kind"] == "Pod"]
 
 
 # ---- restarts ------------------------------------------------------------------------------
@@ -479,7 +1020,7 @@ def test_restart_budget_counts_whole_federation_restarts(per_silo_jobs: bool) ->
         rules = spec["podFailurePolicy"]["rules"]
         assert {
             "action": "FailJob",
-            "onExitCodes": {"containerName": "fedsilo", "operator": "In", "values": [2]},
+            "onExitCodes": {"containerName": "fedsilo", "operator": "In", "values": [2, 78]},
             "onPodConditions": [],
         } in rules
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
@@ -493,6 +1034,186 @@ def test_no_restarts_without_checkpoints_is_consistent() -> None:
     assert all("checkpoints" not in d["metadata"]["name"] for d in of_kind(docs, "PersistentVolumeClaim"))
     (aggregator,) = [p for p in pods(docs) if p.rank == 0]
     assert "emptyDir" in aggregator.mount(aggregator.env["FEDSILO_CHECKPOINT_DIR"])
+
+
+# ---- workload: JobSet ---------------------------------------------------------------------------
+
+JOBSET_SCHEMA = ROOT / "tests" / "schemas" / "jobset-v1alpha2.schema.yaml"
+# The reasons a Job fails with (batch/v1 JobCondition reasons), which JobSet's failure policy
+# rules match (onJobFailureReasons).
+JOB_FAILURE_REASONS = {
+    "BackoffLimitExceeded",
+    "DeadlineExceeded",
+    "FailedIndexes",
+    "MaxFailedIndexesExceeded",
+    "PodFailurePolicy",
+}
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _closed(node: Any) -> Any:
+    """The schema with additionalProperties false wherever it lists properties: the API server
+    prunes fields a structural schema does not know, so a misspelt field would be lost."""
+    if isinstance(node, list):
+        return [_closed(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _closed(v) for k, v in node.items()}
+    if node.get("type") == "object" and "properties" in node:
+        node.setdefault("additionalProperties", False)
+    return node
+
+
+def assert_valid_jobset(doc: dict[str, Any], k8s_version: str) -> None:
+    """A JobSet as its CRD (pinned in tests/schemas) and its webhook accept it, and each of its
+    Jobs as Kubernetes ``k8s_version`` accepts a batch/v1 Job."""
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, _closed(yaml.safe_load(JOBSET_SCHEMA.read_text())))
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
+    name = doc["metadata"]["name"]
+    spec = doc["spec"]
+    replicated = spec["replicatedJobs"]
+    assert len({r["name"] for r in replicated}) == len(replicated), "replicatedJobs is a map keyed by name"
+    for rule in spec.get("failurePolicy", {}).get("rules", []):
+        assert re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", rule["name"])
+        assert set(rule.get("onJobFailureReasons", [])) <= JOB_FAILURE_REASONS
+        assert set(rule.get("targetReplicatedJobs", [])) <= {r["name"] for r in replicated}
+    # The webhook's checks: Job and pod names it will generate are DNS-1035 labels.
+    for r in replicated:
+        job_name = f"{name}-{r['name']}-{r.get('replicas', 1) - 1}"
+        assert DNS_1035_LABEL.fullmatch(job_name) and len(job_name) <= 63, job_name
+        if r["template"]["spec"].get("completionMode", "Indexed") == "Indexed":
+            pod_name = f"{job_name}-{r['template']['spec'].get('completions', 1) - 1}-abcde"
+            assert len(pod_name) <= 63, pod_name
+    validator = _kubernetes_validate()
+    for job in jobs([doc]):
+        validator.validate(job, k8s_version, strict=True)
+
+
+def _pod_failure_action(job_spec: dict[str, Any], exit_code: int) -> str:
+    """What a Job's podFailurePolicy does with a pod whose container exits ``exit_code``: the first
+    matching rule's action, else Count (against backoffLimit)."""
+    for rule in job_spec.get("podFailurePolicy", {}).get("rules", []):
+        on_codes = rule.get("onExitCodes")
+        if on_codes and on_codes["operator"] == "In" and exit_code in on_codes["values"]:
+            return str(rule["action"])
+        if on_codes and on_codes["operator"] == "NotIn" and exit_code not in on_codes["values"]:
+            return str(rule["action"])
+    return "Count"
+
+
+def _jobset_action(jobset: dict[str, Any], job_spec: dict[str, Any], exit_code: int) -> str:
+    """What the JobSet does when one pod of this Job exits ``exit_code`` (its first pod failure)."""
+    action = _pod_failure_action(job_spec, exit_code)
+    if action == "FailJob":
+        reason = "PodFailurePolicy"
+    elif action == "Count" and job_spec.get("backoffLimit", 6) == 0:
+        reason = "BackoffLimitExceeded"
+    else:
+        return "the Job replaces the pod"
+    for rule in jobset["spec"].get("failurePolicy", {}).get("rules", []):
+        if not rule.get("onJobFailureReasons") or reason in rule["onJobFailureReasons"]:
+            return str(rule["action"])
+    return "RestartJobSet"
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize(
+    "values_file", [None, HOSPITALS, GPU, EXTERNAL, CERT_MANAGER], ids=lambda p: p.stem if p else "defaults"
+)
+def test_jobset_is_valid_for_its_crd_and_its_jobs_for_kubernetes(values_file: Path | None, k8s_version: str) -> None:
+    docs = render({"workload": "jobset"}, values_file)
+    assert not of_kind(docs, "Job"), "the JobSet makes the Jobs"
+    (jobset,) = of_kind(docs, "JobSet")
+    assert_valid_jobset(jobset, k8s_version)
+
+
+def test_jobset_schema_check_catches_a_misspelt_field() -> None:
+    # The positive control of the pinned schema: pruned fields must not pass unnoticed.
+    (jobset,) = of_kind(render({"workload": "jobset"}), "JobSet")
+    jobset["spec"]["failurePolicy"]["maxRestart"] = 3
+    with pytest.raises(Exception, match="maxRestart"):
+        assert_valid_jobset(jobset, K8S_VERSIONS[-1])
+
+
+@pytest.mark.parametrize("per_silo_jobs", [False, True], ids=["indexed-silos", "job-per-silo"])
+def test_jobset_restarts_the_whole_federation_and_fails_fast_on_a_config_error(per_silo_jobs: bool) -> None:
+    values: dict[str, Any] = {"workload": "jobset", "silos": 3, "restart": {"maxFederationRestarts": 4}}
+    if per_silo_jobs:
+        values["siloOverrides"] = {"2": {"nodeSelector": {"site": "b"}}}
+    docs = render(values)
+    (jobset,) = of_kind(docs, "JobSet")
+    policy = jobset["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == 4, "restart.maxFederationRestarts restarts the whole set"
+    assert policy["restartStrategy"] == "Recreate"
+    errors = pytest.importorskip("fedsilo.errors")
+    for job in jobs(docs):
+        spec = job["spec"]
+        # Prepare/Execute: the outcome of one failed pod, by its exit code
+        outcome = {code: _jobset_action(jobset, spec, code) for code in (errors.EX_CONFIG, 2, errors.EX_RETRY, 137)}
+        # Assert: configuration errors end the JobSet; a lost peer or a kill restarts everything
+        assert outcome == {
+            errors.EX_CONFIG: "FailJobSet",
+            2: "FailJobSet",
+            errors.EX_RETRY: "RestartJobSet",
+            137: "RestartJobSet",
+        }, job["metadata"]["name"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        assert "ttlSecondsAfterFinished" not in spec, "the JobSet's, not each Job's"
+
+
+def test_plain_jobs_fail_fast_on_every_permanent_exit_code() -> None:
+    errors = pytest.importorskip("fedsilo.errors")
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert errors.PERMANENT_EXIT_CODES <= set(defaults["restart"]["failFastExitCodes"])
+    for docs in (render(), kustomize()):
+        for job in jobs(docs):
+            assert _pod_failure_action(job["spec"], errors.EX_CONFIG) == "FailJob"
+            assert _pod_failure_action(job["spec"], 2) == "FailJob"
+            assert _pod_failure_action(job["spec"], errors.EX_RETRY) == "Count"
+
+
+def test_jobset_keeps_the_charts_dns_names() -> None:
+    docs = render({"workload": "jobset", "silos": 2})
+    (jobset,) = of_kind(docs, "JobSet")
+    # JobSet's own hostnames would rename the aggregator; the chart's headless Service stays the subdomain.
+    assert jobset["spec"]["network"] == {"enableDNSHostnames": False}
+    (aggregator_job,) = [r for r in jobset["spec"]["replicatedJobs"] if r["name"] == "aggregator"]
+    assert aggregator_job["template"]["spec"]["completionMode"] == "NonIndexed", "an Indexed Job renames its host"
+    (silos_job,) = [r for r in jobset["spec"]["replicatedJobs"] if r["name"] == "silos"]
+    assert silos_job["template"]["spec"]["completionMode"] == "Indexed"
+    assert silos_job["template"]["spec"]["completions"] == silos_job["template"]["spec"]["parallelism"] == 2
+    (aggregator,) = [p for p in pods(docs) if p.rank == 0]
+    service = one(docs, "Service", aggregator.spec["subdomain"])
+    assert aggregator.spec["hostname"] == "aggregator"
+    for pod in pods(docs):
+        assert pod.env["FEDSILO_AGGREGATOR"].startswith(f"aggregator.{service['metadata']['name']}.{NAMESPACE}.svc.")
+        assert matches(service["spec"]["selector"], pod.labels)
+
+
+@pytest.mark.parametrize("workload", ["jobs", "jobset"])
+def test_queue_name_and_workload_labels_go_on_what_the_queue_admits(workload: str) -> None:
+    docs = render(
+        {
+            "workload": workload,
+            "queueName": "team-a",
+            "workloadLabels": {"example.org/team": "nlp"},
+            "workloadAnnotations": {"scheduling.k8s.io/group-name": "exp"},
+        }
+    )
+    admitted = of_kind(docs, "JobSet") if workload == "jobset" else of_kind(docs, "Job")
+    assert admitted
+    for doc in admitted:
+        assert doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert doc["metadata"]["labels"]["example.org/team"] == "nlp"
+        assert doc["metadata"]["annotations"] == {"scheduling.k8s.io/group-name": "exp"}
+    if workload == "jobset":
+        # Kueue admits the JobSet whole; a queue label on its Jobs would have them admitted one by one.
+        for job in jobs(docs):
+            assert "kueue.x-k8s.io/queue-name" not in job["metadata"].get("labels", {})
+    for pod in pods(docs):
+        assert "kueue.x-k8s.io/queue-name" not in pod.labels
+    assert all("kueue.x-k8s.io/queue-name" not in j["metadata"].get("labels", {}) for j in jobs(render()))
 
 
 # ---- values that cannot work fail at render time -----------------------------------------------
@@ -510,12 +1231,32 @@ def test_no_restarts_without_checkpoints_is_consistent() -> None:
         ({"siloOverrides": {"zero": {}}}, "'zero' does not match pattern"),
         ({"silos": 2, "externalSilos": 3}, "cannot exceed"),
         ({"checkpoints": {"enabled": False}}, "needs checkpoints.enabled=true"),
-        ({"joinToken": {"existingSecret": "s", "value": "t"}}, "not both"),
+        ({"joinToken": {"existingSecret": "s", "value": GIVEN_TOKEN}}, "not both"),
+        ({"joinToken": {"value": "short"}}, "minLength: got 5, want 32"),
         ({"silo": {"config": {"dataset": "/data/own.csv"}}}, "need config.partition=none"),
         ({"config": {"dataset": None}}, "config.dataset is required with config.partition=iid"),
         ({"config": {"silos": 3}}, "additional properties 'silos' not allowed"),
         ({"config": {"partition": "random"}}, "value must be one of"),
         ({"unknownValue": 1}, "additional properties 'unknownValue' not allowed"),
+        (
+            {
+                "networkPolicy": {"egress": {"enabled": True}},
+                "mlflow": {"trackingUri": "http://m", "server": {"enabled": False}},
+            },
+            "needs networkPolicy.egress.extraEgress",
+        ),
+        ({"workload": "cronjob"}, "value must be one of"),
+        ({"image": {"digest": "latest"}}, "does not match pattern"),
+        ({"silo": {"podAntiAffinity": "always"}}, "value must be one of"),
+        ({"caBundle": {"configMap": "a", "secret": "b"}}, "set either caBundle.configMap or caBundle.secret"),
+        ({"mlflow": {"server": {"auth": {"enabled": True}}}}, "needs mlflow.server.auth.existingSecret"),
+        ({"mlflow": {"server": {"ingress": {"enabled": True}}}}, "needs mlflow.server.ingress.host"),
+        ({"mlflow": {"server": {"service": {"nodePort": 30000}}}}, "service.nodePort needs"),
+        (
+            {"mlflow": {"server": {"artifacts": {"s3": {"existingSecret": "s"}}}}},
+            "needs mlflow.server.artifacts.s3.bucket",
+        ),
+        ({"modelCache": {"enabled": True, "accessModes": ["ReadWriteOnce"]}}, "use ReadWriteMany"),
     ],
 )
 def test_illegal_values_fail_at_render_time(values: dict[str, Any], message: str) -> None:
@@ -536,6 +1277,21 @@ def test_notes_tell_how_to_follow_the_run_and_open_mlflow() -> None:
     assert f"port-forward svc/{RELEASE}-fedsilo-mlflow 5000:5000" in notes
 
 
+def test_notes_of_a_jobset_name_its_jobs_and_how_to_wait() -> None:
+    result = helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "--set", "workload=jobset"
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    # the JobSet controller names the aggregator's Job <jobset>-aggregator-0
+    (aggregator_job,) = [
+        j["metadata"]["name"] for j in jobs(render({"workload": "jobset"})) if "aggregator" in j["metadata"]["name"]
+    ]
+    assert f"logs -f job/{aggregator_job}" in notes
+    assert f"wait --for=condition=Completed --timeout=24h jobset/{RELEASE}-fedsilo" in notes
+    assert "Exit code(s) 2, 78 end the run at once" in notes
+
+
 def iter_pod_env(docs: list[dict[str, Any]]) -> Iterator[tuple[Pod, str, str]]:
     for pod in pods(docs):
         for name, value in pod.env.items():
@@ -543,10 +1299,31 @@ def iter_pod_env(docs: list[dict[str, Any]]) -> Iterator[tuple[Pod, str, str]]:
 
 
 def test_no_pod_carries_the_token_in_its_spec() -> None:
-    docs = render({"joinToken": {"value": "s3cr3t-token-value"}})
+    docs = render({"joinToken": {"value": GIVEN_TOKEN}})
     secret = one(docs, "Secret", f"{RELEASE}-fedsilo-token")
-    assert base64.b64decode(secret["data"]["token"]).decode() == "s3cr3t-token-value"
+    assert base64.b64decode(secret["data"]["token"]).decode() == GIVEN_TOKEN
     assert all("s3cr3t" not in value for _, _, value in iter_pod_env(docs))
+
+
+def test_a_given_token_or_secret_renders_the_same_every_time() -> None:
+    # What a GitOps tool (helm template, no cluster to look the Secret up in) needs: no churn.
+    first, again = (
+        render({"joinToken": {"value": GIVEN_TOKEN}}),
+        render({"joinToken": {"value": GIVEN_TOKEN, "key": "token"}}),
+    )
+    assert one(first, "Secret", f"{RELEASE}-fedsilo-token") == one(again, "Secret", f"{RELEASE}-fedsilo-token")
+    docs = render({"joinToken": {"existingSecret": "fl-join", "key": "join"}})
+    assert not of_kind(docs, "Secret"), "an existing Secret is never rendered"
+    for pod in pods(docs):
+        volume = pod.mount(pod.env["FEDSILO_TOKEN_FILE"])["secret"]
+        assert volume["secretName"] == "fl-join" and volume["items"] == [{"key": "join", "path": "join"}]
+        assert pod.env["FEDSILO_TOKEN_FILE"].endswith("/join")
+    # The documented limit: without a cluster, lookup finds nothing and each render generates anew.
+    generated = [
+        base64.b64decode(one(render({"silos": s}), "Secret", f"{RELEASE}-fedsilo-token")["data"]["token"])
+        for s in (2, 3)
+    ]
+    assert generated[0] != generated[1] and all(len(t) >= 32 for t in generated)
 
 
 def test_schema_describes_every_value() -> None:
@@ -957,6 +1734,9 @@ def test_network_policy_admits_only_the_tls_port_from_declared_peers(values_file
     cidrs = [p["ipBlock"]["cidr"] for p in peers if "ipBlock" in p]
     assert cidrs == values.get("externalSiloCidrs", [])
     others = [p for p in peers[1:] if "ipBlock" not in p]
+    helm_test = {"podSelector": {"matchLabels": {**SELECTOR, "app.kubernetes.io/component": "helm-test"}}}
+    assert helm_test in others, "`helm test` checks the port"
+    others.remove(helm_test)
     if values.get("ingress", {}).get("enabled"):
         assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
     else:
@@ -998,7 +1778,7 @@ def test_network_policy_of_tls_keeps_extra_ingress() -> None:
             {**TLS, "expose": {"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
             "expose.loadBalancerSourceRanges needs expose.type=LoadBalancer",
         ),
-        ({**TLS, "joinToken": {"value": "t"}}, "joinToken is not used with transport=tls"),
+        ({**TLS, "joinToken": {"value": GIVEN_TOKEN}}, "joinToken is not used with transport=tls"),
         ({**TLS, "tls": {"existingSecret": "s", "siloSecretName": "silo-cert"}}, "does not match pattern"),
         ({"externalSiloCidrs": ["10.0.0.1"]}, "does not match pattern"),
         ({"transport": "wireguard"}, "value must be one of"),

@@ -8,7 +8,8 @@ command, args and env. What a cluster would provide is emulated, and nothing els
 - volumes: ConfigMaps and Secrets are written to files, PVCs and emptyDirs are directories,
   hostPaths are themselves; a path under a mountPath in env, args or workingDir is mapped to
   the directory behind that volume (what the kubelet's mount does);
-- Kubernetes' own env: JOB_COMPLETION_INDEX for each index of an Indexed Job;
+- Kubernetes' own env: JOB_COMPLETION_INDEX for each index of an Indexed Job, and an env var
+  read from a Secret's key (valueFrom.secretKeyRef) is that key's value;
 - cluster DNS: a ``*.svc.cluster.local`` name becomes 127.0.0.1 (every "pod" is on loopback).
 
 Settings that a real cluster would have too come in as values: loopback as the socket
@@ -20,11 +21,16 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +142,12 @@ class LocalCluster:
             **(extra_env or {}),
         }
         for item in container.get("env", []):
-            assert "value" in item, f"{pod_name}: env {item['name']} is not a plain value"
+            if "valueFrom" in item:  # the kubelet reads a Secret's key; so do we
+                ref = item["valueFrom"]["secretKeyRef"]
+                secret = one(self.docs, "Secret", ref["name"])
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+                continue
+            assert "value" in item, f"{pod_name}: env {item['name']} is neither a value nor a Secret's key"
             env[item["name"]] = self._translate(item["value"], mounts)
         cwd = self._translate(container["workingDir"], mounts) if "workingDir" in container else str(home)
         log = self.root / f"{pod_name}.log"
@@ -179,8 +190,11 @@ def probe_url(spec: dict[str, Any]) -> str:
     return f"http://127.0.0.1:{port}{probe['path']}"
 
 
-def run_chart(docs: list[dict[str, Any]], root: Path, mlflow_port: int) -> Any:
-    """Start MLflow and every member pod; wait for the federation; return the MLflow run."""
+def run_chart(
+    docs: list[dict[str, Any]], root: Path, mlflow_port: int, while_up: Callable[[], None] | None = None
+) -> Any:
+    """Start MLflow and every member pod; wait for the federation; return the MLflow run.
+    ``while_up`` runs once the run is read back, while the MLflow server still runs."""
     members = pods(docs)
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     mlflow_spec = deployment["spec"]["template"]["spec"]
@@ -211,6 +225,8 @@ def run_chart(docs: list[dict[str, Any]], root: Path, mlflow_port: int) -> Any:
         experiment = client.get_experiment_by_name("chart-e2e")
         assert experiment is not None, cluster.logs()
         (run,) = client.search_runs([experiment.experiment_id])
+        if while_up is not None:
+            while_up()
     finally:
         cluster.stop()
     # Only mount paths and cluster DNS names were translated.
@@ -239,7 +255,8 @@ def base_values(model: Path, mlflow_port: int) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(HANG_GUARD + FEDERATION_GUARD)
-def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workload", ["jobs", pytest.param("jobset", marks=pytest.mark.slow)])
+def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: Path, workload: str) -> None:
     # Prepare: a node directory with a tiny model and a CSV, mounted in every pod at its own path.
     node = tmp_path / "node"
     node.mkdir()
@@ -250,6 +267,7 @@ def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: 
     values["config"].update(dataset=str(node / "train.csv"), partition="iid")
     volume = {"hostPath": {"path": str(node), "type": "Directory"}}
     values.update(dataMountPath=str(node), aggregator={"dataVolume": volume}, silo={"dataVolume": volume})
+    values["workload"] = workload  # the JobSet's Jobs run the same pods
     docs = render(values)
     assert sorted((p.rank, p.completion_index) for p in pods(docs)) == [(0, None), (1, 0), (2, 1)]
 
@@ -369,3 +387,139 @@ def test_tls_transport_federates_each_member_on_its_own_certificate(tmp_path: Pa
     assert run.info.status == "FINISHED"
     assert run.data.params["transport"] == "tls"
     assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
+
+
+# ---- the bundled MLflow server on PostgreSQL ----------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return versions[-1].parent if versions else None
+
+
+def _install_postgres() -> Path:
+    """Debian's PostgreSQL server binaries, installed with apt when missing (root only)."""
+    found = _postgres_bin()
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
+            env=env,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        found = _postgres_bin()
+    if found is None:
+        pytest.skip("PostgreSQL is not installed and cannot be (apt-get install postgresql needs root and a mirror)")
+    return found
+
+
+@pytest.fixture
+def postgres() -> Any:
+    """A throwaway PostgreSQL server on a free loopback port with a database "mlflow": its URI."""
+    pytest.importorskip("psycopg", reason="MLflow's PostgreSQL driver (the image's server extra)")
+    bindir = _install_postgres()
+    data = Path(tempfile.mkdtemp(prefix="fedsilo-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("no 'postgres' user to run PostgreSQL as (it refuses root)")
+        os.chown(data, account.pw_uid, account.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*as_postgres, *argv], capture_output=True, text=True, timeout=120, check=False)
+
+    started = False
+    try:
+        init = pg(str(bindir / "initdb"), "-D", str(data / "db"), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+        if init.returncode != 0:
+            pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+        options = f"-p {port} -c listen_addresses=127.0.0.1 -k {data}"
+        start = pg(
+            str(bindir / "pg_ctl"), "-D", str(data / "db"), "-o", options, "-l", str(data / "log"), "-w", "start"
+        )
+        if start.returncode != 0:
+            pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
+        started = True
+        created = pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        assert created.returncode == 0, created.stderr
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        if started:
+            pg(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.slow  # PostgreSQL, MLflow and a federation of three processes: a minute or two
+@pytest.mark.timeout(HANG_GUARD + FEDERATION_GUARD)
+def test_bundled_mlflow_on_postgresql_with_basic_auth_records_the_federation(
+    tmp_path: Path, postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    # Prepare: the chart with its MLflow server's backend store in a Secret (PostgreSQL), MLflow's
+    # basic auth with the admin from another Secret, and the usual tiny federation.
+    node = tmp_path / "node"
+    node.mkdir()
+    model = make_tiny_model(node / "model")
+    write_csv(node / "train.csv", sentiment_rows(160))
+    mlflow_port = free_port()
+    values = base_values(model, mlflow_port)
+    values["config"].update(dataset=str(node / "train.csv"), partition="iid")
+    volume = {"hostPath": {"path": str(node), "type": "Directory"}}
+    values.update(dataMountPath=str(node), aggregator={"dataVolume": volume}, silo={"dataVolume": volume})
+    values["mlflow"]["server"].update(
+        backendStore={"existingSecret": "mlflow-db"},
+        auth={"enabled": True, "existingSecret": "mlflow-admin"},
+    )
+    docs = render(values)
+    password = "adm1n-" + os.urandom(8).hex()
+    secrets = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "mlflow-db"},
+            "data": {"uri": base64.b64encode(postgres.encode()).decode()},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "mlflow-admin"},
+            "data": {
+                "username": base64.b64encode(b"fl-admin").decode(),
+                "password": base64.b64encode(password.encode()).decode(),
+                "secretKey": base64.b64encode(os.urandom(24).hex().encode()).decode(),
+            },
+        },
+    ]
+    # Reading the run back is a client of the server too: it needs the admin's password.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "fl-admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+    def refuses_strangers() -> None:
+        url = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401, "without a password the server refuses"
+
+    # Execute
+    run = run_chart(docs + secrets, tmp_path / "cluster", mlflow_port, while_up=refuses_strangers)
+
+    # Assert: the run, read back through the server, is FINISHED with both silos...
+    assert run.info.status == "FINISHED"
+    assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
+    # ...and it lives in PostgreSQL, not in a sqlite file on the volume.
+    with psycopg.connect(postgres) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT run_uuid, status FROM runs")
+        assert cursor.fetchall() == [(run.info.run_id, "FINISHED")]
+        cursor.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'test_accuracy'", (run.info.run_id,))
+        assert cursor.fetchone()[0] == 2, "one test_accuracy per round"
+    volume_dir = tmp_path / "cluster" / "pvc" / "exp-fedsilo-mlflow"
+    assert not (volume_dir / "mlflow.db").exists()
+    assert (volume_dir / "basic_auth.db").exists(), "the auth database is on the volume"
+    assert any((volume_dir / "artifacts").rglob("*")), "the model was uploaded through the server"

@@ -13,7 +13,7 @@ from fedsilo.config import (
     load_settings,
     settings_fingerprint,
 )
-from fedsilo.errors import ConfigError
+from fedsilo.errors import EX_CONFIG, ConfigError
 
 
 def test_defaults_follow_the_paper() -> None:
@@ -74,7 +74,7 @@ def test_flag_values_are_validated_like_yaml_values() -> None:
     from fedsilo.cli import app
 
     result = CliRunner().invoke(app, ["silo", "--rank", "1", "--rounds", "many", "--dataset", "x.csv"])
-    assert result.exit_code == 1
+    assert result.exit_code == EX_CONFIG
     assert "fedsilo: error: invalid setting 'rounds'" in result.output and "'many'" in result.output
 
 

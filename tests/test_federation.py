@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo.config import build_settings
+from fedsilo.errors import EX_CONFIG
 from fedsilo.launcher import free_port
 from fedsilo.model import build_model, load_tokenizer
 from fedsilo.train import local_train
@@ -223,7 +224,7 @@ def test_run_stops_everyone_and_names_the_failed_role(tmp_path, tiny_bert, senti
         *COMMON,
         cwd=tmp_path,
     )
-    assert result.returncode != 0
+    assert result.returncode == EX_CONFIG, "bad data is permanent: no restart, exit 78"
     assert "label 'pos' is not in the federation's label set [neg]" in result.stdout
-    assert_one_line_error(result.stderr, "failed (exit code 1); stopped the others")
+    assert_one_line_error(result.stderr, f"failed (exit code {EX_CONFIG}); stopped the others")
     assert "silo" in result.stderr.splitlines()[-1] or "aggregator" in result.stderr.splitlines()[-1]

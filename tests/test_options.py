@@ -16,6 +16,7 @@ from typer.testing import CliRunner, Result
 from fedsilo.cli import app
 from fedsilo.commands import run as run_command
 from fedsilo.config import SECTIONS, Settings, build_settings
+from fedsilo.errors import EX_CONFIG
 from fedsilo.options import settings_options, settings_parameters
 
 FIELDS = {key: (name, field) for name, section in SECTIONS.items() for key, field in section.model_fields.items()}
@@ -152,7 +153,7 @@ def test_a_commands_own_option_is_typed(resolved) -> None:
     ],
 )
 def test_a_bad_value_is_one_line(args: list[str], env: dict[str, str], expected: str, resolved, tmp_path: Path) -> None:
-    line = one_error_line(fedsilo(*args, "--dataset", "a.csv", **env), exit_code=1)
+    line = one_error_line(fedsilo(*args, "--dataset", "a.csv", **env), exit_code=EX_CONFIG)
     assert expected in line
     assert not resolved and not list(tmp_path.iterdir())
 

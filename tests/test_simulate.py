@@ -16,7 +16,7 @@ from fedsilo import client as client_round
 from fedsilo import simulate as sim
 from fedsilo.cli import app
 from fedsilo.config import Settings, build_settings
-from fedsilo.errors import FederationError
+from fedsilo.errors import EX_CONFIG, FederationError
 from fedsilo.model import build_model, flat_size, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import client_shards
@@ -313,7 +313,7 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
     assert found.data.params["silos"] == "3" and "silo_3/examples" in found.data.metrics
 
     bad = CliRunner().invoke(app, [*args, "--partition", "none"])
-    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert bad.exit_code == EX_CONFIG and "Traceback" not in bad.output
     assert bad.stderr.strip().splitlines() == [
         (
             "fedsilo: error: simulate splits one --dataset among the clients: choose --partition iid, "
@@ -322,7 +322,7 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
     ]
 
     no_clients = CliRunner().invoke(app, [*args, "--clients", "0"])
-    assert no_clients.exit_code == 1 and "Traceback" not in no_clients.output
+    assert no_clients.exit_code == EX_CONFIG and "Traceback" not in no_clients.output
     assert no_clients.stderr.strip().splitlines() == [
         "fedsilo: error: invalid setting 'silos': Input should be greater than or equal to 1 (got '0')"
     ]  # as typed

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fedsilo import sweep
 from fedsilo.cli import app
-from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.errors import EX_CONFIG, ConfigError, FedsiloError
 from fedsilo.report import write_report
 from fedsilo.tracking import CELL_TAG, PARENT_RUN_TAG, PARENT_TAG
 from tests.procs import kill_tree, watch
@@ -100,7 +100,7 @@ def test_bad_sweep_files_name_the_key(tmp_path, spec, message) -> None:
 def test_cli_bad_file_is_one_line_and_dry_run_touches_nothing(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     bad = CliRunner().invoke(app, ["sweep", "--config", str(write_spec(tmp_path, {"grid": {"sylos": [1]}}))])
-    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert bad.exit_code == EX_CONFIG and "Traceback" not in bad.output
     assert len(bad.stderr.strip().splitlines()) == 1 and "grid.sylos: unknown key" in bad.stderr
 
     good = write_spec(tmp_path, {"settings": {"dataset": "a.csv"}, "grid": {"silos": [1, 2, 4]}}, "good.yaml")

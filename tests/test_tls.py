@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo import certs
+from fedsilo.errors import EX_CONFIG
 from fedsilo.launcher import free_port
 from tests.procs import assert_one_line_error, final_weights, finish, run, start, watch
 from tests.tiny import sentiment_rows, write_csv
@@ -268,7 +269,7 @@ def test_every_bad_certificate_is_one_line_on_both_sides_and_the_real_silo_still
     # Assert: each impostor exited with its one line; the aggregator said one line per refusal, went
     # on, and the real silo's federation finished; MLflow holds that one run only
     for name, ((silo_code, silo_out), expected) in cases.items():
-        assert silo_code != 0, (name, silo_out)
+        assert silo_code == EX_CONFIG, (name, silo_code, silo_out)  # no restart can fix a certificate
         assert_one_line_error(silo_out, expected)
     assert real[0] == 0, real[1]
     assert code == 0, out
@@ -332,7 +333,7 @@ def test_missing_certificates_are_one_line_before_anything_loads(tmp_path, role,
         str(tmp_path / "gone.pem"),
         cwd=tmp_path,
     )
-    assert missing.returncode == 1 and unreadable.returncode == 1
+    assert missing.returncode == EX_CONFIG and unreadable.returncode == EX_CONFIG
     assert_one_line_error(missing.stderr, "--transport tls needs --tls-cert, --tls-key, --tls-ca")
     assert_one_line_error(unreadable.stderr, f"--tls-ca {tmp_path / 'gone.pem'}: no such file")
     assert "no-such-model" not in missing.stderr + unreadable.stderr

@@ -48,11 +48,30 @@ and the NetworkPolicy select.
 fedsilo.dev/member: "true"
 {{- end }}
 
+{{/* The `helm test` pod, which the NetworkPolicies admit to the aggregator's port and MLflow. */}}
+{{- define "fedsilo.helmTestLabels" -}}
+{{ include "fedsilo.selectorLabels" . }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
 {{/*
 Wiring shared by several templates.
 */}}
 {{- define "fedsilo.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The pods' ServiceAccount: the one the chart creates, a named one, or the namespace's default. */}}
+{{- define "fedsilo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fedsilo.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- .Values.serviceAccount.name }}
+{{- end }}
 {{- end }}
 
 {{/* The aggregator's port's name: the rendezvous (collective) or its one TLS port (tls). */}}
@@ -95,6 +114,32 @@ Wiring shared by several templates.
 {{- else }}
 {{- .Values.mlflow.trackingUri }}
 {{- end }}
+{{- end }}
+
+{{/*
+The Host headers the bundled MLflow server answers (--allowed-hosts): its Service's names (and
+with them its full in-cluster name, which the aggregator uses), port-forwards to localhost,
+the Ingress host and mlflow.server.allowedHosts. NodePort and LoadBalancer need allowedHosts
+(fedsilo.validate says so): browsers then send a node's or the load balancer's address.
+*/}}
+{{- define "fedsilo.mlflowAllowedHosts" -}}
+{{- $name := include "fedsilo.mlflowName" . }}
+{{- $m := .Values.mlflow.server }}
+{{- $hosts := list (printf "%s:*" $name) (printf "%s.*" $name) "localhost:*" "127.0.0.1:*" }}
+{{- if $m.ingress.enabled }}
+{{- $hosts = concat $hosts (list $m.ingress.host (printf "%s:*" $m.ingress.host)) }}
+{{- end }}
+{{- concat $hosts $m.allowedHosts | uniq | join "," }}
+{{- end }}
+
+{{/* basic_auth.ini of MLflow's basic-auth app. Its database is sqlite on the server's volume
+(relative to the working directory, /var/lib/mlflow), unless mlflow.server.auth.databaseUri. */}}
+{{- define "fedsilo.mlflowAuthIni" -}}
+{{- $a := .Values.mlflow.server.auth -}}
+[mlflow]
+default_permission = {{ $a.defaultPermission }}
+database_uri = {{ default "sqlite:///basic_auth.db" $a.databaseUri }}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 {{- end }}
 
 {{/* backend "auto" is resolved here so that render-time checks see the real choice. */}}
@@ -164,7 +209,42 @@ range errors first; these are the checks a schema cannot express.
 {{- if and (not .Values.checkpoints.enabled) (gt (int .Values.restart.maxFederationRestarts) 0) }}
 {{- fail "restart.maxFederationRestarts > 0 needs checkpoints.enabled=true: a restarted aggregator resumes from its checkpoint volume, without it every restart begins again at round 1" }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled .Values.networkPolicy.egress.enabled .Values.mlflow.trackingUri (not .Values.networkPolicy.egress.extraEgress) }}
+{{- fail (printf "networkPolicy.egress.enabled with the external MLflow server %s needs networkPolicy.egress.extraEgress: a rule to its address and port, or the aggregator cannot log" .Values.mlflow.trackingUri) }}
+{{- end }}
+{{- include "fedsilo.validateMlflow" . }}
+{{- if and .Values.caBundle.configMap .Values.caBundle.secret }}
+{{- fail "set either caBundle.configMap or caBundle.secret, not both" }}
+{{- end }}
+{{- if and .Values.modelCache.enabled (not .Values.modelCache.existingClaim) (has "ReadWriteOnce" .Values.modelCache.accessModes) (gt (len .Values.modelCache.accessModes) 0) (eq (len .Values.modelCache.accessModes) 1) }}
+{{- fail "modelCache.accessModes [ReadWriteOnce]: every member mounts the cache, on different nodes; use ReadWriteMany (or ReadOnlyMany with modelCache.readOnly and a pre-filled existingClaim)" }}
+{{- end }}
 {{- include "fedsilo.validateTransport" . }}
+{{- end }}
+
+{{/* The checks of the bundled MLflow server (part of fedsilo.validate). */}}
+{{- define "fedsilo.validateMlflow" -}}
+{{- $m := .Values.mlflow.server }}
+{{- if $m.enabled }}
+{{- if and (ne $m.service.type "ClusterIP") (not $m.allowedHosts) (not $m.ingress.enabled) }}
+{{- fail (printf "mlflow.server.service.type=%s needs mlflow.server.allowedHosts: the Host headers browsers will send (a node's or the load balancer's address or name, e.g. 203.0.113.10:*, or * for any). MLflow answers other hosts with 403" $m.service.type) }}
+{{- end }}
+{{- if and $m.service.nodePort (eq $m.service.type "ClusterIP") }}
+{{- fail "mlflow.server.service.nodePort needs mlflow.server.service.type NodePort or LoadBalancer" }}
+{{- end }}
+{{- if and $m.ingress.enabled (not $m.ingress.host) }}
+{{- fail "mlflow.server.ingress.enabled needs mlflow.server.ingress.host" }}
+{{- end }}
+{{- if and $m.auth.enabled (not $m.auth.existingSecret) }}
+{{- fail "mlflow.server.auth.enabled needs mlflow.server.auth.existingSecret: a Secret with the admin's username and password (the aggregator logs as that user)" }}
+{{- end }}
+{{- if and $m.artifacts.s3.existingSecret (not $m.artifacts.s3.bucket) }}
+{{- fail "mlflow.server.artifacts.s3.existingSecret needs mlflow.server.artifacts.s3.bucket" }}
+{{- end }}
+{{- if and $m.ingress.enabled .Values.networkPolicy.enabled (not $m.ingress.allowFrom) }}
+{{- fail "mlflow.server.ingress.enabled with networkPolicy.enabled needs mlflow.server.ingress.allowFrom: the ingress controller's pods, which the MLflow NetworkPolicy must admit" }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The checks of transport, tls, certManager, expose and ingress (part of fedsilo.validate). */}}
@@ -252,9 +332,25 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
   value: "1"
 {{- end }}
 {{- end }}
+{{- if .Values.modelCache.enabled }}
+# Models and datasets from the shared cache volume (modelCache).
+- name: HF_HOME
+  value: {{ .Values.modelCache.mountPath | quote }}
+{{- else }}
 # Caches on the writable emptyDir: the root filesystem is read-only.
 - name: HF_HOME
   value: /tmp/huggingface
+{{- end }}
+{{- if .Values.offline }}
+# Air-gapped: never try the hub; models and datasets come from HF_HOME or local paths.
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: HF_DATASETS_OFFLINE
+  value: "1"
+- name: TRANSFORMERS_OFFLINE
+  value: "1"
+{{- end }}
+{{- include "fedsilo.caBundleEnv" . }}
 - name: MPLCONFIGDIR
   value: /tmp/matplotlib
 - name: PYTHONUNBUFFERED
@@ -265,10 +361,67 @@ ConfigMap (FEDSILO_CONFIG); the env vars carry what depends on where the pod run
 {{- end }}
 
 {{/*
+caBundle: the env vars that make Python's HTTPS clients (requests, httpx, boto3) trust the
+bundle instead of the image's roots. fedsilo's own TLS transport trusts only the federation CA
+and ignores them.
+*/}}
+{{- define "fedsilo.caBundleEnv" -}}
+{{- if or .Values.caBundle.configMap .Values.caBundle.secret }}
+{{- $file := printf "/etc/fedsilo-ca/%s" .Values.caBundle.key }}
+# HTTPS to the hub, MLflow and object stores trusts this bundle (caBundle).
+- name: SSL_CERT_FILE
+  value: {{ $file | quote }}
+- name: REQUESTS_CA_BUNDLE
+  value: {{ $file | quote }}
+- name: AWS_CA_BUNDLE
+  value: {{ $file | quote }}
+{{- end }}
+{{- end }}
+
+{{/* caBundle: the volume and the mount (called with the key "volume" or "mount"). */}}
+{{- define "fedsilo.caBundleVolume" -}}
+{{- $v := .root.Values.caBundle }}
+{{- if or $v.configMap $v.secret }}
+{{- if eq .part "mount" }}
+- name: ca-bundle
+  mountPath: /etc/fedsilo-ca
+  readOnly: true
+{{- else }}
+- name: ca-bundle
+  {{- if $v.configMap }}
+  configMap:
+    name: {{ $v.configMap }}
+  {{- else }}
+  secret:
+    secretName: {{ $v.secret }}
+  {{- end }}
+    items:
+      - key: {{ $v.key }}
+        path: {{ $v.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The writable scratch emptyDir at /tmp (caches, the working directory), bounded. */}}
+{{- define "fedsilo.scratchVolume" -}}
+- name: tmp
+  {{- with .Values.scratch.sizeLimit }}
+  emptyDir:
+    sizeLimit: {{ . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+{{- end }}
+
+{{/*
 Pod-level settings shared by every pod of the chart.
 */}}
 {{- define "fedsilo.podCommon" -}}
-automountServiceAccountToken: false
+{{- with include "fedsilo.serviceAccountName" . }}
+serviceAccountName: {{ . }}
+{{- end }}
+# fedsilo never calls the Kubernetes API.
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
 enableServiceLinks: false
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
@@ -325,16 +478,43 @@ spec:
   {{- if and $gpu $root.Values.gpu.runtimeClassName }}
   runtimeClassName: {{ $root.Values.gpu.runtimeClassName }}
   {{- end }}
+  {{- with $root.Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
   {{- with $spec.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $spec.affinity }}
+  {{- $affinity := $spec.affinity }}
+  {{- $preset := $root.Values.silo.podAntiAffinity }}
+  {{- if and (not $affinity) (eq .component "silo") (ne $preset "none") }}
+  {{- /* Silos on different nodes: one node's failure then takes one silo, and they do not
+         share its CPUs, memory bandwidth or network. affinity, when set, replaces this. */}}
+  {{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (merge (include "fedsilo.memberLabels" $root | fromYaml) (dict "app.kubernetes.io/component" "silo"))) }}
+  {{- if eq $preset "hard" }}
+  {{- $affinity = dict "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+  {{- else }}
+  {{- $affinity = dict "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+  {{- end }}
+  {{- end }}
+  {{- with $affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $spec.tolerations }}
+  {{- $tolerations := default list $spec.tolerations }}
+  {{- if $gpu }}
+  {{- /* GPU nodes are commonly tainted so that only GPU pods land there. */}}
+  {{- $tolerations = concat $tolerations $root.Values.gpu.tolerations | uniq }}
+  {{- end }}
+  {{- with $tolerations }}
   tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.topologySpreadConstraints }}
+  topologySpreadConstraints:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
@@ -362,6 +542,20 @@ spec:
         {{- if eq .component "aggregator" }}
         - name: FEDSILO_TRACKING_URI
           value: {{ include "fedsilo.trackingUri" $root | quote }}
+        {{- $auth := $root.Values.mlflow.server.auth }}
+        {{- if and $root.Values.mlflow.server.enabled $auth.enabled }}
+        # The bundled server's basic auth: the aggregator logs as the admin of its Secret.
+        - name: MLFLOW_TRACKING_USERNAME
+          valueFrom:
+            secretKeyRef:
+              name: {{ $auth.existingSecret }}
+              key: {{ $auth.usernameKey }}
+        - name: MLFLOW_TRACKING_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ $auth.existingSecret }}
+              key: {{ $auth.passwordKey }}
+        {{- end }}
         - name: FEDSILO_CHECKPOINT_DIR
           value: /var/lib/fedsilo/checkpoints
         {{- if and $tls $root.Values.tls.revoked.configMap }}
@@ -381,8 +575,11 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- $resources := deepCopy (default dict $spec.resources) }}
+      {{- with $root.Values.scratch.ephemeralStorageRequest }}
+      {{- $_ := set $resources "requests" (merge (default dict $resources.requests) (dict "ephemeral-storage" .)) }}
+      {{- end }}
       {{- if $gpu }}
-      {{- $limits := merge (dict "nvidia.com/gpu" (int $root.Values.gpu.perPod)) (default dict $resources.limits) }}
+      {{- $limits := merge (dict $root.Values.gpu.resourceName (int $root.Values.gpu.perPod)) (default dict $resources.limits) }}
       {{- $_ := set $resources "limits" $limits }}
       {{- end }}
       {{- with $resources }}
@@ -413,6 +610,12 @@ spec:
           mountPath: /tmp
         - name: shm
           mountPath: /dev/shm
+        {{- if $root.Values.modelCache.enabled }}
+        - name: model-cache
+          mountPath: {{ $root.Values.modelCache.mountPath }}
+          readOnly: {{ $root.Values.modelCache.readOnly }}
+        {{- end }}
+        {{- include "fedsilo.caBundleVolume" (dict "root" $root "part" "mount") | nindent 8 }}
         {{- if eq .component "aggregator" }}
         - name: checkpoints
           mountPath: /var/lib/fedsilo/checkpoints
@@ -421,6 +624,9 @@ spec:
         - name: data
           mountPath: {{ $root.Values.dataMountPath }}
           readOnly: true
+        {{- end }}
+        {{- with $root.Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
   volumes:
     - name: config
@@ -458,8 +664,15 @@ spec:
         # Readable by the pod's fsGroup only.
         defaultMode: 0440
     {{- end }}
-    - name: tmp
-      emptyDir: {}
+    {{- include "fedsilo.scratchVolume" $root | nindent 4 }}
+    {{- if $root.Values.modelCache.enabled }}
+    # The shared model and dataset cache (HF_HOME).
+    - name: model-cache
+      persistentVolumeClaim:
+        claimName: {{ default (printf "%s-model-cache" (include "fedsilo.fullname" $root)) $root.Values.modelCache.existingClaim }}
+        readOnly: {{ $root.Values.modelCache.readOnly }}
+    {{- end }}
+    {{- include "fedsilo.caBundleVolume" (dict "root" $root "part" "volume") | nindent 4 }}
     # PyTorch's DataLoader workers pass batches through shared memory; the runtime's default
     # /dev/shm is 64 MiB.
     - name: shm
@@ -479,11 +692,85 @@ spec:
     - name: data
       {{- toYaml . | nindent 6 }}
     {{- end }}
+    {{- with $root.Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+The merged per-pod settings of the aggregator, as JSON for fromJson.
+*/}}
+{{- define "fedsilo.aggregatorSpec" -}}
+{{- $a := .Values.aggregator }}
+{{- toJson (dict "nodeSelector" $a.nodeSelector "affinity" $a.affinity "tolerations" $a.tolerations "topologySpreadConstraints" $a.topologySpreadConstraints "dataVolume" $a.dataVolume "config" $a.config "env" $a.env "resources" $a.resources) }}
+{{- end }}
+
+{{/*
+The merged per-pod settings of a silo, as JSON for fromJson. Called with a dict: root, rank (a
+string; "" for the silo defaults, which the Indexed Job's one pod template uses). A silo's
+override replaces the default of each field it sets (nodeSelector, affinity, tolerations,
+dataVolume, topologySpreadConstraints, resources, env) and adds to config.
+*/}}
+{{- define "fedsilo.siloSpec" -}}
+{{- $s := .root.Values.silo }}
+{{- $defaults := dict "nodeSelector" $s.nodeSelector "affinity" $s.affinity "tolerations" $s.tolerations "topologySpreadConstraints" $s.topologySpreadConstraints "dataVolume" $s.dataVolume "config" $s.config "env" $s.env "resources" $s.resources }}
+{{- $override := dict }}
+{{- if .rank }}
+{{- $override = default dict (index .root.Values.siloOverrides .rank) }}
+{{- end }}
+{{- $spec := dict }}
+{{- range $field := list "nodeSelector" "affinity" "tolerations" "topologySpreadConstraints" "dataVolume" "env" "resources" }}
+{{- $_ := set $spec $field (default (index $defaults $field) (index $override $field)) }}
+{{- end }}
+{{- $_ := set $spec "config" (merge (deepCopy (default dict $override.config)) (deepCopy (default dict $defaults.config))) }}
+{{- toJson $spec }}
+{{- end }}
+
+{{/*
+"true" when the in-cluster silos share one pod template (an Indexed Job, rank = index + 1): no
+siloOverrides, and transport collective (with tls each silo mounts its own certificate).
+*/}}
+{{- define "fedsilo.indexedSilos" -}}
+{{- if and (not .Values.siloOverrides) (ne .Values.transport "tls") }}true{{ end }}
+{{- end }}
+
+{{/*
+Labels and annotations of a Job or JobSet: the chart's labels, the component, the Kueue queue
+and workloadLabels / workloadAnnotations (for a queue or a gang scheduler such as Volcano).
+Called with a dict: root, component ("" for the JobSet itself), rank, child (true for a Job
+inside the JobSet: the queue and the extra labels are the JobSet's, or Kueue would admit each
+Job on its own).
+*/}}
+{{- define "fedsilo.workloadMeta" -}}
+{{- $v := .root.Values -}}
+labels:
+  {{- include "fedsilo.labels" .root | nindent 2 }}
+  {{- with .component }}
+  app.kubernetes.io/component: {{ . }}
+  {{- end }}
+  {{- with .rank }}
+  fedsilo.dev/rank: {{ . | quote }}
+  {{- end }}
+  {{- if not .child }}
+  {{- with $v.queueName }}
+  kueue.x-k8s.io/queue-name: {{ . | quote }}
+  {{- end }}
+  {{- with $v.workloadLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- end }}
+{{- if not .child }}
+{{- with $v.workloadAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
 Job-level restart behaviour shared by the aggregator's and the silos' Jobs.
-Called with a dict: root, pods (how many pods the Job runs).
+Called with a dict: root, pods (how many pods the Job runs), jobset (true inside a JobSet, which
+owns the restart budget and the TTL).
 
 A torch.distributed group cannot lose a member: when any rank fails, every other rank fails
 too (connection reset, or a timeout), and each Job replaces its pods. The new pods form a new
@@ -492,12 +779,18 @@ costs every Job one failure per pod, hence backoffLimit = restarts x pods.
 */}}
 {{- define "fedsilo.jobRestart" -}}
 {{- $r := .root.Values.restart -}}
+{{- if .jobset -}}
+# Any failed pod fails its Job, and the JobSet restarts every Job (failurePolicy.maxRestarts).
+backoffLimit: 0
+{{- else -}}
 backoffLimit: {{ mul (int $r.maxFederationRestarts) (int .pods) }}
+{{- end }}
 {{- if or $r.failFastExitCodes $r.ignoreDisruptions }}
 podFailurePolicy:
   rules:
     {{- if $r.failFastExitCodes }}
-    # Errors a retry cannot fix (bad flags or settings): fail the Job at once.
+    # Errors a retry cannot fix (78: bad settings, data or a refused join; 2: bad flags):
+    # fail the Job at once.
     - action: FailJob
       onExitCodes:
         containerName: fedsilo
@@ -518,8 +811,10 @@ podFailurePolicy:
 {{- with $r.activeDeadlineSeconds }}
 activeDeadlineSeconds: {{ . }}
 {{- end }}
+{{- if not .jobset }}
 {{- with $r.ttlSecondsAfterFinished }}
 ttlSecondsAfterFinished: {{ . }}
+{{- end }}
 {{- end }}
 {{- end }}
 
