@@ -23,6 +23,7 @@ from fedsilo.model import (
     load_tokenizer,
 )
 from fedsilo.progress import Log
+from fedsilo.runmeta import RunContext
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
 from fedsilo.workload import aggregator_test_data
@@ -122,7 +123,17 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             # under the round timeout (which covers a round of training), not in their verdict
             # or the group's rendezvous, under the join timeout. A slow tracking server or a new
             # sqlite store on a busy machine takes tens of seconds.
-            ledger.track({} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"})
+            ledger.track(
+                {} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"},
+                context=RunContext(
+                    "aggregator",
+                    device.type,
+                    "tls" if fed.transport == "tls" else wire,
+                    {rank: hello.train_examples for rank, hello in hellos.items()},
+                    None if test is None else len(test),
+                    megabytes_per_silo_round(flat_size(model), fed.transfer_dtype),
+                ),
+            )
             weights = bind_flat(model)  # the model's own storage: the global model is never copied
             if weights.device.type != group.device.type:  # gloo with a GPU model: the wire needs a CPU copy
                 weights = weights.to(group.device)
@@ -130,6 +141,11 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             return ledger.close(model, tokenizer, weights)
         finally:
             group.close()
+
+
+def megabytes_per_silo_round(size: int, transfer_dtype: str) -> float:
+    """One silo's traffic in a round: the global model down in float32, its update up in ``transfer_dtype``."""
+    return size * (4 + torch.finfo(getattr(torch, transfer_dtype)).bits // 8) / 1e6
 
 
 def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
@@ -142,7 +158,6 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     fed = settings.federation
     summed = torch.zeros(weights.numel(), dtype=getattr(torch, fed.transfer_dtype), device=weights.device)
     bound = is_bound(model, weights)
-    bytes_per_silo = weights.numel() * (weights.element_size() + summed.element_size())
     with group.phase(f"round {ledger.start_round}: sending the global model"):
         group.broadcast_(weights)
     for round_ in range(ledger.start_round, fed.rounds + 1):
@@ -177,7 +192,8 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
         if not bound:
             load_flat(model, weights)
 
-        # evaluate, here or on the silos' held-out data
+        # evaluate, here or on the silos' held-out data (then each silo's own scores are logged too)
+        local: dict[int, EvalResult] = {}
         if rounds.test is not None:
             result = evaluate(
                 model,
@@ -188,9 +204,10 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
             )
         else:
             with group.phase(f"round {round_}: evaluation on the silos"):
-                result = EvalResult.from_rows(group.gather_rows(EvalResult.placeholder()))
+                rows = group.gather_rows(EvalResult.placeholder())
+            result, local = EvalResult.from_rows(rows), EvalResult.per_rank(rows)
 
         # log and checkpoint
-        metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
-        metrics.update(comm_seconds=comm_seconds, bytes_per_silo=float(bytes_per_silo))
+        metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started, local)
+        metrics.update(comm_seconds=comm_seconds)
         ledger.record(round_, weights, metrics)

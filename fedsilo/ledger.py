@@ -33,6 +33,7 @@ from fedsilo.config import Settings, fingerprint, settings_fingerprint
 from fedsilo.errors import FederationError
 from fedsilo.model import load_flat
 from fedsilo.progress import Log
+from fedsilo.runmeta import RunContext
 from fedsilo.tracking import Tracker, redact_uri, round_line
 
 
@@ -92,7 +93,11 @@ class FederationRun:
         return self.resumed.round + 1 if self.resumed else 1
 
     def _tracker(
-        self, run_id: str | None, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+        self,
+        run_id: str | None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        context: RunContext | None = None,
     ) -> Tracker:
         return Tracker(
             self.settings,
@@ -103,6 +108,7 @@ class FederationRun:
             parent_run_id=self.parent_run_id,
             params=dict(params or {}),
             tags=dict(tags or {}),
+            context=context,
         )
 
     # -- start -----------------------------------------------------------------------------------
@@ -133,11 +139,16 @@ class FederationRun:
             load_flat(model, self.resumed.weights.to(next(model.parameters()).device))
             self.log(f"resuming after round {self.resumed.round} from {self.path}")
 
-    def track(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    def track(
+        self,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         """Create the MLflow run, or continue a resumed federation's; ``params`` and ``tags`` are
-        recorded beside the settings of a new one."""
-        self.tracker = self._tracker(self.resumed.run_id if self.resumed else None, params, tags)
-        self.log(self.tracker.ui_hint())
+        recorded beside the settings of a new one, which ``context`` names and describes."""
+        self.tracker = self._tracker(self.resumed.run_id if self.resumed else None, params, tags, context)
+        self.log(self.tracker.started_line())
 
     # -- each round ------------------------------------------------------------------------------
     def record(self, round_: int, weights: torch.Tensor, metrics: dict[str, float]) -> None:

@@ -129,6 +129,8 @@ def settings_options(
     tls_server_name: Annotated[str | None, setting("tls_server_name")] = None,
     tracking_uri: Annotated[str | None, setting("tracking_uri")] = None,
     experiment: Annotated[str | None, setting("experiment")] = None,
+    register_model: Annotated[str | None, setting("register_model")] = None,
+    system_metrics: Annotated[bool | None, setting("system_metrics")] = None,
     checkpoint_dir: Annotated[Path | None, setting("checkpoint_dir")] = None,
 ) -> None:
     """Never called: its signature declares ``--config`` and the option of every setting, in the
