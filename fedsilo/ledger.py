@@ -32,7 +32,7 @@ from fedsilo import checkpoint
 from fedsilo.config import Settings, fingerprint, settings_fingerprint
 from fedsilo.errors import FederationError
 from fedsilo.model import load_flat
-from fedsilo.progress import Log
+from fedsilo.progress import Log, time_left
 from fedsilo.runmeta import RunContext
 from fedsilo.tracking import Tracker, redact_uri, round_line
 
@@ -83,6 +83,7 @@ class FederationRun:
         self.tracker: Tracker | None = None
         self.final_accuracy = float("nan")
         self.closed = False
+        self._round_seconds: list[float] = []  # this process's rounds, for the time left
 
     @property
     def path(self) -> Path:
@@ -160,7 +161,11 @@ class FederationRun:
             self.directory, checkpoint.Checkpoint(round_, weights, self.tracker.run_id, self.labels, self.key)
         )
         self.final_accuracy = metrics["test_accuracy"]
-        self.log(round_line(round_, self.settings.federation.rounds, metrics))
+        self._round_seconds.append(metrics["round_seconds"])
+        left = self.settings.federation.rounds - round_
+        mean = sum(self._round_seconds) / len(self._round_seconds)
+        estimate = f"; about {time_left(mean * left)} left" if left else ""
+        self.log(round_line(round_, self.settings.federation.rounds, metrics) + estimate)
 
     # -- end -------------------------------------------------------------------------------------
     def close(self, model: torch.nn.Module, tokenizer: Any, weights: torch.Tensor) -> Outcome:

@@ -8,11 +8,11 @@ is. :func:`load_flat` copies a separate buffer into the model.
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedsilo import hub
 from fedsilo.config import fingerprint
 from fedsilo.errors import ModelError, first_line
 
@@ -20,12 +20,11 @@ from fedsilo.errors import ModelError, first_line
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    options = hub.load_options(name)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **options)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
-        raise ModelError(
-            f"cannot load tokenizer '{name}' (not a local directory and not reachable on the hub): {first_line(exc)}"
-        ) from None
+        raise ModelError(f"cannot load tokenizer '{name}' {hub.why_not(name, options)}: {first_line(exc)}") from None
 
 
 def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
@@ -45,6 +44,7 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.manual_seed(seed)
+    options = hub.load_options(name)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name,
@@ -52,14 +52,10 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             ignore_mismatched_sizes=True,
+            **options,
         )
     except Exception as exc:
-        where = (
-            "from local directory"
-            if Path(name).expanduser().is_dir()
-            else "(not a local directory and not reachable on the hub)"
-        )
-        raise ModelError(f"cannot load model '{name}' {where}: {first_line(exc)}") from None
+        raise ModelError(f"cannot load model '{name}' {hub.why_not(name, options)}: {first_line(exc)}") from None
     return typing.cast(torch.nn.Module, model)
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, fingerprint, read_yaml_mapping
 from fedsilo.errors import ConfigError, FedsiloError, first_line
 from fedsilo.ledger import discard_finished, simulation_key
-from fedsilo.progress import Log
+from fedsilo.progress import Log, time_left
 from fedsilo.simulate import simulate
 from fedsilo.tracking import (
     CELL_TAG,
@@ -273,6 +273,7 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
         f"{n - len(todo)} finished already, {len(todo)} to run"
     )
     failures: list[str] = []
+    ran = 0  # cells finished by this invocation
     started = time.perf_counter()
     try:
         for cell in cells:
@@ -299,12 +300,17 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
                 failures.append(f"cell {cell.index} ({cell.label()}): MLflow was unreachable at the end")
                 continue
             done[cell.key] = outcome.run_id
+            ran += 1
             discard_finished(cell.settings, simulation_key(cell.settings, parent.run_id))
             parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
+            elapsed = time.perf_counter() - started
+            # Cells differ (K, dataset, rounds): the mean so far is a rough guide, not a promise.
+            left = len(todo) - ran - len(failures)
+            estimate = f", about {time_left(elapsed / ran * left)} left" if left > 0 else ""
             log(
                 f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
                 f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
-                f"{len(done)}/{n} cells finished, {time.perf_counter() - started:.0f}s so far)"
+                f"{len(done)}/{n} cells finished, {elapsed:.0f}s so far{estimate})"
             )
     except BaseException as exc:
         parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
