@@ -120,15 +120,13 @@ def git_commit(directory: Path = Path(__file__).parent) -> str | None:
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
-def run_tags(settings: Settings, context: RunContext) -> dict[str, str]:
-    """Name, description, what ran it and with which code (MLflow's own ``mlflow.*`` tags where
-    it has one, so its UI shows them in their places)."""
+def code_tags(mode: str) -> dict[str, str]:
+    """What ran a run and with which code (MLflow's own ``mlflow.*`` tags where it has one, so its
+    UI shows them in their places)."""
     tags = {
-        "mlflow.runName": run_name(settings),
-        "mlflow.note.content": description(settings, context),
-        "mlflow.source.name": f"fedsilo {context.mode}",
+        "mlflow.source.name": f"fedsilo {mode}",
         "mlflow.source.type": "LOCAL",
-        "fedsilo.mode": context.mode,
+        "fedsilo.mode": mode,
         "fedsilo.version": __version__,
         "versions.python": platform.python_version(),
         **{f"versions.{name}": _version(name) for name in _LIBRARIES},
@@ -137,6 +135,15 @@ def run_tags(settings: Settings, context: RunContext) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def run_tags(settings: Settings, context: RunContext) -> dict[str, str]:
+    """Name, description, and :func:`code_tags`."""
+    return {
+        "mlflow.runName": run_name(settings),
+        "mlflow.note.content": description(settings, context),
+        **code_tags(context.mode),
+    }
 
 
 def run_params(settings: Settings, context: RunContext, labels: list[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, 
 from fedsilo.errors import ConfigError, FedsiloError, first_line
 from fedsilo.ledger import discard_finished, simulation_key
 from fedsilo.progress import Log, time_left
+from fedsilo.runmeta import code_tags
 from fedsilo.simulate import simulate
 from fedsilo.tracking import (
     CELL_TAG,
@@ -208,7 +209,10 @@ class SweepParent:
     metrics, this needs MLflow reachable: without it there is no telling what is done.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, key: str, *, name: str, spec: dict[str, Any]) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, key: str, *, name: str, spec: dict[str, Any], cells: int
+    ) -> None:
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self._client = client = MlflowClient(tracking_uri=tracking_uri)
@@ -222,9 +226,16 @@ class SweepParent:
                 self.run_id = previous[0].info.run_id
                 client.update_run(self.run_id, status="RUNNING")
             else:
-                self.run_id = client.create_run(
-                    self.experiment_id, run_name=name, tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}
-                ).info.run_id
+                tags = {
+                    PARENT_TAG: "parent",
+                    SWEEP_KEY_TAG: key,
+                    "mlflow.note.content": sweep_description(spec, cells),
+                    **code_tags("sweep"),
+                }
+                self.run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+                params = [Param(k, v) for k, v in sweep_params(spec, cells).items()]
+                for start in range(0, len(params), 100):  # at most 100 params in one log_batch
+                    client.log_batch(self.run_id, params=params[start : start + 100])
                 client.log_dict(self.run_id, spec, "sweep.yaml")
         except Exception as exc:  # noqa: BLE001 - transport, server and store errors alike
             raise ConfigError(redact_uri(f"cannot use MLflow at {tracking_uri}: {first_line(exc)}")) from None
@@ -247,6 +258,28 @@ class SweepParent:
         return f"sweep run {self.run_id} (experiment {self.experiment_id})"
 
 
+def sweep_params(spec: dict[str, Any], cells: int) -> dict[str, str]:
+    """The parent run's params: the settings every cell shares as they are, each grid key's values
+    as ``grid/<key>`` (a JSON list), the number of cells and the per-dataset overrides."""
+    params = {
+        key: json.dumps(value) if isinstance(value, list | dict) else str(value)
+        for key, value in spec["settings"].items()
+    }
+    params.update({f"grid/{key}": json.dumps(values) for key, values in spec["grid"].items()})
+    params.update({f"per_dataset/{name}": json.dumps(overrides) for name, overrides in spec["per_dataset"].items()})
+    params.update(cells=str(cells), tracking_uri=redact_uri(spec["tracking_uri"]))
+    return params
+
+
+def sweep_description(spec: dict[str, Any], cells: int) -> str:
+    """One paragraph for the parent run's page."""
+    grid = "; ".join(f"{key}: {', '.join(str(v) for v in values)}" for key, values in spec["grid"].items())
+    return (
+        f"A sweep of {cells} federation(s), each a nested run: every combination of {grid}. "
+        "Summarise it with `fedsilo report`, which logs its tables and figures here under report/."
+    )
+
+
 def _prefixed(log: Log, prefix: str) -> Log:
     return lambda line: log(prefix + line)
 
@@ -264,7 +297,7 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
         return cells
 
     parent = SweepParent(
-        spec.tracking_uri, experiment, sweep_key(cells), name=path.stem, spec=spec.model_dump(mode="json")
+        spec.tracking_uri, experiment, sweep_key(cells), name=path.stem, spec=spec.model_dump(mode="json"), cells=n
     )
     done = parent.finished_cells()
     todo = [c for c in cells if c.key not in done]
