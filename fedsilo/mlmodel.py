@@ -22,6 +22,11 @@ INPUT_EXAMPLE = ["An example sentence to classify."]
 # What the pyfunc flavour needs to load the model elsewhere; given, so that MLflow does not infer
 # them by loading the model again in a child process (tens of seconds).
 _REQUIREMENTS = ("mlflow", "torch", "transformers")
+# The model card's metadata (a card without it draws a warning from huggingface_hub).
+CARD_HEADER = (
+    "---\nlibrary_name: transformers\npipeline_tag: text-classification\ntags: [fedsilo, federated-learning]\n---\n"
+    "# A text classifier trained by federated averaging (fedsilo)\n\n"
+)
 
 
 def pip_requirements() -> list[str]:
@@ -79,7 +84,10 @@ def log_classifier(
     from huggingface_hub import ModelCard
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=str(directory), tokenizer=str(directory), device="cpu")
+    # An absolute path as the model's name: MLflow looks a name up on the hub for its license,
+    # which a path (more than one "/") fails at once, without a network.
+    where = str(directory.resolve())
+    classifier = pipeline("text-classification", model=where, tokenizer=where, device="cpu")
     with _fluent_store(tracking_uri, experiment_id):
         info = mlflow.transformers.log_model(
             classifier,
@@ -90,7 +98,7 @@ def log_classifier(
             input_example=INPUT_EXAMPLE,
             pip_requirements=pip_requirements(),
             # Our own card: MLflow would otherwise look the model's name up on the hub.
-            model_card=ModelCard(card),
+            model_card=ModelCard(CARD_HEADER + card),
             registered_model_name=register_as,
         )
     version = info.registered_model_version

@@ -184,7 +184,8 @@ class Tracker:
         tags = {**run_tags(self.settings, self.context), **self.tags}
         if self.parent_run_id:
             tags[PARENT_RUN_TAG] = self.parent_run_id
-        run_id: str = self.client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
+        name = tags.pop("mlflow.runName")
+        run_id: str = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
         params = {
             **run_params(self.settings, self.context, self.labels),
             "tracking_uri": self.uri,
