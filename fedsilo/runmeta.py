@@ -27,6 +27,9 @@ _DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 _LIBRARIES = ("torch", "transformers", "mlflow")
 # A file is read in pieces this large to hash it.
 _CHUNK = 1 << 20
+# Per-silo metrics and params are named SILO_PREFIX/<rank>/<name>: the federation's own metrics
+# (test_accuracy, ...) stay unprefixed, first in MLflow's charts, and each silo's sit in one group.
+SILO_PREFIX = "silo"
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def run_params(settings: Settings, context: RunContext, labels: list[str]) -> di
     if context.megabytes_per_round is not None:
         params["megabytes_per_silo_round"] = f"{context.megabytes_per_round:.3f}"
     # Constant for a run, so params, not a metric per round; under the silos' common prefix.
-    params.update({f"silo/{rank}/examples": n for rank, n in sorted(context.silo_examples.items())})
+    params.update({f"{SILO_PREFIX}/{rank}/examples": n for rank, n in sorted(context.silo_examples.items())})
     return params
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedsilo.config import Settings
 from fedsilo.progress import Log
-from fedsilo.runmeta import RunContext, data_inputs, description, run_params, run_tags
+from fedsilo.runmeta import SILO_PREFIX, RunContext, data_inputs, description, run_params, run_tags
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -45,9 +45,6 @@ STEP_MARKER = "round_seconds"
 MAJORITY_PARAM = "test_majority_accuracy"
 # MLflow accepts at most 1000 metrics in one log_batch.
 MAX_BATCH_METRICS = 1000
-# Per-silo metrics and params are named SILO_PREFIX/<rank>/<name>: the federation's own metrics
-# (test_accuracy, ...) stay unprefixed, first in MLflow's charts, and each silo's sit in one group.
-SILO_PREFIX = "silo"
 # A sqlite store keeps new experiments' artifacts in this folder beside the database file, not in
 # ./mlruns of whatever directory fedsilo was started in.
 ARTIFACTS_BESIDE_DB = "mlartifacts"
