@@ -54,17 +54,25 @@ def _signature() -> object:
 @contextlib.contextmanager
 def _fluent_store(tracking_uri: str, experiment_id: str) -> Iterator[None]:
     """``log_model`` writes through MLflow's process-wide store and experiment (else the Default
-    experiment): point them at the run's for the call only, through MLflow's own variables, and
-    quiet what it says at INFO (each saved component, the environment)."""
+    experiment): point them at the run's for the call only, through MLflow's own variables (and
+    its process-wide URI, if a program embedding fedsilo set one), and quiet what it says at INFO
+    (each saved component, the environment)."""
+    import mlflow
+
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     quiet = logging.getLogger("mlflow")
     level = quiet.level
     os.environ.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id)
+    embedded = mlflow.get_tracking_uri()  # a URI set with mlflow.set_tracking_uri wins over the variable
+    if embedded != tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     quiet.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
         quiet.setLevel(level)
+        if embedded != tracking_uri:
+            mlflow.set_tracking_uri(embedded)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
