@@ -2,24 +2,27 @@
 
 Without a network, transformers takes its time to find out that a hub id (a typo of a local path,
 say) cannot be fetched: name lookups and connection attempts, each with its timeout and retries.
-One short probe of the hub's address first turns that into a failure in seconds: when the hub is
-unreachable, a name is looked up in the local cache only (``local_files_only``), as
-``HF_HUB_OFFLINE=1`` would, and a miss says so in one line.
+One short probe of the hub first turns that into a failure in seconds: when the hub does not
+answer, a name is looked up in the local cache only (``local_files_only``), as ``HF_HUB_OFFLINE=1``
+would, and a miss says so in one line. The probe is an HTTPS request, not a TCP connect: a
+transparent proxy accepts every connect whatever lies behind it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import socket
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-# A TCP connect to the hub answers in well under a second where there is a network; the name
-# lookup before it has no timeout of its own, so the probe runs in a thread given this long.
+# The hub answers in well under a second where there is a network; the name lookup before the
+# request has no timeout of its own, so the probe runs in a thread given this long.
 PROBE_SECONDS = 3.0
+# Answers that come from a proxy refusing the way, not from the hub.
+_REFUSALS = (403, 407)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
@@ -34,17 +37,16 @@ def offline() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def reachable(endpoint: str) -> bool:
-    """Whether a TCP connection to the hub's address opens within PROBE_SECONDS (once per process)."""
-    parts = urlsplit(endpoint)
-    host = parts.hostname or ""
-    port = parts.port or (80 if parts.scheme == "http" else 443)
+    """Whether the hub answers a HEAD request within PROBE_SECONDS (asked once per process)."""
     opened: list[bool] = []
 
     def probe() -> None:
         try:
-            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-            opened.append(True)
-        except (OSError, UnicodeError):
+            with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=PROBE_SECONDS):
+                opened.append(True)
+        except urllib.error.HTTPError as exc:  # an answer all the same, unless a proxy's refusal
+            opened.append(exc.code < 500 and exc.code not in _REFUSALS)
+        except (OSError, ValueError):  # no route, no name, refused, TLS failure, a bad HF_ENDPOINT
             opened.append(False)
 
     thread = threading.Thread(target=probe, name="hub-probe", daemon=True)

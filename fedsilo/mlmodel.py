@@ -8,6 +8,7 @@ serve`` serves it, and a registry name makes it a new version of a registered mo
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -107,7 +108,9 @@ def log_classifier(
             pip_requirements=pip_requirements(),
             # Our own card: MLflow would otherwise look the model's name up on the hub.
             model_card=ModelCard(CARD_HEADER + card),
-            registered_model_name=register_as,
         )
-    version = info.registered_model_version
-    return None if version is None else str(version)
+        if register_as is None:
+            return None
+        # MLflow prints two lines of its own on stderr here; the caller prints one.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return str(mlflow.register_model(info.model_uri, register_as).version)

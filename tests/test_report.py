@@ -491,7 +491,7 @@ def test_write_report_from_mlflow(store: dict[str, str], tmp_path: Path) -> None
     assert float(bert_target) == pytest.approx(0.9 * 0.88)
 
     md = result.summary_md.read_text(encoding="utf-8")
-    assert "sweep-test" in md and "| bert | 4 | 1 |" in md and NOT_REACHED in md
+    assert "sweep-test" in md and "| bert | 4 | 0 |" in md and NOT_REACHED in md
 
     names = {p.name for p in result.figures}
     assert names == {"accuracy_vs_clients.png", "rounds_to_target.png", "accuracy_vs_rounds.png"}
