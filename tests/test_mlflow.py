@@ -246,7 +246,10 @@ def test_mlflow_models_serve_answers_with_label_names(fluent: Federations, tmp_p
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}/1"]
         + ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=environment(MLFLOW_TRACKING_URI=fluent.uri),
+        # The scoring server execs `uvicorn` from PATH: this environment's, as an activated venv has it.
+        env=environment(
+            MLFLOW_TRACKING_URI=fluent.uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
