@@ -260,13 +260,14 @@ class SweepParent:
 
 def sweep_params(spec: dict[str, Any], cells: int) -> dict[str, str]:
     """The parent run's params: the settings every cell shares as they are, each grid key's values
-    as ``grid/<key>`` (a JSON list), the number of cells and the per-dataset overrides."""
+    as ``grid/<key>`` (a JSON list), the per-dataset overrides (JSON) and the number of cells."""
     params = {
         key: json.dumps(value) if isinstance(value, list | dict) else str(value)
         for key, value in spec["settings"].items()
     }
     params.update({f"grid/{key}": json.dumps(values) for key, values in spec["grid"].items()})
-    params.update({f"per_dataset/{name}": json.dumps(overrides) for name, overrides in spec["per_dataset"].items()})
+    if spec["per_dataset"]:  # one param: its keys are paths, which MLflow refuses in a param's name
+        params["per_dataset"] = json.dumps(spec["per_dataset"])
     params.update(cells=str(cells), tracking_uri=redact_uri(spec["tracking_uri"]))
     return params
 

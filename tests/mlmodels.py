@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -10,7 +11,19 @@ def download_model(tracking_uri: str, run_id: str, into: Path) -> Path:
     the flavour's files: the Hugging Face weights and config in ``model/``)."""
     from mlflow.artifacts import download_artifacts
 
-    return Path(download_artifacts(artifact_uri=f"runs:/{run_id}/model", dst_path=str(into), tracking_uri=tracking_uri))
+    # MLflow 3 finds a runs:/ URI's logged model through the process-wide store, whatever
+    # tracking_uri says: point it at the store for the call.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        return Path(
+            download_artifacts(artifact_uri=f"runs:/{run_id}/model", dst_path=str(into), tracking_uri=tracking_uri)
+        )
+    finally:
+        if saved is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def model_weights_dir(tracking_uri: str, run_id: str, into: Path) -> Path:
