@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,19 @@ def test_sweep_nests_its_cells_and_a_rerun_trains_nothing(tmp_path, tiny_bert, s
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.data.tags[PARENT_RUN_TAG] == parent.info.run_id and c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    # the parent says what the sweep is: its shared settings, grid, overrides and size
+    params = parent.data.params
+    assert (params["grid/silos"], params["cells"], params["lr"], params["model"]) == (
+        "[1, 2]",
+        "2",
+        "0.3",
+        str(tiny_bert),
+    )
+    assert json.loads(params["per_dataset"]) == {str(sentiment_csv): {"budget": 1, "threshold": 2}}
+    assert (
+        "A sweep of 2 federation(s)" in parent.data.tags["mlflow.note.content"] and parent.data.tags["fedsilo.version"]
+    )
+    assert sorted(c.info.run_name for c in children) == [f"K={k} {tiny_bert.name} sentiment seed=0" for k in (1, 2)]
     assert all(
         (c.data.params["budget"], c.data.params["threshold"], c.data.params["rounds"]) == ("1", "2", "2")
         for c in children
@@ -218,6 +232,19 @@ def test_a_partly_finished_sweep_reruns_only_the_missing_cells(monkeypatch, tmp_
     (parent_again,), children = runs_of(tmp_path)
     assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
     assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    # the parent says what the sweep is: its shared settings, grid, overrides and size
+    params = parent.data.params
+    assert (params["grid/silos"], params["cells"], params["lr"], params["model"]) == (
+        "[1, 2]",
+        "2",
+        "0.3",
+        str(tiny_bert),
+    )
+    assert json.loads(params["per_dataset"]) == {str(sentiment_csv): {"budget": 1, "threshold": 2}}
+    assert (
+        "A sweep of 2 federation(s)" in parent.data.tags["mlflow.note.content"] and parent.data.tags["fedsilo.version"]
+    )
+    assert sorted(c.info.run_name for c in children) == [f"K={k} {tiny_bert.name} sentiment seed=0" for k in (1, 2)]
     assert all(c.data.tags[CELL_TAG] for c in children)
     report = write_report("tiny", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "report")
     assert [(r.silos, r.budget, r.threshold) for r in report.rows] == [(1, 1, 2), (2, 1, 2)]
