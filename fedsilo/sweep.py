@@ -285,16 +285,41 @@ def _prefixed(log: Log, prefix: str) -> Log:
     return lambda line: log(prefix + line)
 
 
-def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Cell]:
-    """Run every cell not finished yet under one parent run; returns the cells."""
+def dry_run_lines(cells: list[Cell], experiment: str, *, estimate: bool, log: Log) -> None:
+    """List the cells; with ``estimate``, each with its time from a probe of its workload
+    (fedsilo.estimate), one probe per distinct workload."""
+    from fedsilo.estimate import PROBE_BATCHES, Speed, probe, workload_key
+
+    speeds: dict[tuple[object, ...], Speed] = {}
+    total = 0.0
+    for cell in cells:
+        guess = ""
+        if estimate:
+            key = workload_key(cell.settings)
+            if key not in speeds:
+                speeds[key] = probe(cell.settings)
+            seconds = speeds[key].cell_seconds(cell.settings)
+            total += seconds
+            guess = f", about {time_left(seconds)}"
+        log(f"cell {cell.index}/{len(cells)}: {cell.label()} (rounds={cell.settings.federation.rounds}{guess})")
+    if estimate:
+        log(
+            f"{len(cells)} cell(s) in experiment '{experiment}', about {time_left(total)} in all on this machine "
+            f"(from {len(speeds)} probe(s) of {PROBE_BATCHES} batches); nothing was recorded (--dry-run)"
+        )
+    else:
+        log(f"{len(cells)} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
+
+
+def run_sweep(path: Path, *, dry_run: bool = False, estimate: bool = False, log: Log = print) -> list[Cell]:
+    """Run every cell not finished yet under one parent run; returns the cells. With ``dry_run``
+    only list them (``estimate``: with their time, from a short probe)."""
     spec = read_spec(path)
     experiment = spec.experiment or path.stem
     cells = expand(spec, experiment)
     n = len(cells)
     if dry_run:
-        for cell in cells:
-            log(f"cell {cell.index}/{n}: {cell.label()} (rounds={cell.settings.federation.rounds})")
-        log(f"{n} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
+        dry_run_lines(cells, experiment, estimate=estimate, log=log)
         return cells
 
     parent = SweepParent(

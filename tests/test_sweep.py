@@ -111,6 +111,37 @@ def test_cli_bad_file_is_one_line_and_dry_run_touches_nothing(tmp_path, monkeypa
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_estimate_times_one_probe_per_workload_and_records_nothing(
+    tmp_path, monkeypatch, tiny_bert, sentiment_csv
+) -> None:
+    # Prepare: three cells of one workload (K changes what each client trains, not the round's work)
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(
+        tmp_path,
+        {
+            "settings": {"model": str(tiny_bert), "dataset": str(sentiment_csv), "rounds": 2},
+            "grid": {"silos": [1, 2, 4]},
+        },
+        "estimate.yaml",
+    )
+    from fedsilo import estimate
+
+    probes: list[Any] = []
+    real_probe = estimate.probe
+    monkeypatch.setattr(estimate, "probe", lambda settings: probes.append(settings) or real_probe(settings))
+
+    # Execute
+    listed = CliRunner().invoke(app, ["sweep", "--config", str(spec), "--estimate"])
+
+    # Assert: one probe, an estimate per cell (the same: the same work) and in all, no store
+    assert listed.exit_code == 0, listed.output
+    assert len(probes) == 1
+    guesses = [line.split("about ")[1] for line in listed.output.splitlines() if line.startswith("cell ")]
+    assert len(guesses) == 3 and len(set(guesses)) == 1, listed.output
+    assert "about " in listed.output.splitlines()[-1] and "nothing was recorded" in listed.output
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+
+
 def test_paper_grid() -> None:
     cells = sweep.expand(sweep.read_spec(CONFIGS / "paper.yaml"), "paper")
     assert len(cells) == 3 * 3 * 6
