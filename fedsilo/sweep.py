@@ -365,11 +365,11 @@ def run_sweep(path: Path, *, dry_run: bool = False, estimate: bool = False, log:
             elapsed = time.perf_counter() - started
             # Cells differ (K, dataset, rounds): the mean so far is a rough guide, not a promise.
             left = len(todo) - ran - len(failures)
-            estimate = f", about {time_left(elapsed / ran * left)} left" if left > 0 else ""
+            remaining = f", about {time_left(elapsed / ran * left)} left" if left > 0 else ""
             log(
                 f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
                 f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
-                f"{len(done)}/{n} cells finished, {elapsed:.0f}s so far{estimate})"
+                f"{len(done)}/{n} cells finished, {elapsed:.0f}s so far{remaining})"
             )
     except BaseException as exc:
         parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
