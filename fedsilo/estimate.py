@@ -82,14 +82,19 @@ def probe(settings: Settings) -> Speed:
     seconds_to_train(_head(rows, train.batch_size))  # warm-up, untimed
     sample = _head(rows, PROBE_BATCHES * train.batch_size)
     train_row = seconds_to_train(sample) / len(sample)
+
+    def seconds_to_evaluate(data: Encoded) -> float:
+        started = time.perf_counter()
+        evaluate(
+            model,
+            data,
+            batch_size=train.eval_batch_size,
+            attention_mask=inputs.attention_mask,
+            fast_paths=train.fast_paths,
+        )
+        return time.perf_counter() - started
+
+    seconds_to_evaluate(_head(test, train.batch_size))  # warm-up, untimed
     held_out = _head(test, PROBE_BATCHES * train.eval_batch_size)
-    started = time.perf_counter()
-    evaluate(
-        model,
-        held_out,
-        batch_size=train.eval_batch_size,
-        attention_mask=inputs.attention_mask,
-        fast_paths=train.fast_paths,
-    )
-    eval_row = (time.perf_counter() - started) / len(held_out)
+    eval_row = seconds_to_evaluate(held_out) / len(held_out)
     return Speed(train_row, eval_row, len(rows), len(test))
