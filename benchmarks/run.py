@@ -265,6 +265,16 @@ def mlflow_metric(uri: str, experiment: str, key: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
+def mlflow_param(uri: str, experiment: str, key: str) -> str | None:
+    """A param of the experiment's latest run (None when there is none)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1) if found else []
+    return runs[0].data.params.get(key) if runs else None
+
+
 def steady(values: list[float]) -> list[float]:
     """Drop the first round (first touch of buffers, first collective of that size) when there
     are enough to spare."""
@@ -503,7 +513,8 @@ def real_federation(size: str, silos: int, plan: Plan, work: Path) -> dict[str, 
         "peak_rss": json.loads(peak.read_text())["peak_rss_bytes"],
         "comm_seconds": mlflow_metric(uri, name, "comm_seconds"),
         "round_seconds": mlflow_metric(uri, name, "round_seconds"),
-        "bytes_per_silo": mlflow_metric(uri, name, "bytes_per_silo"),
+        # A param since it is the same every round: megabytes, down and up.
+        "megabytes_per_silo_round": mlflow_param(uri, name, "megabytes_per_silo_round"),
     }
 
 

@@ -10,7 +10,7 @@ import torch
 from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
 from fedsilo.client import Budget, budget
-from fedsilo.config import Settings, agreed_settings, settings_fingerprint
+from fedsilo.config import FederationConfig, Settings, agreed_settings, settings_fingerprint
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import FederationError, FedsiloError
 from fedsilo.ledger import FederationRun, Outcome
@@ -24,6 +24,7 @@ from fedsilo.model import (
     load_tokenizer,
 )
 from fedsilo.progress import Log
+from fedsilo.runmeta import RunContext
 from fedsilo.server_opt import ServerOptimizer
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
 from fedsilo.train import EvalResult, evaluate, resolve_device
@@ -133,7 +134,15 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             # or the group's rendezvous, under the join timeout. A slow tracking server or a new
             # sqlite store on a busy machine takes tens of seconds.
             ledger.track(
-                {**privacy.params(), **({} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"})}
+                {**privacy.params(), **({} if test is None else {MAJORITY_PARAM: f"{majority_share(test):.6f}"})},
+                context=RunContext(
+                    "aggregator",
+                    device.type,
+                    "tls" if fed.transport == "tls" else wire,
+                    {rank: hello.train_examples for rank, hello in hellos.items()},
+                    None if test is None else len(test),
+                    megabytes_per_silo_round(flat_size(model), fed),
+                ),
             )
             if fed.secure_aggregation:
                 secagg.relay(group)
@@ -145,6 +154,13 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
             return ledger.close(model, tokenizer, weights)
         finally:
             group.close()
+
+
+def megabytes_per_silo_round(size: int, fed: FederationConfig) -> float:
+    """One silo's traffic in a round: the global model down in float32, its update up in
+    ``--transfer-dtype``, or as int64 fixed point under secure aggregation."""
+    up = 8 if fed.secure_aggregation else torch.finfo(getattr(torch, fed.transfer_dtype)).bits // 8
+    return size * (4 + up) / 1e6
 
 
 def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
@@ -161,9 +177,6 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
     summed = torch.zeros(weights.numel(), dtype=wire_dtype, device=weights.device)
     masked = torch.zeros_like(summed, dtype=torch.int64) if fed.secure_aggregation else None
     bound = is_bound(model, weights)
-    bytes_per_silo = weights.numel() * (
-        weights.element_size() + (masked if masked is not None else summed).element_size()
-    )
     server = ServerOptimizer(settings.server, weights, ledger.server_state)
     with group.phase(f"round {ledger.start_round}: sending the global model"):
         group.broadcast_(weights)
@@ -201,7 +214,8 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
         if not bound:
             load_flat(model, weights)
 
-        # evaluate, here or on the silos' held-out data
+        # evaluate, here or on the silos' held-out data (then each silo's own scores are logged too)
+        local: dict[int, EvalResult] = {}
         if rounds.test is not None:
             result = evaluate(
                 model,
@@ -212,11 +226,10 @@ def run_rounds(rounds: Rounds, ledger: FederationRun) -> None:
             )
         else:
             with group.phase(f"round {round_}: evaluation on the silos"):
-                result = EvalResult.from_rows(group.gather_rows(EvalResult.placeholder()))
+                rows = group.gather_rows(EvalResult.placeholder())
+            result, local = EvalResult.from_rows(rows), EvalResult.per_rank(rows)
 
         # log and checkpoint
-        metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started)
-        metrics.update(
-            comm_seconds=comm_seconds, bytes_per_silo=float(bytes_per_silo), **rounds.privacy.metrics(round_)
-        )
+        metrics = round_metrics(result, reports, accepted, skipped, time.perf_counter() - started, local)
+        metrics.update(comm_seconds=comm_seconds, **rounds.privacy.metrics(round_))
         ledger.record(round_, weights, metrics, server.state_dict())

@@ -89,6 +89,7 @@ class Report(WireRow):
     examples: int
     train_loss: float
     update_norm: float
+    train_seconds: float = 0.0  # the silo's local training this round (MLflow's silo/<rank>/train_seconds)
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> list[Report]:

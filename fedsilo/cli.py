@@ -10,8 +10,11 @@ import os
 # torch. Set TORCH_CPP_LOG_LEVEL=INFO to see torch's own logs when debugging.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
+from typing import Annotated  # noqa: E402
+
 import typer  # noqa: E402
 
+from fedsilo import __version__  # noqa: E402
 from fedsilo.commands import aggregator, certs, report, run, silo, simulate, sweep  # noqa: E402
 from fedsilo.options import FedsiloGroup, SettingsCommand  # noqa: E402
 
@@ -26,8 +29,27 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"fedsilo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print fedsilo's version and exit."),
+    ] = False,
+) -> None:
+    # The group's own options only (no docstring: the help above stays the group's help).
+    del version
+
+
 app.command("aggregator", cls=SettingsCommand)(aggregator.command)
-app.command("silo", cls=SettingsCommand)(silo.command)
+app.command("silo", cls=silo.SiloCommand)(silo.command)
 app.command("run", cls=SettingsCommand)(run.command)
 app.command("simulate", cls=SettingsCommand)(simulate.command)
 app.command("sweep")(sweep.command)

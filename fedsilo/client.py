@@ -45,13 +45,13 @@ class Budget:
         """Each silo's sigma and sampling rate (delta, C and the accountant are settings, logged already)."""
         found = {}
         for rank, plan in self.plans.items():
-            found[f"silo_{rank}/dp_noise_multiplier"] = f"{plan.noise_multiplier:.6g}"
-            found[f"silo_{rank}/dp_sample_rate"] = f"{plan.sample_rate:.6g}"
+            found[f"silo/{rank}/dp_noise_multiplier"] = f"{plan.noise_multiplier:.6g}"
+            found[f"silo/{rank}/dp_sample_rate"] = f"{plan.sample_rate:.6g}"
         return found
 
     def metrics(self, round_: int) -> dict[str, float]:
         """Each silo's epsilon after ``round_`` rounds, and the largest."""
-        spent = {f"silo_{rank}/dp_epsilon": plan.epsilon(round_) for rank, plan in self.plans.items()}
+        spent = {f"silo/{rank}/dp_epsilon": plan.epsilon(round_) for rank, plan in self.plans.items()}
         return {**spent, "dp_epsilon_max": max(spent.values())} if spent else {}
 
 

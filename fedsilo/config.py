@@ -287,6 +287,16 @@ class TrackingConfig(_Section):
         "sqlite:///mlflow.db", description="MLflow tracking URI (written by the aggregator only)."
     )
     experiment: str = Field("fedsilo", description="MLflow experiment name.")
+    register_model: str | None = Field(
+        None,
+        description="Register each federation's final model in the MLflow Model Registry under this name, as a "
+        "new version.",
+    )
+    system_metrics: bool = Field(
+        True,
+        description="Record this process's CPU, memory, disk and network use (and GPU where visible) as system/ "
+        "metrics of the run, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10).",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -346,6 +356,8 @@ LOCAL_KEYS = frozenset(
         "token_file",
         "tracking_uri",
         "experiment",
+        "register_model",
+        "system_metrics",
         "checkpoint_dir",
         "eval_batch_size",
         "tls_cert",

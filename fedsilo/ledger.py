@@ -32,7 +32,8 @@ from fedsilo import checkpoint
 from fedsilo.config import Settings, fingerprint, settings_fingerprint
 from fedsilo.errors import FederationError
 from fedsilo.model import load_flat
-from fedsilo.progress import Log
+from fedsilo.progress import Log, time_left
+from fedsilo.runmeta import RunContext
 from fedsilo.tracking import Tracker, redact_uri, round_line
 
 
@@ -82,6 +83,7 @@ class FederationRun:
         self.tracker: Tracker | None = None
         self.final_accuracy = float("nan")
         self.closed = False
+        self._round_seconds: list[float] = []  # this process's rounds, for the time left
 
     @property
     def path(self) -> Path:
@@ -98,7 +100,11 @@ class FederationRun:
         return self.resumed.round + 1 if self.resumed else 1
 
     def _tracker(
-        self, run_id: str | None, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+        self,
+        run_id: str | None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        context: RunContext | None = None,
     ) -> Tracker:
         return Tracker(
             self.settings,
@@ -109,6 +115,7 @@ class FederationRun:
             parent_run_id=self.parent_run_id,
             params=dict(params or {}),
             tags=dict(tags or {}),
+            context=context,
         )
 
     # -- start -----------------------------------------------------------------------------------
@@ -140,11 +147,16 @@ class FederationRun:
             load_flat(model, self.resumed.weights.to(next(model.parameters()).device))
             self.log(f"resuming after round {self.resumed.round} from {self.path}")
 
-    def track(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    def track(
+        self,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         """Create the MLflow run, or continue a resumed federation's; ``params`` and ``tags`` are
-        recorded beside the settings of a new one."""
-        self.tracker = self._tracker(self.resumed.run_id if self.resumed else None, params, tags)
-        self.log(self.tracker.ui_hint())
+        recorded beside the settings of a new one, which ``context`` names and describes."""
+        self.tracker = self._tracker(self.resumed.run_id if self.resumed else None, params, tags, context)
+        self.log(self.tracker.started_line())
 
     # -- each round ------------------------------------------------------------------------------
     def record(
@@ -164,7 +176,11 @@ class FederationRun:
         )
         checkpoint.save(self.directory, state)
         self.final_accuracy = metrics["test_accuracy"]
-        self.log(round_line(round_, self.settings.federation.rounds, metrics))
+        self._round_seconds.append(metrics["round_seconds"])
+        left = self.settings.federation.rounds - round_
+        mean = sum(self._round_seconds) / len(self._round_seconds)
+        estimate = f"; about {time_left(mean * left)} left" if left else ""
+        self.log(round_line(round_, self.settings.federation.rounds, metrics) + estimate)
 
     # -- end -------------------------------------------------------------------------------------
     def close(self, model: torch.nn.Module, tokenizer: Any, weights: torch.Tensor) -> Outcome:

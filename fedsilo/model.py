@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedsilo import hub
 from fedsilo.config import fingerprint
 from fedsilo.errors import ModelError, first_line
 
@@ -22,12 +22,11 @@ from fedsilo.errors import ModelError, first_line
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    options = hub.load_options(name)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **options)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
-        raise ModelError(
-            f"cannot load tokenizer '{name}' (not a local directory and not reachable on the hub): {first_line(exc)}"
-        ) from None
+        raise ModelError(f"cannot load tokenizer '{name}' {hub.why_not(name, options)}: {first_line(exc)}") from None
 
 
 def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
@@ -47,6 +46,7 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     torch.manual_seed(seed)
+    options = hub.load_options(name)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name,
@@ -54,14 +54,10 @@ def build_model(name: str, labels: list[str], seed: int) -> torch.nn.Module:
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             ignore_mismatched_sizes=True,
+            **options,
         )
     except Exception as exc:
-        where = (
-            "from local directory"
-            if Path(name).expanduser().is_dir()
-            else "(not a local directory and not reachable on the hub)"
-        )
-        raise ModelError(f"cannot load model '{name}' {where}: {first_line(exc)}") from None
+        raise ModelError(f"cannot load model '{name}' {hub.why_not(name, options)}: {first_line(exc)}") from None
     return typing.cast(torch.nn.Module, model)
 
 

@@ -152,6 +152,8 @@ def settings_options(
     tls_server_name: Annotated[str | None, setting("tls_server_name")] = None,
     tracking_uri: Annotated[str | None, setting("tracking_uri")] = None,
     experiment: Annotated[str | None, setting("experiment")] = None,
+    register_model: Annotated[str | None, setting("register_model")] = None,
+    system_metrics: Annotated[bool | None, setting("system_metrics")] = None,
     checkpoint_dir: Annotated[Path | None, setting("checkpoint_dir")] = None,
 ) -> None:
     """Never called: its signature declares ``--config`` and the option of every setting, in the
@@ -170,10 +172,17 @@ class SettingsCommand(TyperCommand):
 
     Before the command's function runs, ``--config`` and the settings options are resolved into
     one :class:`Settings` for :func:`settings_of`; the function's parameters are its own options.
+    The settings of the sections in ``unlisted`` are accepted but left out of ``--help``.
     """
 
+    unlisted: frozenset[str] = frozenset()
+
     def __init__(self, name: str | None, *, params: list[Any] | None = None, **attrs: Any) -> None:
-        super().__init__(name, params=[*(params or []), *settings_parameters()], **attrs)
+        settings = settings_parameters()
+        for param in settings:
+            if param.name in _FIELDS and _FIELDS[param.name][0] in self.unlisted:
+                param.hidden = True
+        super().__init__(name, params=[*(params or []), *settings], **attrs)
 
     def invoke(self, ctx: ClickContext) -> Any:
         overrides = {key: ctx.params.pop(key) for key in _FIELDS}

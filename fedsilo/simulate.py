@@ -26,6 +26,7 @@ from fedsilo.errors import ConfigError, FederationError
 from fedsilo.ledger import FederationRun, Outcome, simulation_key
 from fedsilo.model import bind_flat, build_model, flat_size, load_tokenizer, offset_in
 from fedsilo.progress import Log, batch_progress
+from fedsilo.runmeta import RunContext
 from fedsilo.server_opt import ServerOptimizer
 from fedsilo.tracking import MAJORITY_PARAM, round_metrics
 from fedsilo.train import evaluate, resolve_device
@@ -92,7 +93,8 @@ def simulate(
 
         ledger.track(
             {MAJORITY_PARAM: f"{majority_share(test):.6f}", **privacy.params(), **(params or {})},
-            {"fedsilo.mode": "simulate", **(tags or {})},
+            tags,
+            RunContext("simulate", device.type, None, {k: len(s) for k, s in enumerate(shards, start=1)}, len(test)),
         )
         local = bind_flat(model)  # the model's own storage: each client trains in it
         weights = local.clone()
@@ -156,7 +158,9 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
     holds it again on return."""
     settings, local, data = clients.settings, clients.local, clients.shards[k - 1]
     progress = batch_progress(clients.log, f"round {round_}: client {k}/{len(clients.shards)}")
+    started = time.perf_counter()
     result = train_round(settings, clients.model, data, k, round_, progress)
+    seconds = time.perf_counter() - started
     # the update theta_k - theta, formed in the model's own buffer as a silo forms it, added to
     # the sum, and the buffer back to the global model for the next client. Embedding rows none
     # of this client's tokens reached are the global model's still (plain SGD, sparse gradients):
@@ -167,4 +171,4 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
         if 2 * index.numel() < table.shape[0]
     ]
     norm = take_update(summed, local, clients.weights, len(data), rows)
-    return Report(k, len(data), result.mean_loss, norm)
+    return Report(k, len(data), result.mean_loss, norm, seconds)

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, fingerprint, read_yaml_mapping
 from fedsilo.errors import EX_RETRY, ConfigError, FedsiloError, first_line
 from fedsilo.ledger import discard_finished, simulation_key
-from fedsilo.progress import Log
+from fedsilo.progress import Log, time_left
+from fedsilo.runmeta import code_tags
 from fedsilo.simulate import simulate
 from fedsilo.tracking import (
     CELL_TAG,
@@ -210,7 +211,10 @@ class SweepParent:
     metrics, this needs MLflow reachable: without it there is no telling what is done.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, key: str, *, name: str, spec: dict[str, Any]) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, key: str, *, name: str, spec: dict[str, Any], cells: int
+    ) -> None:
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self._client = client = MlflowClient(tracking_uri=tracking_uri)
@@ -224,9 +228,16 @@ class SweepParent:
                 self.run_id = previous[0].info.run_id
                 client.update_run(self.run_id, status="RUNNING")
             else:
-                self.run_id = client.create_run(
-                    self.experiment_id, run_name=name, tags={PARENT_TAG: "parent", SWEEP_KEY_TAG: key}
-                ).info.run_id
+                tags = {
+                    PARENT_TAG: "parent",
+                    SWEEP_KEY_TAG: key,
+                    "mlflow.note.content": sweep_description(spec, cells),
+                    **code_tags("sweep"),
+                }
+                self.run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+                params = [Param(k, v) for k, v in sweep_params(spec, cells).items()]
+                for start in range(0, len(params), 100):  # at most 100 params in one log_batch
+                    client.log_batch(self.run_id, params=params[start : start + 100])
                 client.log_dict(self.run_id, spec, "sweep.yaml")
         except Exception as exc:  # noqa: BLE001 - transport, server and store errors alike
             raise ConfigError(redact_uri(f"cannot use MLflow at {tracking_uri}: {first_line(exc)}")) from None
@@ -249,24 +260,72 @@ class SweepParent:
         return f"sweep run {self.run_id} (experiment {self.experiment_id})"
 
 
+def sweep_params(spec: dict[str, Any], cells: int) -> dict[str, str]:
+    """The parent run's params: the settings every cell shares as they are, each grid key's values
+    as ``grid/<key>`` (a JSON list), the per-dataset overrides (JSON) and the number of cells."""
+    params = {
+        key: json.dumps(value) if isinstance(value, list | dict) else str(value)
+        for key, value in spec["settings"].items()
+    }
+    params.update({f"grid/{key}": json.dumps(values) for key, values in spec["grid"].items()})
+    if spec["per_dataset"]:  # one param: its keys are paths, which MLflow refuses in a param's name
+        params["per_dataset"] = json.dumps(spec["per_dataset"])
+    params.update(cells=str(cells), tracking_uri=redact_uri(spec["tracking_uri"]))
+    return params
+
+
+def sweep_description(spec: dict[str, Any], cells: int) -> str:
+    """One paragraph for the parent run's page."""
+    grid = "; ".join(f"{key}: {', '.join(str(v) for v in values)}" for key, values in spec["grid"].items())
+    return (
+        f"A sweep of {cells} federation(s), each a nested run: every combination of {grid}. "
+        "Summarise it with `fedsilo report`, which logs its tables and figures here under report/."
+    )
+
+
 def _prefixed(log: Log, prefix: str) -> Log:
     return lambda line: log(prefix + line)
 
 
-def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Cell]:
-    """Run every cell not finished yet under one parent run; returns the cells."""
+def dry_run_lines(cells: list[Cell], experiment: str, *, estimate: bool, log: Log) -> None:
+    """List the cells; with ``estimate``, each with its time from a probe of its workload
+    (fedsilo.estimate), one probe per distinct workload."""
+    from fedsilo.estimate import PROBE_BATCHES, Speed, probe, workload_key
+
+    speeds: dict[tuple[object, ...], Speed] = {}
+    total = 0.0
+    for cell in cells:
+        guess = ""
+        if estimate:
+            key = workload_key(cell.settings)
+            if key not in speeds:
+                speeds[key] = probe(cell.settings)
+            seconds = speeds[key].cell_seconds(cell.settings)
+            total += seconds
+            guess = f", about {time_left(seconds)}"
+        log(f"cell {cell.index}/{len(cells)}: {cell.label()} (rounds={cell.settings.federation.rounds}{guess})")
+    if estimate:
+        log(
+            f"{len(cells)} cell(s) in experiment '{experiment}', about {time_left(total)} in all on this machine "
+            f"(from {len(speeds)} probe(s) of {PROBE_BATCHES} batches); nothing was recorded (--dry-run)"
+        )
+    else:
+        log(f"{len(cells)} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
+
+
+def run_sweep(path: Path, *, dry_run: bool = False, estimate: bool = False, log: Log = print) -> list[Cell]:
+    """Run every cell not finished yet under one parent run; returns the cells. With ``dry_run``
+    only list them (``estimate``: with their time, from a short probe)."""
     spec = read_spec(path)
     experiment = spec.experiment or path.stem
     cells = expand(spec, experiment)
     n = len(cells)
     if dry_run:
-        for cell in cells:
-            log(f"cell {cell.index}/{n}: {cell.label()} (rounds={cell.settings.federation.rounds})")
-        log(f"{n} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
+        dry_run_lines(cells, experiment, estimate=estimate, log=log)
         return cells
 
     parent = SweepParent(
-        spec.tracking_uri, experiment, sweep_key(cells), name=path.stem, spec=spec.model_dump(mode="json")
+        spec.tracking_uri, experiment, sweep_key(cells), name=path.stem, spec=spec.model_dump(mode="json"), cells=n
     )
     done = parent.finished_cells()
     todo = [c for c in cells if c.key not in done]
@@ -275,6 +334,7 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
         f"{n - len(todo)} finished already, {len(todo)} to run"
     )
     failures: list[str] = []
+    ran = 0  # cells finished by this invocation
     started = time.perf_counter()
     try:
         for cell in cells:
@@ -301,12 +361,17 @@ def run_sweep(path: Path, *, dry_run: bool = False, log: Log = print) -> list[Ce
                 failures.append(f"cell {cell.index} ({cell.label()}): MLflow was unreachable at the end")
                 continue
             done[cell.key] = outcome.run_id
+            ran += 1
             discard_finished(cell.settings, simulation_key(cell.settings, parent.run_id))
             parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
+            elapsed = time.perf_counter() - started
+            # Cells differ (K, dataset, rounds): the mean so far is a rough guide, not a promise.
+            left = len(todo) - ran - len(failures)
+            remaining = f", about {time_left(elapsed / ran * left)} left" if left > 0 else ""
             log(
                 f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
                 f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
-                f"{len(done)}/{n} cells finished, {time.perf_counter() - started:.0f}s so far)"
+                f"{len(done)}/{n} cells finished, {elapsed:.0f}s so far{remaining})"
             )
     except BaseException as exc:
         parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -6,8 +6,10 @@ stays in the outbox and is delivered at the next round, at the end, or at the ne
 the same settings. Nothing is lost and, because delivery skips steps MLflow already holds,
 nothing is logged twice after a crash.
 
-It also owns the MLflow conventions the sweep and the report share (tag names, the experiment's
-creation, reading every run, a URI fit to print), so that writers and readers cannot drift apart.
+It also owns the MLflow conventions the sweep and the report share (tag names, metric names, the
+experiment's creation and where its artifacts go, reading every run, a URI fit to print), so that
+writers and readers cannot drift apart. What a run says about itself (name, description, tags,
+params, inputs) is fedsilo.runmeta's; the model as an MLflow model is fedsilo.mlmodel's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedsilo.config import Settings
 from fedsilo.progress import Log
+from fedsilo.runmeta import SILO_PREFIX, RunContext, data_inputs, description, run_params, run_tags
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -30,6 +33,10 @@ if TYPE_CHECKING:
 # Fail fast instead of MLflow's default minutes of HTTP retries: the outbox is our retry.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# MLflow's INFO lines (database set-up, each saved model component, the system metrics monitor)
+# drown the round lines; its warnings and errors still show. Read when mlflow is first imported,
+# which fedsilo does lazily, after this.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 # The metric whose history tells which rounds MLflow already holds.
 STEP_MARKER = "round_seconds"
@@ -38,6 +45,11 @@ STEP_MARKER = "round_seconds"
 MAJORITY_PARAM = "test_majority_accuracy"
 # MLflow accepts at most 1000 metrics in one log_batch.
 MAX_BATCH_METRICS = 1000
+# A sqlite store keeps new experiments' artifacts in this folder beside the database file, not in
+# ./mlruns of whatever directory fedsilo was started in.
+ARTIFACTS_BESIDE_DB = "mlartifacts"
+# The model card's file in the outbox, beside the model waiting for MLflow.
+_CARD = "fedsilo-card.md"
 
 # Run tags. A sweep's parent run carries PARENT_TAG = "parent" and its sweep's key; its cells are
 # ordinary federation runs nested under it, each tagged with its cell's key.
@@ -63,10 +75,35 @@ def redact_uri(text: str) -> str:
     return _PASSWORD.sub(r"\g<head>***@", text)
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: for a sqlite store, a folder per experiment under
+    ARTIFACTS_BESIDE_DB beside the database; otherwise None, the server's or store's choice."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri[len(prefix) :].split("?", 1)[0])
+    if str(database) in ("", ":memory:"):
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (database.expanduser().resolve().parent / ARTIFACTS_BESIDE_DB / folder).as_uri()
+
+
+def tracking_client(tracking_uri: str) -> MlflowClient:
+    """A client of ``tracking_uri``."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created if it does not exist yet."""
+    """The id of experiment ``name``, created if it does not exist yet (its artifacts beside a
+    sqlite database: :func:`artifact_location`)."""
     found = client.get_experiment_by_name(name)
-    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    )
     # Open on the runs table rather than the GenAI overview.
     client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     return experiment_id
@@ -98,17 +135,20 @@ class Tracker:
         parent_run_id: str | None = None,
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
+        context: RunContext | None = None,
     ) -> None:
         """``parent_run_id`` nests the run under a sweep's parent; ``params`` and ``tags`` are
-        recorded beside the settings. ``outbox`` is the folder for what waits for MLflow."""
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=settings.tracking.tracking_uri)
+        recorded beside the settings, and ``context`` (how this process runs) names and describes
+        a new run. ``outbox`` is the folder for what waits for MLflow."""
+        self.client = tracking_client(settings.tracking.tracking_uri)
         self.uri = redact_uri(settings.tracking.tracking_uri)  # what messages show: never a password
         self.settings, self.labels, self.log = settings, labels, log
         self.run_id = run_id
         self.experiment_id: str | None = None
         self.parent_run_id, self.extra_params, self.tags = parent_run_id, params or {}, tags or {}
+        # Without a context (tests, a finished federation's leftovers) the settings say what they can.
+        self.context = context or RunContext("federation", settings.train.device, None)
+        self._monitor: Any = None  # MLflow's system metrics monitor, while the run is open here
         self.outbox = outbox
         self.outbox.mkdir(parents=True, exist_ok=True)
         self._pending = self.outbox / "outbox.jsonl"
@@ -123,30 +163,62 @@ class Tracker:
             return True
         try:
             experiment_id = get_or_create_experiment(self.client, self.settings.tracking.experiment)
+            resumed = self.run_id is not None
             if self.run_id is None:
-                tags = dict(self.tags)
-                if self.parent_run_id:
-                    tags[PARENT_RUN_TAG] = self.parent_run_id
-                self.run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
-                params = {
-                    **self.settings.flat(),
-                    "tracking_uri": self.uri,
-                    "num_labels": len(self.labels),
-                    **self.extra_params,
-                }
-                from mlflow.entities import Param
-
-                self.client.log_batch(
-                    self.run_id, params=[Param(k, "" if v is None else str(v)) for k, v in params.items()]
-                )
-                self.client.log_dict(self.run_id, {"labels": self.labels}, "labels.json")
+                self.run_id = self._create_run(experiment_id)
             else:
                 self.client.update_run(self.run_id, status="RUNNING")
         except Exception as exc:  # any transport or server error means: try again later
             self._unreachable(exc)
             return False
         self.experiment_id = experiment_id
+        self._watch_system(resumed)
         return True
+
+    def _create_run(self, experiment_id: str) -> str:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+
+        tags = {**run_tags(self.settings, self.context), **self.tags}
+        if self.parent_run_id:
+            tags[PARENT_RUN_TAG] = self.parent_run_id
+        name = tags.pop("mlflow.runName")
+        run_id: str = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+        params = {
+            **run_params(self.settings, self.context, self.labels),
+            "tracking_uri": self.uri,
+            **self.extra_params,
+        }
+        # One log_batch takes at most 100 params.
+        items = [Param(k, "" if v is None else str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+        inputs = [
+            DatasetInput(
+                Dataset(d.name, d.digest, d.source_type, d.source, profile=d.profile),
+                [InputTag("mlflow.data.context", d.context)],
+            )
+            for d in data_inputs(self.settings, self.context)
+        ]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+        self.client.log_dict(run_id, {"labels": self.labels}, "labels.json")
+        return run_id
+
+    def _watch_system(self, resumed: bool) -> None:
+        """MLflow's system metrics (system/cpu_utilization_percentage, ...) for this process, from a
+        thread of MLflow's, while the run is open here; a resumed run continues their steps."""
+        if not self.settings.tracking.system_metrics or self._monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=resumed, tracking_uri=self.settings.tracking.tracking_uri
+            )
+            self._monitor.start()
+        except Exception as exc:  # psutil missing, an old MLflow: the run goes on without them
+            self.log(f"warning: no system metrics for this run: {_first_line(exc)}")
+            self._monitor = None
 
     def _unreachable(self, exc: BaseException) -> None:
         # Warn once per outage, and again only when the reason changes (not once per round).
@@ -209,20 +281,39 @@ class Tracker:
 
     # -- model -----------------------------------------------------------------------------------
     def log_model(self, model: Any, tokenizer: Any) -> None:
-        """The global model as artifact ``model/``, loadable with ``from_pretrained``."""
+        """The global model as the run's MLflow model ``model`` (fedsilo.mlmodel): first saved to
+        the outbox with its card, then delivered like the metrics."""
         shutil.rmtree(self._model_dir, ignore_errors=True)
         model.save_pretrained(self._model_dir)
         tokenizer.save_pretrained(self._model_dir)
+        (self._model_dir / _CARD).write_text(description(self.settings, self.context) + "\n", encoding="utf-8")
         self.flush()
 
     def _deliver_model(self) -> None:
-        if self._model_dir.exists():
-            assert self.run_id is not None
-            self.client.log_artifacts(self.run_id, str(self._model_dir), artifact_path="model")
-            shutil.rmtree(self._model_dir)
+        if not self._model_dir.exists():
+            return
+        from fedsilo.mlmodel import log_classifier
+
+        assert self.run_id is not None and self.experiment_id is not None
+        card = self._model_dir / _CARD
+        name = self.settings.tracking.register_model
+        version = log_classifier(
+            self.settings.tracking.tracking_uri,
+            self.experiment_id,
+            self.run_id,
+            self._model_dir,
+            card.read_text(encoding="utf-8") if card.exists() else "",
+            name,
+        )
+        shutil.rmtree(self._model_dir)
+        if version is not None:
+            self.log(f"registered the model as {name} version {version}")
 
     def finish(self, status: str = "FINISHED") -> bool:
         """Deliver what waits and close the run; False (results kept locally) while MLflow is unreachable."""
+        if self._monitor is not None:  # its last samples go before the run closes
+            self._monitor.finish()
+            self._monitor = None
         if self.flush():
             assert self.run_id is not None
             try:
@@ -236,6 +327,12 @@ class Tracker:
         )
         return False
 
+    def started_line(self) -> str:
+        """The run's one line at the start; :meth:`ui_hint` says how to browse it at the end."""
+        if self.run_id is None or self.experiment_id is None:
+            return f"MLflow run not created yet ({self.uri} unreachable)"
+        return f"MLflow run {self.run_id} in experiment '{self.settings.tracking.experiment}' at {self.uri}"
+
     def ui_hint(self) -> str:
         if self.run_id is None or self.experiment_id is None:
             return f"MLflow run not created yet ({self.uri} unreachable)"
@@ -247,9 +344,16 @@ class Tracker:
 
 
 def round_metrics(
-    result: Any, reports: list[Any], accepted: list[int], skipped: list[str], seconds: float
+    result: Any,
+    reports: list[Any],
+    accepted: list[int],
+    skipped: list[str],
+    seconds: float,
+    local: dict[int, Any] | None = None,
 ) -> dict[str, float]:
-    """The metrics every round logs, in the aggregator and in the simulation alike."""
+    """The metrics every round logs, in the aggregator and in the simulation alike: the federation's
+    unprefixed, then each silo's under SILO_PREFIX (its loss, its training time and, where the
+    silos evaluate, ``local``: its accuracy on its own held-out rows)."""
     total = sum(r.examples for r in reports if r.rank in accepted)
     metrics = {
         "test_accuracy": result.accuracy,
@@ -259,8 +363,11 @@ def round_metrics(
         "silos_skipped": float(len(skipped)),
     }
     for r in reports:
-        metrics[f"silo_{r.rank}/train_loss"] = r.train_loss
-        metrics[f"silo_{r.rank}/examples"] = float(r.examples)
+        metrics[f"{SILO_PREFIX}/{r.rank}/train_loss"] = r.train_loss
+        metrics[f"{SILO_PREFIX}/{r.rank}/train_seconds"] = r.train_seconds
+    for rank, scores in sorted((local or {}).items()):
+        metrics[f"{SILO_PREFIX}/{rank}/test_accuracy"] = scores.accuracy
+        metrics[f"{SILO_PREFIX}/{rank}/test_loss"] = scores.loss
     return metrics
 
 

@@ -39,6 +39,11 @@ class EvalResult(WireRow):
         """The federation's scores: the silos' rows added up (rank 0's placeholder skipped)."""
         return cls.from_row(rows[1:].sum(0).tolist())
 
+    @classmethod
+    def per_rank(cls, rows: torch.Tensor) -> dict[int, EvalResult]:
+        """Each silo's own scores, by rank (rank 0's placeholder skipped)."""
+        return {rank: cls.from_row(row) for rank, row in enumerate(rows.tolist()) if rank}
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.examples if self.examples else float("nan")

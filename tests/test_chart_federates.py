@@ -277,8 +277,8 @@ def test_indexed_job_federates_on_a_shared_dataset_and_logs_to_mlflow(tmp_path: 
     # Assert: the run finished with both silos, its checkpoint and database on their PVCs.
     assert run.info.status == "FINISHED"
     assert run.data.params["silos"] == "2"
-    assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
-    assert run.data.metrics["silo_1/examples"] + run.data.metrics["silo_2/examples"] > 100
+    assert "test_accuracy" in run.data.metrics and {"silo/1/examples", "silo/2/examples"} <= set(run.data.params)
+    assert int(run.data.params["silo/1/examples"]) + int(run.data.params["silo/2/examples"]) > 100
     assert any((tmp_path / "cluster" / "pvc" / "exp-fedsilo-checkpoints").iterdir())
     assert (tmp_path / "cluster" / "pvc" / "exp-fedsilo-mlflow" / "mlflow.db").exists()
 
@@ -321,7 +321,7 @@ def test_job_per_silo_federates_each_on_its_own_data_volume(tmp_path: Path) -> N
 
     # Assert: each silo trained on all of its own file (partition none), nothing else.
     assert run.info.status == "FINISHED"
-    examples = {rank: run.data.metrics[f"silo_{rank}/examples"] for rank in sizes}
+    examples = {rank: int(run.data.params[f"silo/{rank}/examples"]) for rank in sizes}
     assert examples[1] > examples[2], f"each silo must read its own volume: {examples}"
     assert all(examples[rank] <= sizes[rank] for rank in sizes), examples
     assert "test_accuracy" in run.data.metrics, "the aggregator evaluated on its own test set"
@@ -386,7 +386,7 @@ def test_tls_transport_federates_each_member_on_its_own_certificate(tmp_path: Pa
     # Assert: the run finished with both silos over TLS.
     assert run.info.status == "FINISHED"
     assert run.data.params["transport"] == "tls"
-    assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
+    assert "test_accuracy" in run.data.metrics and {"silo/1/examples", "silo/2/examples"} <= set(run.data.params)
 
 
 # ---- the bundled MLflow server on PostgreSQL ----------------------------------------------------
@@ -512,7 +512,7 @@ def test_bundled_mlflow_on_postgresql_with_basic_auth_records_the_federation(
 
     # Assert: the run, read back through the server, is FINISHED with both silos...
     assert run.info.status == "FINISHED"
-    assert {"test_accuracy", "silo_1/examples", "silo_2/examples"} <= set(run.data.metrics)
+    assert "test_accuracy" in run.data.metrics and {"silo/1/examples", "silo/2/examples"} <= set(run.data.params)
     # ...and it lives in PostgreSQL, not in a sqlite file on the volume.
     with psycopg.connect(postgres) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT run_uuid, status FROM runs")

@@ -128,7 +128,7 @@ def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert
     assert only.info.status == "FINISHED"
     history = client.get_metric_history(only.info.run_id, "dp_epsilon_max")
     assert [m.step for m in history] == list(range(1, end + 1))
-    assert max(m.value for m in history) <= 3.0 and only.data.params["silo_1/dp_noise_multiplier"] == "2"
+    assert max(m.value for m in history) <= 3.0 and only.data.params["silo/1/dp_noise_multiplier"] == "2"
 
 
 def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny_bert: Path) -> None:

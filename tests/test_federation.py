@@ -15,6 +15,7 @@ from fedsilo.launcher import free_port
 from fedsilo.model import build_model, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import silo_data
+from tests.mlmodels import model_weights_dir
 from tests.procs import assert_one_line_error, final_weights, finish, run, start
 from tests.reference import flatten, weighted_average
 from tests.tiny import make_tiny_model, sentiment_rows, write_csv
@@ -103,15 +104,15 @@ def test_mlflow_run_has_config_metrics_and_a_loadable_model(dirichlet_run) -> No
         "test_accuracy",
         "test_loss",
         "train_loss",
-        "silo_1/train_loss",
-        "silo_2/examples",
+        "silo/1/train_loss",
+        "silo/2/train_seconds",
         "round_seconds",
-        "bytes_per_silo",
         "comm_seconds",
     } <= metrics
+    assert float(params["megabytes_per_silo_round"]) > 0 and params["silo/2/examples"].isdigit()
     steps = [m.step for m in client.get_metric_history(run_info.info.run_id, "test_accuracy")]
     assert steps == [1]
-    model_dir = Path(client.download_artifacts(run_info.info.run_id, "model", str(work / "dl")))
+    model_dir = model_weights_dir(f"sqlite:///{work}/mlflow.db", run_info.info.run_id, work / "dl")
     from transformers import AutoModelForSequenceClassification
 
     loaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
@@ -202,7 +203,10 @@ def test_hospital_silos_train_on_their_own_files_and_evaluate_locally(tmp_path, 
     (run_info,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
     metrics = run_info.data.metrics
     # each silo held out 10% of its own rows and trained on the rest
-    assert (metrics["silo_1/examples"], metrics["silo_2/examples"]) == (54, 90)
+    params = run_info.data.params
+    assert (params["silo/1/examples"], params["silo/2/examples"]) == ("54", "90")
+    # the silos evaluated on their own held-out rows: each one's scores are logged too
+    assert {"silo/1/test_accuracy", "silo/2/test_accuracy"} <= set(metrics)
     assert len(client.get_metric_history(run_info.info.run_id, "test_accuracy")) == 2
     assert "t0ken" not in "".join(out for _, out in outputs)
 

@@ -138,5 +138,5 @@ def test_32_silos_on_one_machine(tmp_path: Path, tiny_bert: Path, capsys: pytest
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
     assert steps == list(range(1, ROUNDS + 1))
-    assert run.data.metrics[f"silo_{SILOS}/examples"] == ROWS_PER_SILO
-    assert sum(run.data.metrics[f"silo_{r}/examples"] for r in range(1, SILOS + 1)) == SILOS * ROWS_PER_SILO
+    assert int(run.data.params[f"silo/{SILOS}/examples"]) == ROWS_PER_SILO
+    assert sum(int(run.data.params[f"silo/{r}/examples"]) for r in range(1, SILOS + 1)) == SILOS * ROWS_PER_SILO

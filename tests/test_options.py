@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+from fedsilo import __version__
 from fedsilo.cli import app
 from fedsilo.commands import run as run_command
 from fedsilo.config import SECTIONS, Settings, build_settings
@@ -190,10 +191,28 @@ def test_a_bad_on_off_variable_is_one_line_naming_it(resolved) -> None:
 
 
 # -- help --------------------------------------------------------------------------------------------
-def test_silo_help_lists_every_variable_by_section() -> None:
+def panels_of(output: str) -> list[str]:
+    return [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in output.splitlines() if line.startswith("╭─ ")]
+
+
+def test_aggregator_help_lists_every_variable_by_section_after_its_own_options() -> None:
+    result = fedsilo("aggregator", "--help", COLUMNS="250")
+    assert result.exit_code == 0, result.output
+    for variable in ["FEDSILO_CONFIG", *(f"FEDSILO_{key.upper()}" for key in FIELDS)]:
+        assert f"[env var: {variable}]" in result.output, variable
+    assert panels_of(result.output) == ["Options", "Settings", *(name.capitalize() for name in SECTIONS)]
+
+
+def test_silo_help_leaves_out_the_aggregators_settings_but_takes_them(resolved) -> None:
     result = fedsilo("silo", "--help", COLUMNS="250")
     assert result.exit_code == 0, result.output
-    for variable in ["FEDSILO_RANK", "FEDSILO_CONFIG", *(f"FEDSILO_{key.upper()}" for key in FIELDS)]:
-        assert f"[env var: {variable}]" in result.output, variable
-    panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in result.output.splitlines() if line.startswith("╭─ ")]
-    assert panels == ["Options", "Settings", *(name.capitalize() for name in SECTIONS)]
+    assert panels_of(result.output) == ["Options", "Settings", "Model", "Data", "Train", "Federation"]
+    assert "[env var: FEDSILO_RANK]" in result.output and "FEDSILO_TRACKING_URI" not in result.output
+    # ... yet one config file serves every rank: a silo accepts them (and fails later, on its rank)
+    taken = fedsilo("silo", "--tracking-uri", "sqlite:///x.db", "--checkpoint-dir", "c", "--rank", "9")
+    assert "no such option" not in taken.output, taken.output
+
+
+def test_version() -> None:
+    result = fedsilo("--version")
+    assert (result.exit_code, result.output) == (0, f"fedsilo {__version__}\n")

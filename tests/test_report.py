@@ -13,6 +13,7 @@ import pytest
 
 from fedsilo.errors import FedsiloError
 from fedsilo.report import (
+    BASELINE_AT_CHANCE,
     MAJORITY_LABEL,
     NO_BASELINE,
     NOT_REACHED,
@@ -52,6 +53,7 @@ def curve(
     run_id: str = "",
     start_time: int = 0,
     majority: float | None = None,
+    model_name: str = "",
 ) -> Curve:
     last = max(accuracy, default=0)
     return Curve(
@@ -66,6 +68,7 @@ def curve(
         run_id=run_id,
         start_time=start_time,
         majority_accuracy=majority,
+        model_name=model_name,
     )
 
 
@@ -289,6 +292,89 @@ def test_an_unreadable_floor_param_names_the_run_and_param() -> None:
     assert _float_param(SimpleNamespace(info=run.info, data=SimpleNamespace(params={})), MAJORITY) is None  # type: ignore[arg-type]
 
 
+def test_a_k1_baseline_at_or_below_chance_gives_no_rounds_to_target() -> None:
+    # Prepare: K = 1 ends at the majority class (0.6): 90% of it is reached by answering one class
+    at_majority = [curve({1: 0.55, 2: 0.6}, majority=0.6), curve({1: 0.6, 2: 0.6}, silos=2, majority=0.6)]
+    # ... and without a logged majority, a uniform guess over two labels is the floor
+    at_uniform = [curve({1: 0.5}), curve({1: 0.5}, silos=4)]
+
+    for curves in (at_majority, at_uniform):
+        # Execute
+        rows = summarise(curves)
+
+        # Assert
+        assert [(r.rounds_to_target, r.target_accuracy, r.rounds_text) for r in rows] == [
+            (None, None, BASELINE_AT_CHANCE)
+        ] * 2
+        assert BASELINE_AT_CHANCE in markdown_text("x", rows, [])
+        assert [row["rounds_to_target"] for row in csv.DictReader(io.StringIO(csv_text(rows)))] == [
+            BASELINE_AT_CHANCE
+        ] * 2
+    # a baseline above the floor still sets a target
+    (one, two) = summarise([curve({1: 0.7}, majority=0.6), curve({1: 0.65}, silos=2, majority=0.6)])
+    assert (one.rounds_to_target, two.rounds_to_target) == (1, 1)
+
+
+def test_models_are_shown_by_short_name_unless_two_share_it() -> None:
+    rows = summarise(
+        [
+            curve(ramp(3), model="data/minilm"),
+            curve(ramp(3), model="/elsewhere/minilm"),
+            curve(ramp(3), model="org/tiny-bert-model", model_name="tiny"),
+            curve(ramp(3), model="sentence-transformers/all-MiniLM-L6-v2"),
+        ]
+    )
+    assert {r.model: r.name for r in rows} == {
+        "data/minilm": "data/minilm",
+        "/elsewhere/minilm": "/elsewhere/minilm",
+        "org/tiny-bert-model": "tiny",
+        "sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+    }
+    table = list(csv.DictReader(io.StringIO(csv_text(rows))))
+    assert {(row["model"], row["model_path"]) for row in table} >= {("tiny", "org/tiny-bert-model")}
+
+
+def test_csv_and_markdown_list_the_same_seeds() -> None:
+    rows = summarise([curve(ramp(3), seed=0), curve(ramp(3), seed=2), curve(ramp(3), seed=1)])
+    (row,) = csv.DictReader(io.StringIO(csv_text(rows)))
+    assert row["seeds"] == "0 1 2"
+    assert "| bert | 1 | 0 1 2 |" in markdown_text("x", rows, [])
+
+
+def test_old_and_new_runs_name_their_model_alike() -> None:
+    from fedsilo.report.runs import _curve_from_run
+
+    client: Any = SimpleNamespace(get_metric_history=lambda run_id, key: [])
+    common = {"dataset": "d", "silos": "1", "seed": "0", "num_labels": "2", "rounds": "2"}
+    old = {**common, "model": "data/minilm"}  # before short names: the path as given
+    new = {**common, "model": "minilm", "model_path": "data/minilm"}
+    for params in (old, new):
+        run: Any = SimpleNamespace(info=SimpleNamespace(run_id="r", start_time=0), data=SimpleNamespace(params=params))
+        found = _curve_from_run(client, run)
+        assert (found.model, found.name) == ("data/minilm", "minilm")
+
+
+def test_figures_name_models_briefly_and_count_rounds_in_whole_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.report import figures
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    rows = summarise([curve(ramp(3), model="data/minilm"), curve(ramp(3), model="data/minilm", silos=2)])
+    figures.plot_accuracy_vs_rounds(rows, tmp_path / "a.png")
+    figures.plot_rounds_to_target(rows, tmp_path / "b.png")
+    by_rounds, to_target = drawn
+    panel = by_rounds.axes[0]
+    assert panel.get_title() == "minilm · imdb"
+    by_rounds.canvas.draw()
+    assert all(float(tick).is_integer() for tick in panel.get_xticks())
+    to_target.canvas.draw()
+    assert all(float(tick).is_integer() for tick in to_target.axes[0].get_yticks())
+    legend = [t.get_text() for t in to_target.legends[0].get_texts()]
+    assert "minilm" in legend and "data/minilm" not in legend
+
+
 def test_redact_uri_hides_password_only() -> None:
     uri = "https://u:secret@mlflow.example:5000/x"
     assert redact_uri(uri) == "https://u:***@mlflow.example:5000/x"
@@ -405,7 +491,7 @@ def test_write_report_from_mlflow(store: dict[str, str], tmp_path: Path) -> None
     assert float(bert_target) == pytest.approx(0.9 * 0.88)
 
     md = result.summary_md.read_text(encoding="utf-8")
-    assert "sweep-test" in md and "| bert | 4 | 1 |" in md and NOT_REACHED in md
+    assert "sweep-test" in md and "| bert | 4 | 0 |" in md and NOT_REACHED in md
 
     names = {p.name for p in result.figures}
     assert names == {"accuracy_vs_clients.png", "rounds_to_target.png", "accuracy_vs_rounds.png"}

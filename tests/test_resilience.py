@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedsilo.launcher import free_port
+from tests.mlmodels import logged_model_names
 from tests.procs import Watched, children, final_weights, finish, start
 
 ROUNDS = 3
@@ -115,10 +116,10 @@ def kill_mid_round_and_resume(
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
     assert run_info.info.status == "FINISHED"
-    for metric in ("test_accuracy", "round_seconds", "silo_2/train_loss"):
+    for metric in ("test_accuracy", "round_seconds", "silo/2/train_loss"):
         steps = [m.step for m in client.get_metric_history(run_info.info.run_id, metric)]
         assert sorted(steps) == list(range(1, ROUNDS + 1)), (metric, steps)
-    assert "model" in [a.path for a in client.list_artifacts(run_info.info.run_id)]
+    assert logged_model_names(f"sqlite:///{tmp_path}/mlflow.db", run_info.info.run_id) == ["model"]
 
 
 def test_a_silo_killed_mid_round_resumes_to_the_uninterrupted_model(

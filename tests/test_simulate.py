@@ -20,6 +20,7 @@ from fedsilo.errors import EX_CONFIG, FederationError
 from fedsilo.model import build_model, flat_size, load_tokenizer
 from fedsilo.train import local_train
 from fedsilo.workload import client_shards
+from tests.mlmodels import model_weights_dir
 from tests.procs import final_weights, run
 from tests.reference import flatten, weighted_average
 
@@ -121,19 +122,18 @@ def test_simulate_logs_like_the_aggregator(simulated, tiny_bert, sentiment_csv) 
         "test_loss",
         "train_loss",
         "round_seconds",
-        "silo_1/train_loss",
-        "silo_2/train_loss",
-        "silo_1/examples",
-        "silo_2/examples",
+        "silo/1/train_loss",
+        "silo/2/train_loss",
+        "silo/1/train_seconds",
     } <= set(found.data.metrics)
-    assert found.data.metrics["silo_1/examples"] + found.data.metrics["silo_2/examples"] == 216
+    assert int(found.data.params["silo/1/examples"]) + int(found.data.params["silo/2/examples"]) == 216
     history = client.get_metric_history(outcome.run_id, "test_accuracy")
     assert [m.step for m in history] == [1, 2] and history[-1].value == outcome.final_accuracy
     # one progress line per round, and the final model as a loadable artifact
     assert [line.split(":")[0] for line in lines if line.startswith("round ")] == ["round 1/2", "round 2/2"]
     from transformers import AutoModelForSequenceClassification
 
-    model_dir = client.download_artifacts(outcome.run_id, "model", str(work / "download"))
+    model_dir = model_weights_dir(f"sqlite:///{work}/mlflow.db", outcome.run_id, work / "download")
     assert torch.equal(flatten(AutoModelForSequenceClassification.from_pretrained(model_dir)), outcome.weights)
 
 
@@ -184,7 +184,7 @@ def test_each_partition_scheme(partition, tmp_path, tiny_bert, sentiment_csv) ->
     outcome = sim.simulate(settings, lambda line: None)
     _, found = only_run(tmp_path)
     shards, _, _ = client_shards(settings, load_tokenizer(str(tiny_bert)), 2)
-    logged = [found.data.metrics[f"silo_{k}/examples"] for k in (1, 2)]
+    logged = [int(found.data.params[f"silo/{k}/examples"]) for k in (1, 2)]
     assert logged == [len(s) for s in shards] and sum(logged) == 216
     if partition == "label-sorted":  # contiguous shards of label-sorted rows: the authors' non-IID split
         assert set(shards[0].labels.tolist()) == {0} and shards[1].labels.mean() > 0.9
@@ -310,7 +310,7 @@ def test_cli_clients_override_silos_and_bad_input_is_one_line(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     assert "round 1/1: test_accuracy=" in result.output
     _, found = only_run(tmp_path)
-    assert found.data.params["silos"] == "3" and "silo_3/examples" in found.data.metrics
+    assert found.data.params["silos"] == "3" and "silo/3/examples" in found.data.params
 
     bad = CliRunner().invoke(app, [*args, "--partition", "none"])
     assert bad.exit_code == EX_CONFIG and "Traceback" not in bad.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,37 @@ def test_cli_bad_file_is_one_line_and_dry_run_touches_nothing(tmp_path, monkeypa
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_estimate_times_one_probe_per_workload_and_records_nothing(
+    tmp_path, monkeypatch, tiny_bert, sentiment_csv
+) -> None:
+    # Prepare: three cells of one workload (K changes what each client trains, not the round's work)
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(
+        tmp_path,
+        {
+            "settings": {"model": str(tiny_bert), "dataset": str(sentiment_csv), "rounds": 2},
+            "grid": {"silos": [1, 2, 4]},
+        },
+        "estimate.yaml",
+    )
+    from fedsilo import estimate
+
+    probes: list[Any] = []
+    real_probe = estimate.probe
+    monkeypatch.setattr(estimate, "probe", lambda settings: probes.append(settings) or real_probe(settings))
+
+    # Execute
+    listed = CliRunner().invoke(app, ["sweep", "--config", str(spec), "--estimate"])
+
+    # Assert: one probe, an estimate per cell (the same: the same work) and in all, no store
+    assert listed.exit_code == 0, listed.output
+    assert len(probes) == 1
+    guesses = [line.split("about ")[1] for line in listed.output.splitlines() if line.startswith("cell ")]
+    assert len(guesses) == 3 and len(set(guesses)) == 1, listed.output
+    assert "about " in listed.output.splitlines()[-1] and "nothing was recorded" in listed.output
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+
+
 def test_paper_grid() -> None:
     cells = sweep.expand(sweep.read_spec(CONFIGS / "paper.yaml"), "paper")
     assert len(cells) == 3 * 3 * 6
@@ -174,6 +206,19 @@ def test_sweep_nests_its_cells_and_a_rerun_trains_nothing(tmp_path, tiny_bert, s
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.data.tags[PARENT_RUN_TAG] == parent.info.run_id and c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    # the parent says what the sweep is: its shared settings, grid, overrides and size
+    params = parent.data.params
+    assert (params["grid/silos"], params["cells"], params["lr"], params["model"]) == (
+        "[1, 2]",
+        "2",
+        "0.3",
+        str(tiny_bert),
+    )
+    assert json.loads(params["per_dataset"]) == {str(sentiment_csv): {"budget": 1, "threshold": 2}}
+    assert (
+        "A sweep of 2 federation(s)" in parent.data.tags["mlflow.note.content"] and parent.data.tags["fedsilo.version"]
+    )
+    assert sorted(c.info.run_name for c in children) == [f"K={k} {tiny_bert.name} sentiment seed=0" for k in (1, 2)]
     assert all(
         (c.data.params["budget"], c.data.params["threshold"], c.data.params["rounds"]) == ("1", "2", "2")
         for c in children
@@ -218,6 +263,19 @@ def test_a_partly_finished_sweep_reruns_only_the_missing_cells(monkeypatch, tmp_
     (parent_again,), children = runs_of(tmp_path)
     assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
     assert sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    # the parent says what the sweep is: its shared settings, grid, overrides and size
+    params = parent.data.params
+    assert (params["grid/silos"], params["cells"], params["lr"], params["model"]) == (
+        "[1, 2]",
+        "2",
+        "0.3",
+        str(tiny_bert),
+    )
+    assert json.loads(params["per_dataset"]) == {str(sentiment_csv): {"budget": 1, "threshold": 2}}
+    assert (
+        "A sweep of 2 federation(s)" in parent.data.tags["mlflow.note.content"] and parent.data.tags["fedsilo.version"]
+    )
+    assert sorted(c.info.run_name for c in children) == [f"K={k} {tiny_bert.name} sentiment seed=0" for k in (1, 2)]
     assert all(c.data.tags[CELL_TAG] for c in children)
     report = write_report("tiny", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "report")
     assert [(r.silos, r.budget, r.threshold) for r in report.rows] == [(1, 1, 2), (2, 1, 2)]

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from fedsilo.config import build_settings
 from fedsilo.launcher import free_port
 from fedsilo.tracking import Tracker
+from tests.mlmodels import logged_model_names, model_weights_dir
 from tests.procs import HANG_GUARD, Watched, children, final_weights, kill_tree, start, stop_group
 
 # Timed (rounds must not all pass while the server restarts): never beside the load test.
@@ -155,10 +156,10 @@ def test_metrics_survive_a_server_outage_mid_run(
     client = MlflowClient(tracking_uri=server.uri)
     (run_info,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
     assert run_info.info.status == "FINISHED"
-    for metric in ("test_accuracy", "train_loss", "round_seconds", "silo_1/train_loss", "silo_2/examples"):
+    for metric in ("test_accuracy", "train_loss", "round_seconds", "silo/1/train_loss", "silo/2/train_seconds"):
         steps = [m.step for m in client.get_metric_history(run_info.info.run_id, metric)]
         assert sorted(steps) == list(range(1, ROUNDS + 1)), (metric, steps)
-    model_dir = Path(client.download_artifacts(run_info.info.run_id, "model", str(tmp_path / "downloaded")))
+    model_dir = model_weights_dir(server.uri, run_info.info.run_id, tmp_path / "downloaded")
     from transformers import AutoModelForSequenceClassification
 
     from tests.reference import flatten
@@ -201,5 +202,5 @@ def test_results_of_a_run_that_never_reached_the_server_are_delivered_at_the_nex
     assert run_info.info.status == "FINISHED"
     history = client.get_metric_history(run_info.info.run_id, "test_accuracy")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
-    assert "model" in [a.path for a in client.list_artifacts(run_info.info.run_id)]
+    assert logged_model_names(server.uri, run_info.info.run_id) == ["model"]
     assert run_info.data.params["experiment"] == "outbox"

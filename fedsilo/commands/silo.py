@@ -9,7 +9,14 @@ import typer
 
 from fedsilo.errors import ConfigError
 from fedsilo.join import read_token
-from fedsilo.options import settings_of, whole_number
+from fedsilo.options import SettingsCommand, settings_of, whole_number
+
+
+class SiloCommand(SettingsCommand):
+    """MLflow and checkpoints are the aggregator's: a silo accepts their settings (one config file
+    serves every rank) but its --help leaves them out, to stay short."""
+
+    unlisted = frozenset({"tracking", "checkpoint"})
 
 
 def resolve_rank(rank: int | None) -> int:

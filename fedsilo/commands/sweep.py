@@ -20,6 +20,14 @@ def command(
             "--dry-run", help="Validate the file and list its cells; train nothing and touch no MLflow store."
         ),
     ] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="A dry run that also times a few batches of each model and dataset here and estimates each "
+            "cell's time (trains a little; records nothing).",
+        ),
+    ] = False,
 ) -> None:
     """Run a grid of simulations (models x datasets x client counts x seeds ...) as nested MLflow runs under one parent.
 
@@ -28,4 +36,4 @@ def command(
     from fedsilo.sweep import run_sweep
 
     with stop_on_sigterm():
-        run_sweep(config, dry_run=dry_run)
+        run_sweep(config, dry_run=dry_run or estimate, estimate=estimate)

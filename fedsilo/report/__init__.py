@@ -9,6 +9,7 @@ turn for `write_report`. MLflow's conventions (tags, paging) belong to fedsilo.t
 from __future__ import annotations
 
 from fedsilo.report.summary import (
+    BASELINE_AT_CHANCE,
     MAJORITY_LABEL,
     NO_BASELINE,
     NOT_REACHED,
@@ -25,6 +26,7 @@ from fedsilo.report.tables import csv_text, markdown_text
 from fedsilo.report.write import ReportResult, write_report
 
 __all__ = [
+    "BASELINE_AT_CHANCE",
     "MAJORITY_LABEL",
     "NOT_REACHED",
     "NO_BASELINE",

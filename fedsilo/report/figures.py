@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.report.summary import MAJORITY_LABEL, NO_BASELINE, RANDOM_LABEL, TARGET_FRACTION, SummaryRow
+from fedsilo.report.summary import (
+    BASELINE_AT_CHANCE,
+    MAJORITY_LABEL,
+    NO_BASELINE,
+    RANDOM_LABEL,
+    TARGET_FRACTION,
+    SummaryRow,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -59,12 +66,24 @@ def _datasets_models(rows: Sequence[SummaryRow]) -> tuple[list[str], list[str]]:
     return sorted({r.dataset for r in rows}), sorted({r.model for r in rows})
 
 
+def _names(rows: Sequence[SummaryRow]) -> dict[str, str]:
+    """What legends and titles call each model: its short name (unique among the rows, `summarise`)."""
+    return {r.model: r.name for r in rows}
+
+
+def _whole_rounds(axis: Any) -> None:
+    """Rounds are whole numbers: no tick at 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_accuracy_vs_clients(rows: Sequence[SummaryRow], path: Path) -> Path:
     """Fig. 1: accuracy at the budget vs K (log2), a panel per dataset, a line per model."""
     from matplotlib.figure import Figure
 
     datasets, models = _datasets_models(rows)
-    colours = _colours(models)
+    colours, names = _colours(models), _names(rows)
     ks = sorted({r.silos for r in rows})
     fig = Figure(figsize=(_width(4.2, datasets), 3.6), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
@@ -81,7 +100,7 @@ def plot_accuracy_vs_clients(rows: Sequence[SummaryRow], path: Path) -> Path:
                 marker="o",
                 capsize=3,
                 color=colours[model],
-                label=model,
+                label=names[model],
             )
         floor, name = drows[0].chance
         ax.axhline(floor, ls="--", color="0.4", lw=1, label=name)
@@ -129,12 +148,13 @@ def plot_rounds_to_target(rows: Sequence[SummaryRow], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     datasets, models = _datasets_models(rows)
-    colours = _colours(models)
+    colours, names = _colours(models), _names(rows)
     ks = sorted({r.silos for r in rows})
     fig = Figure(figsize=(_width(4.2, datasets), 3.6), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets, strict=True):
         drows = [r for r in rows if r.dataset == dataset and r.target_accuracy is not None]
+        at_chance = any(r.baseline_at_chance for r in rows if r.dataset == dataset)
         thresholds = sorted({r.threshold for r in drows})
         for i, model in enumerate(models):
             mrows = [r for r in drows if r.model == model]
@@ -146,7 +166,7 @@ def plot_rounds_to_target(rows: Sequence[SummaryRow], path: Path) -> Path:
                     [r.rounds_to_target for r in reached],
                     marker="o",
                     color=colours[model],
-                    label=model,
+                    label=names[model],
                 )
             if missed:
                 # Nudge models sideways so their crosses do not hide each other.
@@ -163,12 +183,14 @@ def plot_rounds_to_target(rows: Sequence[SummaryRow], path: Path) -> Path:
         for t in thresholds:
             ax.axhline(t, ls="--", color="0.4", lw=1, label=THRESHOLD_LABEL)
         if not drows:
-            ax.text(0.5, 0.5, NO_BASELINE, transform=ax.transAxes, ha="center", va="center")
+            why = BASELINE_AT_CHANCE if at_chance else NO_BASELINE
+            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center")
         _clients_axis(ax, ks)
         ax.set_ylim(bottom=0, top=max(thresholds, default=1) * 1.08)
+        _whole_rounds(ax.yaxis)
         ax.set_title(f"{dataset}", fontsize=11)
         ax.set_ylabel(f"Rounds to {TARGET_FRACTION:.0%} of K = 1 accuracy")
-    proxies = [Line2D([], [], marker="o", color=colours[m], label=m) for m in models] + [
+    proxies = [Line2D([], [], marker="o", color=colours[m], label=names[m]) for m in models] + [
         Line2D([], [], ls="none", marker="x", ms=9, mew=2, color="0.3", label=NOT_REACHED_LABEL)
     ]
     _figure_legend(fig, axes, extra=proxies)
@@ -182,6 +204,7 @@ def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     datasets, models = _datasets_models(rows)
+    names = _names(rows)
     ks = sorted({r.silos for r in rows})
     cmap = colormaps["viridis"]
     # Dark for K = 1 through light for the largest K; the top of viridis is too pale on white.
@@ -205,7 +228,8 @@ def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
                 ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center")
             ax.set_ylim(0, 1.02)
             ax.grid(True, alpha=0.3)
-            ax.set_title(f"{model} · {dataset}", fontsize=10)
+            ax.set_title(f"{names[model]} · {dataset}", fontsize=10)
+            _whole_rounds(ax.xaxis)
             if i == len(models) - 1:
                 ax.set_xlabel("Communication round")
             if j == 0:

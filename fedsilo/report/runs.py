@@ -2,6 +2,9 @@
 
 Which runs are sweep parents, and how to page through an experiment, are fedsilo.tracking's
 conventions; this module only turns a run's params and metric history into a `Curve`.
+
+Runs logged before fedsilo named models briefly have the model's path in `model` and no
+`model_path`; both kinds are read, so a report may span old and new runs of one sweep.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedsilo.report.summary import Curve, ReportError
+from fedsilo.runmeta import short_name
 from fedsilo.tracking import MAJORITY_PARAM, PARENT_TAG, redact_uri, search_all_runs
 
 if TYPE_CHECKING:
@@ -67,8 +71,12 @@ def _curve_from_run(client: MlflowClient, run: Run) -> Curve:
     history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.timestamp)
     # A round logged twice (a resumed federation re-evaluates it): the later value stands.
     accuracy = {int(m.step): float(m.value) for m in history}
+    given = _str_param(run, "model")
+    # New runs: `model` is the short name, `model_path` what was given. Old runs: `model` was given.
+    path = run.data.params.get("model_path") or given
     return Curve(
-        model=_str_param(run, "model"),
+        model=path,
+        model_name=given if "model_path" in run.data.params else short_name(given),
         dataset=_str_param(run, "dataset"),
         silos=_int_param(run, "silos"),
         seed=_int_param(run, "seed"),

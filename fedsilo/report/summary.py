@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from fedsilo.errors import FedsiloError
+from fedsilo.runmeta import short_name
 
 # The paper's target: 90% of the non-federated (K = 1) baseline accuracy at the budget.
 TARGET_FRACTION = 0.9
@@ -21,6 +22,9 @@ _TOLERANCE = 1e-9
 
 NOT_REACHED = "not reached"
 NO_BASELINE = "no baseline"
+# A K = 1 baseline at or below the floor (majority class, else a uniform guess) learned nothing:
+# 90% of it is reached by any model that answers one class, so a round count would mislead.
+BASELINE_AT_CHANCE = "baseline at chance"
 # The names of the floor a row must beat (`SummaryRow.chance`), as the figures' legends show them.
 RANDOM_LABEL = "random classifier"
 MAJORITY_LABEL = "majority class"
@@ -36,7 +40,8 @@ class Curve:
 
     `accuracy` maps round (MLflow step, from 1) to test accuracy. `budget` is the round at
     which "accuracy at the budget" is read; `threshold` the last round that counts for
-    rounds-to-target (the paper's second threshold).
+    rounds-to-target (the paper's second threshold). `model` tells models apart (the path or hub
+    id given); `model_name` is what people read (legends, tables), by default its last part.
     """
 
     model: str
@@ -50,6 +55,11 @@ class Curve:
     run_id: str = ""
     start_time: int = 0
     majority_accuracy: float | None = None  # always answering the test set's most frequent label
+    model_name: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.model_name or short_name(self.model)
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,12 @@ class SummaryRow:
     rounds_to_target: int | None  # None: see `rounds_text`
     majority_accuracy: float | None = None  # None: not logged (silos evaluated), or the dataset's runs disagree
     mean_curve: Mapping[int, float] = field(default_factory=dict, repr=False, compare=False)
+    model_name: str = ""  # for people; unique among the rows (`summarise`)
+    baseline_at_chance: bool = False  # the K = 1 baseline did not beat `chance`: no rounds-to-target
+
+    @property
+    def name(self) -> str:
+        return self.model_name or short_name(self.model)
 
     @property
     def random_accuracy(self) -> float:
@@ -87,7 +103,9 @@ class SummaryRow:
 
     @property
     def rounds_text(self) -> str:
-        """The round number, "not reached" (within the threshold) or "no baseline"."""
+        """The round number, "not reached" (within the threshold), "no baseline" or "baseline at chance"."""
+        if self.baseline_at_chance:
+            return BASELINE_AT_CHANCE
         if self.target_accuracy is None:
             return NO_BASELINE
         if self.rounds_to_target is None:
@@ -174,6 +192,7 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
     best = best_point(curve)
     return SummaryRow(
         model=model,
+        model_name=curves[0].name,
         dataset=dataset,
         silos=silos,
         seeds=tuple(sorted(c.seed for c in curves)),
@@ -223,12 +242,22 @@ def summarise(curves: Iterable[Curve]) -> list[SummaryRow]:
     baselines = {
         (r.model, r.dataset): r.accuracy_at_budget for r in rows if r.silos == 1 and r.accuracy_at_budget is not None
     }
-    return [_with_target(row, baselines.get((row.model, row.dataset))) for row in rows]
+    return _unique_names([_with_target(row, baselines.get((row.model, row.dataset))) for row in rows])
+
+
+def _unique_names(rows: list[SummaryRow]) -> list[SummaryRow]:
+    """Two models with one short name (two folders called `model`) are shown by what was given."""
+    models_of: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        models_of[r.name].add(r.model)
+    return [r if len(models_of[r.name]) == 1 else replace(r, model_name=r.model) for r in rows]
 
 
 def _with_target(row: SummaryRow, baseline: float | None) -> SummaryRow:
     if baseline is None:
         return row
+    if baseline <= row.chance[0] + _TOLERANCE:
+        return replace(row, baseline_at_chance=True)
     target = TARGET_FRACTION * baseline
     return replace(
         row,

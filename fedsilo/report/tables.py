@@ -6,10 +6,11 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 
-from fedsilo.report.summary import NO_BASELINE, TARGET_FRACTION, SummaryRow
+from fedsilo.report.summary import TARGET_FRACTION, SummaryRow
 
 CSV_COLUMNS = (
     "model",
+    "model_path",
     "dataset",
     "silos",
     "seeds",
@@ -38,6 +39,7 @@ def csv_text(rows: Iterable[SummaryRow]) -> str:
     for r in rows:
         writer.writerow(
             [
+                r.name,
                 r.model,
                 r.dataset,
                 r.silos,
@@ -66,7 +68,7 @@ def _md_accuracy(r: SummaryRow) -> str:
 
 def _md_rounds(r: SummaryRow) -> str:
     if r.target_accuracy is None:
-        return NO_BASELINE
+        return r.rounds_text
     return f"{r.rounds_text} (target {r.target_accuracy:.4f}, ≤ {r.threshold})"
 
 
@@ -91,7 +93,9 @@ def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence
         "sample std over seeds; best accuracy and rounds to target are read off the seed-mean "
         "curve. Rounds to target: first round at which the curve reaches "
         f"{TARGET_FRACTION:.0%} of the same model and dataset's K = 1 accuracy at its budget, "
-        'within the threshold; otherwise "not reached", or "no baseline" without a K = 1 run.',
+        'within the threshold; otherwise "not reached", "no baseline" without a K = 1 run, or "baseline at '
+        'chance" when the K = 1 run did not beat the majority class (a uniform guess where that is unknown). '
+        "Seeds lists the seeds averaged, as summary.csv does.",
     ]
     for dataset in sorted({r.dataset for r in rows}):
         drows = [r for r in rows if r.dataset == dataset]
@@ -107,7 +111,8 @@ def markdown_text(experiment: str, rows: Sequence[SummaryRow], figures: Sequence
         ]
         for r in drows:
             best = "n/a" if r.best_accuracy is None else f"{r.best_accuracy:.4f} ({r.best_round})"
-            lines.append(f"| {r.model} | {r.silos} | {len(r.seeds)} | {_md_accuracy(r)} | {best} | {_md_rounds(r)} |")
+            seeds = " ".join(str(s) for s in r.seeds)
+            lines.append(f"| {r.name} | {r.silos} | {seeds} | {_md_accuracy(r)} | {best} | {_md_rounds(r)} |")
     lines += ["", "## Figures", ""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
