@@ -162,8 +162,13 @@ def settings_options(
 
 def settings_parameters() -> list[Any]:
     """Typer's parameters for :func:`settings_options`, new for each command that takes them."""
+    return _parameters_of(settings_options)
+
+
+def _parameters_of(signature: Callable[..., None]) -> list[Any]:
+    """The Typer parameters a function's signature declares."""
     template = typer.Typer(add_completion=False)
-    template.command()(settings_options)
+    template.command()(signature)
     return typer.main.get_command(template).params
 
 
@@ -172,22 +177,54 @@ class SettingsCommand(TyperCommand):
 
     Before the command's function runs, ``--config`` and the settings options are resolved into
     one :class:`Settings` for :func:`settings_of`; the function's parameters are its own options.
-    The settings of the sections in ``unlisted`` are accepted but left out of ``--help``.
+    A command that names the settings its users set in ``shown`` lists only those in ``--help``
+    (every setting is still accepted), and all of them with ``--help-all``.
     """
 
-    unlisted: frozenset[str] = frozenset()
+    shown: frozenset[str] | None = None
 
     def __init__(self, name: str | None, *, params: list[Any] | None = None, **attrs: Any) -> None:
         settings = settings_parameters()
-        for param in settings:
-            if param.name in _FIELDS and _FIELDS[param.name][0] in self.unlisted:
-                param.hidden = True
-        super().__init__(name, params=[*(params or []), *settings], **attrs)
+        extra: list[Any] = []
+        if self.shown is not None:
+            unknown = self.shown - set(_FIELDS)
+            if unknown:
+                raise TypeError(f"{type(self).__name__}.shown names no setting: {sorted(unknown)}")
+            for param in settings:
+                if param.name in _FIELDS and param.name not in self.shown:
+                    param.hidden = True
+            extra = _parameters_of(_help_all_option)
+        super().__init__(name, params=[*(params or []), *extra, *settings], **attrs)
 
     def invoke(self, ctx: ClickContext) -> Any:
         overrides = {key: ctx.params.pop(key) for key in _FIELDS}
         ctx.obj = load_settings(ctx.params.pop("config"), overrides)
         return super().invoke(ctx)
+
+
+def _help_all(ctx: ClickContext, value: bool) -> None:
+    """``--help-all``: the help with every setting shown."""
+    if not value or ctx.resilient_parsing:
+        return
+    for param in ctx.command.params:
+        param.hidden = False  # type: ignore[attr-defined]  # an Option; Arguments have none to show
+    typer.echo(ctx.get_help())
+    ctx.exit()
+
+
+def _help_all_option(
+    help_all: Annotated[
+        bool,
+        typer.Option(
+            "--help-all",
+            is_eager=True,
+            expose_value=False,
+            callback=_help_all,
+            help="Show every setting, not only the ones listed here.",
+        ),
+    ] = False,
+) -> None:
+    """Never called: its signature declares ``--help-all``."""
 
 
 def settings_of(ctx: typer.Context) -> Settings:

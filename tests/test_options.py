@@ -209,8 +209,21 @@ def test_silo_help_leaves_out_the_aggregators_settings_but_takes_them(resolved) 
     assert panels_of(result.output) == ["Options", "Settings", "Model", "Data", "Train", "Federation"]
     assert "[env var: FEDSILO_RANK]" in result.output and "FEDSILO_TRACKING_URI" not in result.output
     # ... yet one config file serves every rank: a silo accepts them (and fails later, on its rank)
-    taken = fedsilo("silo", "--tracking-uri", "sqlite:///x.db", "--checkpoint-dir", "c", "--rank", "9")
+    taken = fedsilo("silo", "--tracking-uri", "sqlite:///x.db", "--checkpoint-dir", "c", "--lr", "0.1", "--rank", "9")
     assert "no such option" not in taken.output, taken.output
+
+
+def test_silo_help_fits_a_screen_of_what_its_operator_sets_and_help_all_shows_the_rest() -> None:
+    short = fedsilo("silo", "--help", COLUMNS="80")
+    assert short.exit_code == 0, short.output
+    assert len(short.output.splitlines()) <= 110  # from 487 lines when every setting was listed
+    for variable in ("FEDSILO_AGGREGATOR", "FEDSILO_DATASET", "FEDSILO_TLS_CERT", "FEDSILO_TOKEN_FILE"):
+        assert variable in short.output, variable
+    assert "FEDSILO_LR]" not in short.output and "--help-all" in short.output
+    everything = fedsilo("silo", "--help-all", COLUMNS="250")
+    assert everything.exit_code == 0, everything.output
+    for variable in ("FEDSILO_LR", "FEDSILO_TRACKING_URI", "FEDSILO_DP_EPSILON", "FEDSILO_SERVER_OPTIMIZER"):
+        assert f"[env var: {variable}]" in everything.output, variable
 
 
 def test_version() -> None:

@@ -13,10 +13,26 @@ from fedsilo.options import SettingsCommand, settings_of, whole_number
 
 
 class SiloCommand(SettingsCommand):
-    """MLflow and checkpoints are the aggregator's: a silo accepts their settings (one config file
-    serves every rank) but its --help leaves them out, to stay short."""
+    """--help lists what a silo's operator sets: its data, the model, and the way to the aggregator.
+    Every other setting is accepted (one config file serves every rank) and in --help-all."""
 
-    unlisted = frozenset({"tracking", "checkpoint"})
+    shown = frozenset(
+        {
+            "model",
+            "dataset",
+            "text_column",
+            "label_column",
+            "partition",
+            "device",
+            "aggregator",
+            "transport",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "tls_server_name",
+            "token_file",
+        }
+    )
 
 
 def resolve_rank(rank: int | None) -> int:
