@@ -24,6 +24,9 @@ PROBE_SECONDS = 3.0
 # Answers that come from a proxy refusing the way, not from the hub.
 _REFUSALS = (403, 407)
 DEFAULT_ENDPOINT = "https://huggingface.co"
+# Set once this process found the hub unreachable (go_offline): later loads say why they read
+# only the cache, as the first did.
+_went_offline = False
 
 
 def is_local(name: str) -> bool:
@@ -57,10 +60,26 @@ def reachable(endpoint: str) -> bool:
 
 def load_options(name: str) -> dict[str, Any]:
     """Extra ``from_pretrained`` arguments for ``name``: the cache only when it must come from an
-    unreachable hub."""
-    if is_local(name) or offline() or reachable(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT)):
+    unreachable hub, and then the hub library offline for the rest of the process."""
+    if is_local(name):
         return {}
+    if not _went_offline and (offline() or reachable(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT))):
+        return {}
+    go_offline()
     return {"local_files_only": True}
+
+
+def go_offline() -> None:
+    """``HF_HUB_OFFLINE=1`` from now on. ``local_files_only`` alone is not enough: transformers 5
+    still asks the hub for some files (an adapter config) and huggingface_hub retries with backoff,
+    23 s of sleeping per model. The library reads the variable once, at import, so its constant
+    is set too."""
+    import huggingface_hub.constants
+
+    global _went_offline
+    _went_offline = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def why_not(name: str, options: dict[str, Any]) -> str:
