@@ -64,7 +64,12 @@ def build_classifier(settings: Settings, labels: list[str], tokenizer: Any) -> t
     model = build_model(settings.model.model, labels, settings.train.seed, pad_token_id=tokenizer.pad_token_id)
     if settings.train.gradient_checkpointing:
         # Non-reentrant: it needs no input that requires grad, which a frozen embedding (LoRA) is not.
-        typing.cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed the switch, and deprecated the old name.
+        hf = typing.cast(Any, model)
+        if hasattr(hf, "activation_checkpointing_enable"):
+            hf.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.model.peft == "lora":
         model = add_lora(model, settings.model)
     return model
