@@ -19,6 +19,7 @@ from fedsilo.cli import app
 from fedsilo.config import Settings, build_settings, settings_fingerprint
 from fedsilo.data import Encoded, collate, encode
 from fedsilo.errors import EX_CONFIG, ConfigError
+from fedsilo.last_layer import cls_only_last_layer
 from fedsilo.model import (
     architecture_fingerprint,
     base_fingerprint,
@@ -129,6 +130,28 @@ def test_a_silo_on_other_pretrained_weights_has_another_fingerprint(tiny_models,
     plain = build_settings({"model": str(other), "seed": 3})
     full = [build_classifier(plain, LABELS, load_tokenizer(str(p))) for p in (tiny_models["bert"], other)]
     assert architecture_fingerprint(full[0]) == architecture_fingerprint(full[1])
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_the_cls_only_last_layer_computes_through_the_adapters(arch, tiny_models) -> None:
+    # Prepare: adapters that change the output (B is zero until trained)
+    model = lora_model(tiny_models[arch]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    batch = collate(few_texts(tiny_models[arch], 1), np.arange(4), attention_mask=True)
+    with torch.no_grad():
+        # Execute
+        full = model(**batch)
+        with cls_only_last_layer(model) as applied:
+            fast = model(**batch)
+        with model.disable_adapter():
+            without = model(**batch)
+    # Assert: the fast path ran, through the adapters
+    assert applied
+    assert torch.allclose(fast.logits, full.logits, atol=1e-7)
+    assert not torch.allclose(without.logits, full.logits, atol=1e-5)  # the tiny heads shrink differences
 
 
 # -- decoders ------------------------------------------------------------------------------------------
