@@ -25,6 +25,7 @@ from fedsilo.model import (
     base_fingerprint,
     bind_flat,
     build_classifier,
+    draw_head,
     flat_size,
     float_tensors,
     load_tokenizer,
@@ -118,6 +119,21 @@ def test_training_leaves_the_frozen_base_as_it_was(tiny_models) -> None:
     after = frozen_state(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert base_fingerprint(model) == base
+
+
+def test_a_per_client_head_is_drawn_into_the_trained_copy(tiny_models) -> None:
+    # Prepare: two clients' LoRA models from the same seed
+    first, second = lora_model(tiny_models["distilbert"]), lora_model(tiny_models["distilbert"])
+    frozen, base = frozen_state(first), base_fingerprint(first)
+    # Execute: --head-init per-client draws each client's head
+    draw_head(first, (3, 1))
+    draw_head(second, (3, 2))
+    # Assert: the trained heads differ, in the flat vector; PEFT's frozen originals are untouched
+    trained = [n for n, p in first.named_parameters() if p.requires_grad and ".modules_to_save." in n]
+    assert {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in trained} == {"pre_classifier", "classifier"}
+    assert not torch.equal(bind_flat(first), bind_flat(second))
+    assert all(torch.equal(frozen[n], p) for n, p in first.named_parameters() if n in frozen)
+    assert base_fingerprint(first) == base
 
 
 def test_a_silo_on_other_pretrained_weights_has_another_fingerprint(tiny_models, tmp_path) -> None:
