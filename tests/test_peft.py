@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fedsilo import checkpoint
 from fedsilo import simulate as sim
 from fedsilo.cli import app
-from fedsilo.config import Settings, build_settings, settings_fingerprint
+from fedsilo.config import Settings, agreed_settings, build_settings, settings_fingerprint
 from fedsilo.data import Encoded, collate, encode
 from fedsilo.errors import EX_CONFIG, ConfigError
 from fedsilo.last_layer import cls_only_last_layer
@@ -361,3 +361,16 @@ def test_lora_refuses_a_full_fine_tuning_checkpoint(tiny_models, sentiment_csv, 
     with pytest.raises(ConfigError, match="written by a full fine-tuning run"):
         sim.simulate(lora, lambda _: None)
     assert settings_fingerprint(lora) != settings_fingerprint(full)
+
+
+def test_lora_names_another_federation_and_checkpointing_does_not() -> None:
+    # Prepare: a federation as it was named before these settings existed
+    before = build_settings({"dataset": "x.csv"})
+    # Execute, Assert: at their defaults they leave the name alone; LoRA is another federation; the
+    # recomputation of activations is a rank's own choice (it gives the same update)
+    assert not {"peft", "lora_r", "gradient_checkpointing"} & set(agreed_settings(before))
+    assert settings_fingerprint(before.replace(peft="lora")) != settings_fingerprint(before)
+    assert settings_fingerprint(before.replace(peft="lora", lora_r=4)) != settings_fingerprint(
+        before.replace(peft="lora")
+    )
+    assert settings_fingerprint(before.replace(gradient_checkpointing=True)) == settings_fingerprint(before)
