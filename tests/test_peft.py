@@ -20,6 +20,7 @@ from fedsilo.config import Settings, agreed_settings, build_settings, settings_f
 from fedsilo.data import Encoded, collate, encode
 from fedsilo.errors import EX_CONFIG, ConfigError
 from fedsilo.last_layer import cls_only_last_layer
+from fedsilo.launcher import free_port
 from fedsilo.model import (
     architecture_fingerprint,
     base_fingerprint,
@@ -31,8 +32,8 @@ from fedsilo.model import (
     load_tokenizer,
 )
 from fedsilo.train import local_train
-from tests.procs import final_weights, run
-from tests.tiny import DECODERS, make_tiny_model
+from tests.procs import final_weights, finish, run, start
+from tests.tiny import DECODERS, make_tiny_model, sentiment_rows, write_csv
 
 TRAIN = {"batch_size": 16, "lr": 0.3, "local_epochs": 1, "seed": 3}
 TRAIN_FLAGS = ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3"]
@@ -374,3 +375,34 @@ def test_lora_names_another_federation_and_checkpointing_does_not() -> None:
         before.replace(peft="lora")
     )
     assert settings_fingerprint(before.replace(gradient_checkpointing=True)) == settings_fingerprint(before)
+
+
+def test_a_silo_with_other_pretrained_weights_is_refused_at_join(tiny_models, tmp_path) -> None:
+    # Prepare: every rank names its model ./model, as each organisation holds its own copy; silo 2's
+    # copy has other weights of the same shapes. The settings agree, the architectures agree.
+    homes = {rank: tmp_path / f"rank{rank}" for rank in (0, 1, 2)}
+    for rank, home in homes.items():
+        home.mkdir()
+        if rank == 2:
+            make_tiny_model(home / "model", "bert")
+        else:
+            (home / "model").symlink_to(tiny_models["bert"])
+        write_csv(home / "data.csv", sentiment_rows(60, seed=rank))
+    port = free_port()
+    shared = ["--silos", "2", "--rounds", "1", "--model", "model", "--partition", "none", "--peft", "lora"]
+    shared += ["--aggregator", f"127.0.0.1:{port}", "--join-timeout", "120", *TRAIN_FLAGS]
+    # Execute
+    aggregator = start("aggregator", *shared, cwd=homes[0], FEDSILO_TOKEN="t0ken")
+    silos = [
+        start("silo", "--rank", str(r), "--dataset", "data.csv", *shared, cwd=homes[r], FEDSILO_TOKEN="t0ken")
+        for r in (1, 2)
+    ]
+    (agg_code, agg_out), *silo_results = [finish(p) for p in [aggregator, *silos]]
+    # Assert: the aggregator names the silo and why; no round ran
+    assert agg_code == EX_CONFIG, agg_out
+    assert (
+        "silo(s) [2] built a different model from the aggregator's (model) (with --peft lora, the same pretrained weights too)"
+        in agg_out
+    )
+    assert all(code == EX_CONFIG for code, _ in silo_results), silo_results
+    assert "round 1/1" not in agg_out
