@@ -433,6 +433,7 @@ LATER_KEYS = frozenset(
 )
 
 
+# The settings only --peft lora reads: set without it, they are a mistake that would also rename the federation.
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
