@@ -26,6 +26,7 @@ LONGEST_FIRST = [
     "test_pretrained",
     "test_chart_federates",
     "test_simulate",
+    "test_peft",
     "test_tls",
     "test_resilience",
     "test_sweep",
