@@ -17,7 +17,7 @@ from fedsilo.ledger import FederationRun, Outcome
 from fedsilo.model import (
     architecture_fingerprint,
     bind_flat,
-    build_model,
+    build_classifier,
     flat_size,
     is_bound,
     load_flat,
@@ -106,12 +106,14 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
         log(f"waiting for {fed.silos} silo(s) on {address[0]}:{address[1]} ({wire})")
         hellos, labels = _admit(settings, door, labels)
         try:
-            model = build_model(settings.model.model, labels, settings.train.seed).to(device)
+            model = build_classifier(settings, labels, tokenizer).to(device)
             arch = architecture_fingerprint(model)
             mismatched = [r for r, h in hellos.items() if h.architecture != arch]
             if mismatched:
+                # With LoRA the frozen base never travels: the same files behind --model are part of the model.
+                same = " (with --peft lora, the same pretrained weights too)" if settings.model.peft == "lora" else ""
                 raise FederationError(
-                    f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model})",
+                    f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model}){same}",
                     retryable=False,
                 )
             privacy = budget(settings, {rank: hello.train_examples for rank, hello in hellos.items()})

@@ -94,9 +94,16 @@ def load(directory: Path, fingerprint: str) -> Checkpoint | None:
     return state
 
 
-def check_fits(state: Checkpoint, directory: Path, labels: list[str], size: int) -> None:
-    """The checkpoint belongs to this model and label set (the files behind --model may have changed)."""
+def check_fits(state: Checkpoint, directory: Path, labels: list[str], size: int, *, lora: bool = False) -> None:
+    """The checkpoint belongs to this model and label set (the files behind --model may have changed).
+    ``lora``: this federation trains LoRA adapters, ``size`` their and the head's values only."""
     path = checkpoint_path(directory, state.fingerprint)
+    if lora and state.weights.numel() > size:
+        raise ConfigError(
+            f"checkpoint {path} holds {state.weights.numel()} weights, more than the {size} LoRA adapter and head "
+            "weights this federation trains (--peft lora): it was written by a full fine-tuning run; move it away "
+            "to start over"
+        )
     if state.labels != labels:
         raise ConfigError(
             f"checkpoint {path} was written for labels [{', '.join(state.labels)}], this federation "

@@ -30,6 +30,7 @@ LrSchedule = Literal["constant", "linear", "cosine"]
 HeadInit = Literal["shared", "per-client"]
 ServerOptimizer = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 Accountant = Literal["rdp", "prv"]
+Peft = Literal["none", "lora"]
 # Server optimisers that scale each weight by its own history (Reddi et al. 2021): their step size
 # depends on the task by orders of magnitude, so none is assumed.
 ADAPTIVE = frozenset({"fedadam", "fedyogi", "fedadagrad"})
@@ -50,6 +51,42 @@ class ModelConfig(_Section):
         description="Feed the attention mask. False reproduces the authors' code, which fed only "
         "input_ids so that padding was attended to.",
     )
+    peft: Peft = Field(
+        "none",
+        description="Parameter-efficient fine-tuning: none trains and sends every weight; lora freezes the "
+        "pretrained model and trains, sends and averages only low-rank adapters and the classification "
+        "head (docs/peft.md).",
+    )
+    lora_r: int = Field(8, gt=0, description="Rank of the LoRA adapters (--peft lora).")
+    lora_alpha: int = Field(
+        16, gt=0, description="LoRA scaling: an adapter's product is multiplied by lora_alpha / lora_r."
+    )
+    lora_dropout: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Dropout on the input of the LoRA adapters (seeded like the model's own dropout).",
+    )
+    lora_target_modules: list[str] | None = Field(
+        None,
+        description="Names of the linear layers that get LoRA adapters (comma-separated). Default per "
+        "family: BERT query,value; DistilBERT q_lin,v_lin; GPT-2 c_attn; Llama, Qwen2/3, Mistral q_proj,v_proj.",
+    )
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        """Accept ``query,value`` from a flag or an environment variable."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _some_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("name at least one module, or leave it unset for the model family's default")
+        return value
 
 
 class DataConfig(_Section):
@@ -155,6 +192,11 @@ class TrainConfig(_Section):
         description="Speed-ups that give the same update: sparse embedding gradients, and a "
         "BERT/DistilBERT last layer that computes only the [CLS] position its head reads (dropout "
         "then draws other masks). Turn off to rule them out when debugging.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the layers' activations in the backward pass instead of keeping them: "
+        "less memory for long texts or large decoders, about a third more compute; the same update.",
     )
 
 
@@ -365,6 +407,9 @@ LOCAL_KEYS = frozenset(
         "tls_ca",
         "tls_revoked",
         "tls_server_name",
+        # Recomputation replays the forward pass with its random state: the same update, so a silo
+        # short of memory may turn it on alone.
+        "gradient_checkpointing",
     }
 )
 
@@ -391,8 +436,17 @@ LATER_KEYS = frozenset(
         "dp_noise_multiplier",
         "dp_max_grad_norm",
         "dp_accountant",
+        "peft",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
     }
 )
+
+
+# The settings only --peft lora reads: set without it, they are a mistake that would also rename the federation.
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 class Settings(BaseModel):
@@ -410,6 +464,16 @@ class Settings(BaseModel):
     checkpoint: CheckpointConfig = Field(description="Checkpoints and resume.")
 
     @model_validator(mode="after")
+    def _an_adapter_is_not_registered(self) -> Settings:
+        if self.model.peft == "lora" and self.tracking.register_model is not None:
+            raise PydanticCustomError(
+                "lora_not_registered",
+                "register_model (--register-model) needs a full model: under --peft lora the run's model is "
+                "the LoRA adapter, logged as files for PeftModel.from_pretrained (docs/peft.md)",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _adaptive_needs_a_step_size(self) -> Settings:
         # Here, not on ServerConfig: a flag is checked alone in its section (parse_setting), where
         # --server-optimizer fedadam would not yet see the --server-lr beside it.
@@ -419,6 +483,24 @@ class Settings(BaseModel):
                 "server_lr_required",
                 f"server_optimizer {server.server_optimizer} needs server_lr (--server-lr): an adaptive "
                 "server optimiser has no default step size",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_settings_need_lora(self) -> Settings:
+        model = self.model
+        if model.peft == "none":
+            fields = ModelConfig.model_fields
+            stray = [k for k in LORA_KEYS if getattr(model, k) != fields[k].default]
+            if stray:
+                raise PydanticCustomError(
+                    "lora_without_peft",
+                    f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} LoRA's adapters: add peft lora (--peft lora)",
+                )
+        elif self.privacy.enabled:
+            # Opacus computes per-example gradients layer by layer and has no rule for PEFT's LoRA layers.
+            raise PydanticCustomError(
+                "lora_with_dp", "DP-SGD (--dp-epsilon, --dp-noise-multiplier) does not run with --peft lora yet"
             )
         return self
 

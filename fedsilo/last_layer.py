@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fedsilo.model import unwrapped
+
 LayerForward = Callable[..., torch.Tensor]
 
 
@@ -109,10 +111,15 @@ def _distilbert_forward(layer: Any) -> LayerForward:
 
 
 def _last_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, LayerForward] | None:
-    """The last layer of a recognised classifier and its [CLS]-only forward, or None."""
+    """The last layer of a recognised classifier and its [CLS]-only forward, or None.
+
+    A LoRA model (PEFT) is recognised by the classifier inside it: its adapters replace the
+    attention's projection modules, which the [CLS]-only forward calls as modules.
+    """
     from transformers.models.bert import modeling_bert as bert
     from transformers.models.distilbert import modeling_distilbert as distilbert
 
+    model = unwrapped(model)
     config = getattr(model, "config", None)
     # A decoder, cross-attention or a chunked feed-forward would take code paths this module
     # does not reproduce; flash or flex attention kernels might not take a one-row query.

@@ -130,7 +130,7 @@ class FederationRun:
         """
         self.labels = labels
         if self.resumed is not None:
-            checkpoint.check_fits(self.resumed, self.directory, labels, size)
+            checkpoint.check_fits(self.resumed, self.directory, labels, size, lora=self.settings.model.peft == "lora")
             if self.resumed.round >= (last_round or self.settings.federation.rounds):
                 if not self._tracker(self.resumed.run_id).finish() and must_deliver:
                     raise FederationError(

@@ -93,6 +93,13 @@ def log_classifier(
     from huggingface_hub import ModelCard
     from transformers import pipeline
 
+    if (directory / "adapter_config.json").exists():
+        # A LoRA model (--peft lora) is its adapter, which names its base: logged as the files
+        # PeftModel.from_pretrained loads. Not a pipeline: transformers 5 saves a PEFT pipeline only
+        # with peft >= 0.22, newer than this project's index offers.
+        mlflow.MlflowClient(tracking_uri).log_artifacts(run_id, str(directory), MODEL_NAME)
+        return None
+
     # An absolute path as the model's name: MLflow looks a name up on the hub for its license,
     # which a path (more than one "/") fails at once, without a network.
     where = str(directory.resolve())

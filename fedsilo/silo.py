@@ -14,7 +14,7 @@ from fedsilo.averaging import Report, UpdateRejected, validate_updates
 from fedsilo.client import plan_of, train_round
 from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
-from fedsilo.model import architecture_fingerprint, bind_flat, build_model, load_tokenizer
+from fedsilo.model import architecture_fingerprint, bind_flat, build_classifier, load_tokenizer
 from fedsilo.progress import Log, batch_progress
 from fedsilo.train import evaluate, resolve_device
 from fedsilo.workload import SiloData, silo_data
@@ -36,7 +36,7 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
     address = comm.resolve_address(fed.aggregator)
     tokenizer = load_tokenizer(settings.model.model)
     data = silo_data(settings, rank, tokenizer)
-    model = build_model(settings.model.model, data.labels, settings.train.seed).to(device)
+    model = build_classifier(settings, data.labels, tokenizer).to(device)
     if settings.privacy.enabled:  # the plan's checks, before joining; the sigma it calibrates
         plan = plan_of(settings, len(data.train))
         log(f"silo {rank}: DP-SGD with noise multiplier {plan.noise_multiplier:.4g}, clipping {plan.max_grad_norm:g}")

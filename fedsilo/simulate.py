@@ -24,7 +24,7 @@ from fedsilo.config import Settings
 from fedsilo.data import Encoded, majority_share
 from fedsilo.errors import ConfigError, FederationError
 from fedsilo.ledger import FederationRun, Outcome, simulation_key
-from fedsilo.model import bind_flat, build_model, flat_size, load_tokenizer, offset_in
+from fedsilo.model import bind_flat, build_classifier, flat_size, load_tokenizer, offset_in
 from fedsilo.progress import Log, batch_progress
 from fedsilo.runmeta import RunContext
 from fedsilo.server_opt import ServerOptimizer
@@ -69,7 +69,7 @@ def simulate(
     with FederationRun(settings, simulation_key(settings, parent_run_id), log, parent_run_id=parent_run_id) as ledger:
         tokenizer = load_tokenizer(settings.model.model)
         shards, test, labels = client_shards(settings, tokenizer, settings.federation.silos)
-        model = build_model(settings.model.model, labels, settings.train.seed).to(device)
+        model = build_classifier(settings, labels, tokenizer).to(device)
         if settings.federation.transfer_dtype != "float32":
             log(
                 f"note: simulate sums updates in float32; transfer_dtype={settings.federation.transfer_dtype} "

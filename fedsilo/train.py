@@ -205,7 +205,8 @@ def local_train(
     """
     device = next(model.parameters()).device
     torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1))
-    params = list(model.parameters())
+    # the trainable ones: with LoRA the frozen base gets no gradient, FedProx anchor or optimiser state
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer, lr, weight_decay)
     total_batches = epochs * -(-len(data) // batch_size)
     first = schedule.part * total_batches

@@ -27,6 +27,7 @@ LONGEST_FIRST = [
     "test_chart_federates",
     "test_simulate",
     "test_mlflow",
+    "test_peft",
     "test_tls",
     "test_resilience",
     "test_sweep",
