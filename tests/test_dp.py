@@ -131,6 +131,7 @@ def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert
     assert max(m.value for m in history) <= 3.0 and only.data.params["silo/1/dp_noise_multiplier"] == "2"
 
 
+@pytest.mark.slow  # a real federation and a simulation, with DP-SGD: a minute
 def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny_bert: Path) -> None:
     data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
     flags = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(data)]

@@ -254,6 +254,7 @@ def test_lora_run_and_simulate_reach_the_same_adapters(lora_federation, tiny_mod
     assert (simulated - initial).abs().max() > 1e-3  # it did train
 
 
+@pytest.mark.slow  # real processes; each family federates in simulate in the default run
 def test_a_decoder_federates_with_lora_as_fedsilo_run(tiny_models, sentiment_csv, tmp_path) -> None:
     # Prepare, Execute: GPT-2 (its attention is one Conv1D) with LoRA, one round, in process and as processes
     path = tiny_models["gpt2"]
@@ -377,6 +378,7 @@ def test_lora_names_another_federation_and_checkpointing_does_not() -> None:
     assert settings_fingerprint(before.replace(gradient_checkpointing=True)) == settings_fingerprint(before)
 
 
+@pytest.mark.slow  # real processes; the base fingerprint itself is checked in the default run
 def test_a_silo_with_other_pretrained_weights_is_refused_at_join(tiny_models, tmp_path) -> None:
     # Prepare: every rank names its model ./model, as each organisation holds its own copy; silo 2's
     # copy has other weights of the same shapes. The settings agree, the architectures agree.

@@ -109,7 +109,8 @@ def test_a_key_not_proven_by_the_join_token_stops_the_federation() -> None:
         secagg.pair_secrets(keys[1], 1, rows, SILOS, "join-token")
 
 
-@pytest.mark.parametrize("transport", ["collective", pytest.param("tls", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two 3-silo federations each; the masks' algebra is checked in the default run above
+@pytest.mark.parametrize("transport", ["collective", "tls"])
 def test_a_federation_with_secure_aggregation_ends_with_the_plain_model(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, transport: str
 ) -> None:
