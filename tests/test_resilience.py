@@ -23,8 +23,10 @@ from fedsilo.launcher import free_port
 from tests.mlmodels import logged_model_names
 from tests.procs import Watched, children, final_weights, finish, start
 
-ROUNDS = 3
-# Rounds of a few seconds: long enough that a random instant can land in any phase of one. The
+ROUNDS = 5
+# Rounds of a few seconds: long enough that a random instant can land in any phase of one. Five, so
+# that a kill which a loaded machine delays past round 2 still lands before the last round ends
+# (with three, one landed after the federation had finished, and the restart began anew). The
 # join and round timeouts are fedsilo's defaults (600 s, 7200 s), which a loaded machine cannot
 # break; the tests of the round timeout set their own.
 SETTINGS = [
