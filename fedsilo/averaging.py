@@ -90,6 +90,7 @@ class Report(WireRow):
     train_loss: float
     update_norm: float
     train_seconds: float = 0.0  # the silo's local training this round (MLflow's silo/<rank>/train_seconds)
+    steps: int = 0  # its optimiser steps this round: the slowest silo's are the round's sequential steps
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> list[Report]:

@@ -195,4 +195,4 @@ def private_train(
                 progress(step + 1, plan.steps_per_round, loss_sum / max(seen, 1))
     finally:
         wrapped._close()  # removes the hooks: the model is the plain model again
-    return TrainResult(len(data), loss_sum / max(seen, 1), time.perf_counter() - started, ())
+    return TrainResult(len(data), loss_sum / max(seen, 1), time.perf_counter() - started, plan.steps_per_round, ())

@@ -5,8 +5,6 @@ Only model tensors and a few scalars leave this process; the rows never do.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from fedsilo import comm, join, secagg, transport
@@ -88,11 +86,9 @@ def run_rounds(
         # start from the global model and train locally (its own head in round 1 under
         # per-client head init; DP-SGD under the privacy settings)
         local.copy_(weights)
-        started = time.perf_counter()
         result = train_round(
             settings, model, data.train, rank, round_, batch_progress(log, f"round {round_}:", last_batch=True)
         )
-        seconds = time.perf_counter() - started
 
         # report, then send n * (theta_local - theta_global) if it passes validation; the
         # scaling comes before the report, outside the aggregator's clocked window
@@ -101,7 +97,9 @@ def run_rounds(
         norm = float(update.sub_(weights).norm())
         update.mul_(n)
         with group.phase(f"round {round_}: reporting"):
-            reports = Report.from_rows(group.gather_rows(Report(rank, n, result.mean_loss, norm, seconds).to_row()))
+            reports = Report.from_rows(
+                group.gather_rows(Report(rank, n, result.mean_loss, norm, result.seconds, result.steps).to_row())
+            )
         # Every rank holds every report: judge them as the aggregator does (the same pure check on
         # the same rows and agreed settings), so no verdict has to cross the wire before the reduce.
         try:

@@ -158,9 +158,7 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
     holds it again on return."""
     settings, local, data = clients.settings, clients.local, clients.shards[k - 1]
     progress = batch_progress(clients.log, f"round {round_}: client {k}/{len(clients.shards)}")
-    started = time.perf_counter()
     result = train_round(settings, clients.model, data, k, round_, progress)
-    seconds = time.perf_counter() - started
     # the update theta_k - theta, formed in the model's own buffer as a silo forms it, added to
     # the sum, and the buffer back to the global model for the next client. Embedding rows none
     # of this client's tokens reached are the global model's still (plain SGD, sparse gradients):
@@ -171,4 +169,4 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
         if 2 * index.numel() < table.shape[0]
     ]
     norm = take_update(summed, local, clients.weights, len(data), rows)
-    return Report(k, len(data), result.mean_loss, norm, seconds)
+    return Report(k, len(data), result.mean_loss, norm, result.seconds, result.steps)

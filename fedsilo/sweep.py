@@ -18,7 +18,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedsilo.config import SECTIONS, Settings, agreed_settings, build_settings, fingerprint, read_yaml_mapping
+from fedsilo.config import (
+    SECTIONS,
+    Settings,
+    TrainConfig,
+    agreed_settings,
+    build_settings,
+    fingerprint,
+    read_yaml_mapping,
+)
 from fedsilo.errors import EX_RETRY, ConfigError, FedsiloError, first_line
 from fedsilo.ledger import discard_finished, simulation_key
 from fedsilo.progress import Log, time_left
@@ -26,6 +34,7 @@ from fedsilo.runmeta import code_tags
 from fedsilo.simulate import simulate
 from fedsilo.tracking import (
     CELL_TAG,
+    MINIBATCH_PARAM,
     PARENT_RUN_TAG,
     PARENT_TAG,
     SWEEP_KEY_TAG,
@@ -39,6 +48,8 @@ SETTING_KEYS = frozenset(key for section in SECTIONS.values() for key in section
 # budget round; the run goes on to the threshold (the paper's second threshold) for
 # rounds-to-target.
 EXTRA_KEYS = frozenset({"budget", "threshold"})
+# `silos: minibatch-K`: the minibatch-SGD control of K clients (see minibatch_control).
+MINIBATCH_PREFIX = "minibatch-"
 # One parent run holds every cell, so these are set once, at the top of the file.
 TOP_LEVEL_KEYS = frozenset({"experiment", "tracking_uri"})
 CELL_KEYS = (SETTING_KEYS | EXTRA_KEYS) - TOP_LEVEL_KEYS
@@ -80,10 +91,12 @@ class SweepSpec(BaseModel):
         "budget (the round at which accuracy is reported) and threshold (the last round; rounds "
         "defaults to it).",
     )
-    grid: dict[str, list[Any]] = Field(
+    grid: list[dict[str, list[Any]]] = Field(
         ...,
         description="Keys to vary, each with a list of values; every combination is a cell, "
-        "the first key varying slowest.",
+        "the first key varying slowest. A list of such mappings is their union, in order: "
+        "e.g. the main grid, then an ablation at one K. `silos: minibatch-K` is the "
+        "minibatch-SGD control of K clients: one client whose batch is K times larger.",
     )
     per_dataset: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -91,10 +104,16 @@ class SweepSpec(BaseModel):
         "as written), e.g. rounds, budget and threshold.",
     )
 
-    @field_validator("settings", "grid", mode="before")
+    @field_validator("settings", mode="before")
     @classmethod
     def _underscores(cls, value: Any) -> Any:
         return _normalise(value) if isinstance(value, dict) else value
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _one_or_more_grids(cls, value: Any) -> Any:
+        grids = [value] if isinstance(value, dict) else value
+        return [_normalise(g) if isinstance(g, dict) else g for g in grids] if isinstance(grids, list) else value
 
     @field_validator("per_dataset", mode="before")
     @classmethod
@@ -106,15 +125,20 @@ class SweepSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
         _check_keys(self.settings, "settings")
-        _check_keys(self.grid, "grid")
         if not self.grid:
-            raise ValueError("grid: empty; name at least one key with a list of values")
-        for key, values in self.grid.items():
-            if not values:
-                raise ValueError(f"grid.{key}: empty list")
-            if key in self.settings:
-                raise ValueError(f"grid.{key}: also set under settings; keep one")
-        datasets = {str(v) for v in self.grid.get("dataset", [self.settings.get("dataset")])}
+            raise ValueError("grid: empty list; give at least one grid")
+        datasets: set[str] = set()
+        for index, grid in enumerate(self.grid):
+            where = "grid" if len(self.grid) == 1 else f"grid[{index}]"
+            _check_keys(grid, where)
+            if not grid:
+                raise ValueError(f"{where}: empty; name at least one key with a list of values")
+            for key, values in grid.items():
+                if not values:
+                    raise ValueError(f"{where}.{key}: empty list")
+                if key in self.settings:
+                    raise ValueError(f"{where}.{key}: also set under settings; keep one")
+            datasets |= {str(v) for v in grid.get("dataset", [self.settings.get("dataset")])}
         for dataset, overrides in self.per_dataset.items():
             _check_keys(overrides, f"per_dataset.{dataset}")
             if dataset not in datasets:
@@ -122,7 +146,7 @@ class SweepSpec(BaseModel):
                     f"per_dataset.{dataset}: no such dataset in the sweep (datasets: {', '.join(sorted(datasets))})"
                 )
             for key in overrides:
-                if key in self.grid:
+                if any(key in grid for grid in self.grid):
                     raise ValueError(f"per_dataset.{dataset}.{key}: also a grid key; keep one")
         return self
 
@@ -137,12 +161,14 @@ class Cell:
     budget: int | None
     threshold: int | None
     key: str  # identifies the result: the same key is the same run
+    minibatch_of: int | None = None  # the minibatch-SGD control of this many clients
 
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.varying.items())
 
     def params(self) -> dict[str, int]:
-        return {k: v for k, v in (("budget", self.budget), ("threshold", self.threshold)) if v is not None}
+        given = (("budget", self.budget), ("threshold", self.threshold), (MINIBATCH_PARAM, self.minibatch_of))
+        return {k: v for k, v in given if v is not None}
 
 
 def read_spec(path: Path) -> SweepSpec:
@@ -168,17 +194,35 @@ def sweep_key(cells: list[Cell]) -> str:
     return fingerprint(" ".join(sorted(c.key for c in cells)))
 
 
+def minibatch_control(flat: dict[str, Any], where: str) -> int | None:
+    """Turn ``silos: minibatch-K`` into its run, in place, and return K (None for any other silos).
+
+    The minibatch-SGD control of K i.i.d. clients is one client whose batch is K times theirs: a
+    round then takes as many sequential steps as each of the K clients takes on its 1/K of the
+    rows, and each step averages as many examples' gradients as the K clients' steps together. So
+    it has K clients' steps and batch without their averaging of separately trained models."""
+    value = flat.get("silos")
+    if not isinstance(value, str) or not value.startswith(MINIBATCH_PREFIX):
+        return None
+    clients = value.removeprefix(MINIBATCH_PREFIX)
+    if not clients.isdigit() or int(clients) < 2:
+        raise ConfigError(f"{where}: silos: {value!r} is not a control; write {MINIBATCH_PREFIX}K with K >= 2")
+    batch = flat.get("batch_size", TrainConfig.model_fields["batch_size"].default)
+    flat.update(silos=1, batch_size=batch * int(clients) if isinstance(batch, int) else batch)
+    return int(clients)
+
+
 def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
-    """Every cell of the grid, validated before anything runs (a typo in the last cell must not
+    """Every cell of the grids, validated before anything runs (a typo in the last cell must not
     wait for hours of training)."""
     cells: list[Cell] = []
     seen: dict[str, int] = {}
-    combos = list(itertools.product(*spec.grid.values()))
-    for index, combo in enumerate(combos, start=1):
-        varying = dict(zip(spec.grid, combo, strict=False))
+    combos = [dict(zip(grid, combo, strict=True)) for grid in spec.grid for combo in itertools.product(*grid.values())]
+    for index, varying in enumerate(combos, start=1):
         flat = {**spec.settings, **varying}
         flat.update(spec.per_dataset.get(str(flat.get("dataset")), {}))
         where = f"cell {index}/{len(combos)} ({' '.join(f'{k}={v}' for k, v in varying.items())})"
+        minibatch_of = minibatch_control(flat, where)
         budget, threshold = flat.pop("budget", None), flat.pop("threshold", None)
         for name, value in (("budget", budget), ("threshold", threshold)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -199,7 +243,7 @@ def expand(spec: SweepSpec, experiment: str) -> list[Cell]:
         if key in seen:
             raise ConfigError(f"{where}: the same run as cell {seen[key]}; remove the repeated grid value")
         seen[key] = index
-        cells.append(Cell(index, varying, settings, budget, threshold, key))
+        cells.append(Cell(index, varying, settings, budget, threshold, key, minibatch_of))
     return cells
 
 
@@ -267,7 +311,9 @@ def sweep_params(spec: dict[str, Any], cells: int) -> dict[str, str]:
         key: json.dumps(value) if isinstance(value, list | dict) else str(value)
         for key, value in spec["settings"].items()
     }
-    params.update({f"grid/{key}": json.dumps(values) for key, values in spec["grid"].items()})
+    for index, grid in enumerate(spec["grid"]):
+        prefix = "grid" if len(spec["grid"]) == 1 else f"grid/{index}"
+        params.update({f"{prefix}/{key}": json.dumps(values) for key, values in grid.items()})
     if spec["per_dataset"]:  # one param: its keys are paths, which MLflow refuses in a param's name
         params["per_dataset"] = json.dumps(spec["per_dataset"])
     params.update(cells=str(cells), tracking_uri=redact_uri(spec["tracking_uri"]))
@@ -276,9 +322,12 @@ def sweep_params(spec: dict[str, Any], cells: int) -> dict[str, str]:
 
 def sweep_description(spec: dict[str, Any], cells: int) -> str:
     """One paragraph for the parent run's page."""
-    grid = "; ".join(f"{key}: {', '.join(str(v) for v in values)}" for key, values in spec["grid"].items())
+    grids = " and of ".join(
+        "; ".join(f"{key}: {', '.join(str(v) for v in values)}" for key, values in grid.items())
+        for grid in spec["grid"]
+    )
     return (
-        f"A sweep of {cells} federation(s), each a nested run: every combination of {grid}. "
+        f"A sweep of {cells} federation(s), each a nested run: every combination of {grids}. "
         "Summarise it with `fedsilo report`, which logs its tables and figures here under report/."
     )
 

@@ -43,6 +43,8 @@ STEP_MARKER = "round_seconds"
 # The run param holding the test set's most-frequent-label share (the report's reference line);
 # absent when the silos evaluate on their own held-out rows.
 MAJORITY_PARAM = "test_majority_accuracy"
+# The param of a sweep's minibatch-SGD control run: the number of clients whose steps it matches.
+MINIBATCH_PARAM = "minibatch_of"
 # MLflow accepts at most 1000 metrics in one log_batch.
 MAX_BATCH_METRICS = 1000
 # A sqlite store keeps new experiments' artifacts in this folder beside the database file, not in
@@ -361,6 +363,8 @@ def round_metrics(
         "train_loss": sum(r.train_loss * r.examples for r in reports if r.rank in accepted) / total,
         "round_seconds": seconds,
         "silos_skipped": float(len(skipped)),
+        # clients train side by side: the round adds the slowest one's steps to the sequential count
+        "local_steps": float(max((r.steps for r in reports if r.rank in accepted), default=0)),
     }
     for r in reports:
         metrics[f"{SILO_PREFIX}/{r.rank}/train_loss"] = r.train_loss

@@ -21,6 +21,7 @@ class TrainResult:
     examples: int
     mean_loss: float
     seconds: float
+    steps: int  # optimiser steps taken: the round's length on the step axis of `fedsilo report`
     # Per embedding table trained with sparse gradients: (its weight, the sorted rows its
     # gradients reached). Every other row of that table was left exactly as it was.
     changed_rows: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
@@ -256,7 +257,7 @@ def local_train(
                 if progress is not None and (done % PROGRESS_EVERY == 0 or done == total_batches):
                     progress(done, total_batches, float(loss_sum) / seen)
     return TrainResult(
-        seen // epochs, float(loss_sum) / max(seen, 1), time.perf_counter() - started, tuple(changed.items())
+        seen // epochs, float(loss_sum) / max(seen, 1), time.perf_counter() - started, done, tuple(changed.items())
     )
 
 

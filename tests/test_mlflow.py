@@ -201,10 +201,12 @@ def test_private_silo_data_is_no_input_of_the_aggregators_run(tmp_path: Path) ->
 
 
 def test_round_metrics_log_each_silos_own_evaluation_where_silos_evaluate() -> None:
-    reports = [Report(1, 10, 0.5, 1.0, 2.5), Report(2, 30, 0.7, 1.0, 3.5)]
+    reports = [Report(1, 10, 0.5, 1.0, 2.5, 4), Report(2, 30, 0.7, 1.0, 3.5, 8), Report(3, 50, 0.7, 9.0, 3.5, 14)]
     local = {1: EvalResult(4, 2.0, 3), 2: EvalResult(6, 3.0, 3)}
-    metrics = round_metrics(EvalResult(10, 5.0, 6), reports, [1, 2], [], 9.0, local)
+    metrics = round_metrics(EvalResult(10, 5.0, 6), reports, [1, 2], ["silo 3: too large"], 9.0, local)
     assert metrics["train_loss"] == pytest.approx(0.65)
+    # side by side, the round lasts as long as the accepted silo with the most steps (silo 3 sat out)
+    assert metrics["local_steps"] == 8
     assert (metrics["silo/2/train_seconds"], metrics["silo/1/test_accuracy"], metrics["silo/2/test_accuracy"]) == (
         3.5,
         0.75,
