@@ -177,7 +177,10 @@ def read_spec(path: Path) -> SweepSpec:
         return SweepSpec(**loaded)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        loc = list(first["loc"])
+        if loc[:1] == ["grid"] and len(loc) > 1 and isinstance(loc[1], int):  # one grid of a list
+            loc[:2] = ["grid" if isinstance(loaded.get("grid"), dict) else f"grid[{loc[1]}]"]
+        where = ".".join(str(part) for part in loc)
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"sweep file {path}: {where + ': ' if where else ''}{message}") from None
 

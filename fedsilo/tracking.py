@@ -45,6 +45,8 @@ STEP_MARKER = "round_seconds"
 MAJORITY_PARAM = "test_majority_accuracy"
 # The param of a sweep's minibatch-SGD control run: the number of clients whose steps it matches.
 MINIBATCH_PARAM = "minibatch_of"
+# The metric of each round's sequential local steps (the slowest client's), the report's step axis.
+STEPS_METRIC = "local_steps"
 # MLflow accepts at most 1000 metrics in one log_batch.
 MAX_BATCH_METRICS = 1000
 # A sqlite store keeps new experiments' artifacts in this folder beside the database file, not in
@@ -364,7 +366,7 @@ def round_metrics(
         "round_seconds": seconds,
         "silos_skipped": float(len(skipped)),
         # clients train side by side: the round adds the slowest one's steps to the sequential count
-        "local_steps": float(max((r.steps for r in reports if r.rank in accepted), default=0)),
+        STEPS_METRIC: float(max((r.steps for r in reports if r.rank in accepted), default=0)),
     }
     for r in reports:
         metrics[f"{SILO_PREFIX}/{r.rank}/train_loss"] = r.train_loss

@@ -338,7 +338,7 @@ def test_csv_and_markdown_list_the_same_seeds() -> None:
     rows = summarise([curve(ramp(3), seed=0), curve(ramp(3), seed=2), curve(ramp(3), seed=1)])
     (row,) = csv.DictReader(io.StringIO(csv_text(rows)))
     assert row["seeds"] == "0 1 2"
-    assert "| bert | 1 | 0 1 2 |" in markdown_text("x", rows, [])
+    assert "| bert | K = 1 | 0 1 2 |" in markdown_text("x", rows, [])
 
 
 def test_old_and_new_runs_name_their_model_alike() -> None:
@@ -491,7 +491,7 @@ def test_write_report_from_mlflow(store: dict[str, str], tmp_path: Path) -> None
     assert float(bert_target) == pytest.approx(0.9 * 0.88)
 
     md = result.summary_md.read_text(encoding="utf-8")
-    assert "sweep-test" in md and "| bert | 4 | 0 |" in md and NOT_REACHED in md
+    assert "sweep-test" in md and "| bert | K = 4 | 0 |" in md and NOT_REACHED in md
 
     names = {p.name for p in result.figures}
     assert names == {"accuracy_vs_clients.png", "rounds_to_target.png", "accuracy_vs_rounds.png"}
@@ -502,7 +502,7 @@ def test_write_report_from_mlflow(store: dict[str, str], tmp_path: Path) -> None
 
     client = MlflowClient(tracking_uri=store["uri"])
     artifacts = {Path(f.path).name for f in client.list_artifacts(store["parent"], "report")}
-    assert artifacts == {"summary.md", "summary.csv", *names}
+    assert artifacts == {"summary.md", "summary.csv", "paired.csv", "equal_steps.csv", *names}
 
 
 def test_unknown_experiment_is_a_user_error(store: dict[str, str], tmp_path: Path) -> None:

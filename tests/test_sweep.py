@@ -89,6 +89,18 @@ def test_cell_key_follows_the_result_not_the_place() -> None:
             "rounds (5) and threshold (8) disagree",
         ),
         ({"grid": {"silos": [2, 2]}, "settings": {"dataset": "a"}}, "cell 2/2 (silos=2): the same run as cell 1"),
+        ({"grid": [{"silos": [1]}, {"sylos": [2]}]}, "grid[1].sylos: unknown key"),
+        ({"grid": [{"silos": [1]}, {"silos": 2}]}, "grid[1].silos: Input should be a valid list"),
+        ({"grid": []}, "grid: empty list"),
+        ({"grid": {"silos": ["minibatch-1"]}, "settings": {"dataset": "a"}}, "'minibatch-1' is not a control"),
+        ({"grid": {"silos": ["minibatch-x"]}, "settings": {"dataset": "a"}}, "write minibatch-K with K >= 2"),
+        (
+            {
+                "grid": [{"silos": [1], "batch_size": [256]}, {"silos": ["minibatch-8"]}],
+                "settings": {"dataset": "a"},  # the default batch, 32, times 8
+            },
+            "cell 2/2 (silos=minibatch-8): the same run as cell 1",
+        ),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, spec, message) -> None:
@@ -159,11 +171,49 @@ def test_paper_grid() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["sweep-example.yaml", "replication-cpu.yaml"])
+@pytest.mark.parametrize(
+    "name", ["sweep-example.yaml", "replication-cpu.yaml", "replication-pilot.yaml", "replication-steps.yaml"]
+)
 def test_shipped_sweep_files_are_valid(name) -> None:
     cells = sweep.expand(sweep.read_spec(CONFIGS / name), "x")
     assert cells and all(c.budget is None or c.budget <= c.settings.federation.rounds for c in cells)
     assert any(c.settings.federation.silos == 1 for c in cells)  # the baseline the report needs
+
+
+def test_grids_in_a_list_are_their_union_and_the_controls_change_only_what_they_claim() -> None:
+    spec = sweep.SweepSpec(
+        settings={"dataset": "a.csv", "batch_size": 8, "lr": 0.03},
+        grid=[
+            {"seed": [0, 1], "silos": [1, 8, "minibatch-8"]},
+            {"seed": [0], "silos": [8], "head_init": ["per-client"]},
+        ],
+    )
+    cells = sweep.expand(spec, "e")
+    assert [c.label() for c in cells] == [
+        "seed=0 silos=1",
+        "seed=0 silos=8",
+        "seed=0 silos=minibatch-8",
+        "seed=1 silos=1",
+        "seed=1 silos=8",
+        "seed=1 silos=minibatch-8",
+        "seed=0 silos=8 head_init=per-client",
+    ]
+    by_label = {c.label(): c for c in cells}
+
+    def differences(a: sweep.Cell, b: sweep.Cell) -> dict[str, tuple[Any, Any]]:
+        one, two = a.settings.flat(), b.settings.flat()
+        return {k: (one.get(k), two.get(k)) for k in one.keys() | two.keys() if one.get(k) != two.get(k)}
+
+    # the minibatch control of K = 8: one client at 8 x the batch, nothing else changed
+    control, eight = by_label["seed=0 silos=minibatch-8"], by_label["seed=0 silos=8"]
+    assert differences(control, eight) == {"silos": (1, 8), "batch_size": (64, 8)}
+    assert control.params() == {"minibatch_of": 8} and eight.params() == {}
+    # the head ablation: only the head's initialisation
+    ablation = by_label["seed=0 silos=8 head_init=per-client"]
+    assert differences(ablation, eight) == {"head_init": ("per-client", "shared")}
+    # and the parent run names every grid
+    params = sweep.sweep_params(spec.model_dump(mode="json"), len(cells))
+    assert params["grid/1/head_init"] == '["per-client"]' and params["grid/0/silos"] == '[1, 8, "minibatch-8"]'
 
 
 # --- real sweeps ---------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ every command) loads no matplotlib.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsilo.report.stats import Interval
 from fedsilo.report.summary import (
     BASELINE_AT_CHANCE,
     MAJORITY_LABEL,
@@ -237,3 +238,70 @@ def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
     _figure_legend(fig, [ax for row in grid for ax in row])
     fig.suptitle("Test accuracy over communication rounds (mean over seeds)")
     return _save(fig, path)
+
+
+def plot_accuracy_vs_steps(
+    panels: Mapping[tuple[str, str], Mapping[str, Sequence[tuple[int, Interval]]]],
+    rows: Sequence[SummaryRow],
+    path: Path,
+) -> Path:
+    """Accuracy against cumulative sequential local steps (log2), a panel per (dataset, model), a
+    line per series with its seeds' 95% t-interval shaded. If K only cost steps, every K would
+    fall on K = 1's line: the federated penalty, if any, is the gap at equal steps."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    datasets = sorted({d for d, _ in panels})
+    models = sorted({m for _, m in panels})
+    labels = sorted({label for series in panels.values() for label in series}, key=_series_order)
+    main = [label for label in labels if _is_main(label)]
+    cmap, extra = colormaps["viridis"], colormaps["tab10"]
+    colour = {label: cmap(0.85 * i / max(len(main) - 1, 1)) for i, label in enumerate(main)}
+    colour.update({label: extra((i + 1) % 10) for i, label in enumerate(x for x in labels if x not in colour)})
+    fig = Figure(figsize=(_width(4.2, datasets), 3.2 * len(models) + 0.8), layout="constrained")
+    grid = fig.subplots(len(models), len(datasets), squeeze=False, sharey=True)
+    for i, model in enumerate(models):
+        for j, dataset in enumerate(datasets):
+            ax = grid[i][j]
+            for label, points in sorted(panels.get((dataset, model), {}).items(), key=lambda kv: _series_order(kv[0])):
+                if not points:
+                    continue
+                xs = [s for s, _ in points]
+                ys = [a.mean for _, a in points]
+                style = "-" if _is_main(label) else "--"
+                ax.plot(xs, ys, style, marker="o", ms=3, color=colour[label], lw=1.5, label=label)
+                half = [a.half_width or 0.0 for _, a in points]
+                ax.fill_between(
+                    xs,
+                    [y - h for y, h in zip(ys, half, strict=True)],
+                    [y + h for y, h in zip(ys, half, strict=True)],
+                    color=colour[label],
+                    alpha=0.15,
+                    lw=0,
+                )
+            chance = [r.chance for r in rows if r.dataset == dataset]
+            if chance:
+                ax.axhline(chance[0][0], ls="--", color="0.4", lw=1, label=chance[0][1])
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # 64, not 2^6
+            ax.set_ylim(0, 1.02)
+            ax.grid(True, alpha=0.3)
+            ax.set_title(f"{model} · {dataset}", fontsize=10)
+            if i == len(models) - 1:
+                ax.set_xlabel("Sequential local SGD steps (log scale)")
+            if j == 0:
+                ax.set_ylabel("Test accuracy")
+    _figure_legend(fig, [ax for row in grid for ax in row])
+    fig.suptitle("Test accuracy against sequential steps (mean over seeds, 95% t-interval shaded)")
+    return _save(fig, path)
+
+
+def _is_main(label: str) -> bool:
+    """ "K = 4" is a main series; "K = 8, per-client heads" and the controls are not."""
+    return label.startswith("K = ") and "," not in label
+
+
+def _series_order(label: str) -> tuple[bool, int, str]:
+    digits = "".join(ch for ch in label.removeprefix("K = ").split(",")[0] if ch.isdigit())
+    return (not _is_main(label), int(digits or 0), label)

@@ -10,12 +10,14 @@ Runs logged before fedsilo named models briefly have the model's path in `model`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedsilo.report.stats import cumulative_steps
 from fedsilo.report.summary import Curve, ReportError
 from fedsilo.runmeta import short_name
-from fedsilo.tracking import MAJORITY_PARAM, PARENT_TAG, redact_uri, search_all_runs
+from fedsilo.tracking import MAJORITY_PARAM, MINIBATCH_PARAM, PARENT_TAG, STEPS_METRIC, redact_uri, search_all_runs
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -68,9 +70,8 @@ def _is_parent(run: Run) -> bool:
 
 def _curve_from_run(client: MlflowClient, run: Run) -> Curve:
     rounds = _int_param(run, "rounds")
-    history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.timestamp)
-    # A round logged twice (a resumed federation re-evaluates it): the later value stands.
-    accuracy = {int(m.step): float(m.value) for m in history}
+    accuracy = _by_round(client, run, METRIC)
+    minibatch_of = run.data.params.get(MINIBATCH_PARAM)
     given = _str_param(run, "model")
     # New runs: `model` is the short name, `model_path` what was given. Old runs: `model` was given.
     path = run.data.params.get("model_path") or given
@@ -87,7 +88,30 @@ def _curve_from_run(client: MlflowClient, run: Run) -> Curve:
         run_id=run.info.run_id,
         start_time=int(run.info.start_time or 0),
         majority_accuracy=_float_param(run, MAJORITY_PARAM),
+        variant=variant_of(run.data.params),
+        minibatch_of=None if minibatch_of is None else _int_param(run, MINIBATCH_PARAM),
+        steps=cumulative_steps(_by_round(client, run, STEPS_METRIC)),
+        test_examples=None if "test_examples" not in run.data.params else _int_param(run, "test_examples"),
     )
+
+
+def _by_round(client: MlflowClient, run: Run, metric: str) -> dict[int, float]:
+    history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.timestamp)
+    # A round logged twice (a resumed federation re-evaluates it): the later value stands.
+    return {int(m.step): float(m.value) for m in history}
+
+
+def variant_of(params: Mapping[str, str]) -> str:
+    """What sets a run apart from its model's main series, from its params ("" for none): the
+    sweep's minibatch-SGD control, and the ablations of the head and of the attention mask."""
+    if MINIBATCH_PARAM in params:
+        return f"minibatch control of K = {params[MINIBATCH_PARAM]} (K = 1, batch {params.get('batch_size', '?')})"
+    parts = []
+    if params.get("head_init") == "per-client":
+        parts.append("per-client heads")
+    if params.get("attention_mask") == "False":
+        parts.append("no attention mask")
+    return ", ".join(parts)
 
 
 def load_curves(client: MlflowClient, experiment: str, uri: str) -> tuple[list[Curve], Run | None]:

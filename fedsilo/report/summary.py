@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from fedsilo.errors import FedsiloError
+from fedsilo.report.stats import binomial_se, t_interval
 from fedsilo.runmeta import short_name
 
 # The paper's target: 90% of the non-federated (K = 1) baseline accuracy at the budget.
@@ -56,10 +57,28 @@ class Curve:
     start_time: int = 0
     majority_accuracy: float | None = None  # always answering the test set's most frequent label
     model_name: str = ""
+    # What sets the run apart from its model's main series ("" for the main series): an ablation
+    # ("per-client heads", "no attention mask") or the minibatch-SGD control of `minibatch_of` clients.
+    variant: str = ""
+    minibatch_of: int | None = None
+    steps: Mapping[int, int] = field(default_factory=dict)  # round -> cumulative sequential steps
+    test_examples: int | None = None
 
     @property
     def name(self) -> str:
         return self.model_name or short_name(self.model)
+
+    @property
+    def label(self) -> str:
+        """The series in tables and legends: "K = 8", "K = 8, per-client heads", or the control's variant."""
+        if self.minibatch_of is not None:
+            return self.variant
+        return f"K = {self.silos}" + (f", {self.variant}" if self.variant else "")
+
+    @property
+    def peer_silos(self) -> int:
+        """The K whose main series this run stands beside: its own, or the K a control matches."""
+        return self.silos if self.minibatch_of is None else self.minibatch_of
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,13 @@ class SummaryRow:
     mean_curve: Mapping[int, float] = field(default_factory=dict, repr=False, compare=False)
     model_name: str = ""  # for people; unique among the rows (`summarise`)
     baseline_at_chance: bool = False  # the K = 1 baseline did not beat `chance`: no rounds-to-target
+    variant: str = ""  # as `Curve.variant`: "" is the model's main series
+    label: str = ""  # as `Curve.label`
+    accuracy_at_budget_ci: float | None = None  # half-width of the 95% t-interval over seeds
+    test_examples: int | None = None  # the test set's rows, where every seed logged the same
+    # Each seed's rounds to target (None: not reached within the threshold), in `seeds` order.
+    seed_rounds: tuple[int | None, ...] = ()
+    seed_curves: tuple[Mapping[int, float], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -111,6 +137,26 @@ class SummaryRow:
         if self.rounds_to_target is None:
             return NOT_REACHED
         return str(self.rounds_to_target)
+
+    @property
+    def binomial_se(self) -> float | None:
+        """What the finite test set alone adds to one accuracy at the budget (see `compare`)."""
+        if self.accuracy_at_budget is None or not self.test_examples:
+            return None
+        return binomial_se(self.accuracy_at_budget, self.test_examples)
+
+    @property
+    def reached_text(self) -> str:
+        """Rounds to target seed by seed: "reached k/n", with the median where at least half did
+        (a seed that did not counts as later than every seed that did)."""
+        if not self.seed_rounds:
+            return self.rounds_text if self.target_accuracy is None else NOT_REACHED
+        reached = sorted(r for r in self.seed_rounds if r is not None)
+        n = len(self.seed_rounds)
+        ordered = [float(r) for r in reached] + [math.inf] * (n - len(reached))
+        median = statistics.median(ordered)
+        middle = "" if math.isinf(median) else f", median {median:g}"
+        return f"reached {len(reached)}/{n}{middle}"
 
 
 def mean_curve(curves: Sequence[Mapping[int, float]]) -> dict[int, float]:
@@ -154,9 +200,9 @@ def latest_per_seed(curves: Iterable[Curve]) -> tuple[list[Curve], list[Curve]]:
     A seed run twice (e.g. a sweep repeated in the same experiment) is one sample, not two;
     counting both would shrink the std. Returns (kept, superseded).
     """
-    by_key: dict[tuple[str, str, int, int], list[Curve]] = defaultdict(list)
+    by_key: dict[tuple[str, str, int, str, int], list[Curve]] = defaultdict(list)
     for c in curves:
-        by_key[(c.model, c.dataset, c.silos, c.seed)].append(c)
+        by_key[(c.model, c.dataset, c.silos, c.variant, c.seed)].append(c)
     kept: list[Curve] = []
     superseded: list[Curve] = []
     for group in by_key.values():
@@ -173,10 +219,11 @@ def _one_value(values: Iterable[int], what: str, where: str) -> int:
     return distinct[0]
 
 
-def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> SummaryRow:
-    """Everything about one (model, dataset, K) except the baseline-dependent fields."""
-    model, dataset, silos = key
-    where = f"model {model!r}, dataset {dataset!r}, K={silos}"
+def _summarise_group(key: tuple[str, str, int, str], curves: Sequence[Curve]) -> SummaryRow:
+    """Everything about one (model, dataset, K, variant) except the baseline-dependent fields."""
+    model, dataset, silos, variant = key
+    where = f"model {model!r}, dataset {dataset!r}, {curves[0].label}"
+    curves = sorted(curves, key=lambda c: c.seed)
     budget = _one_value((c.budget for c in curves), "budget", where)
     threshold = _one_value((c.threshold for c in curves), "threshold", where)
     num_labels = _one_value((c.num_labels for c in curves), "num_labels", where)
@@ -187,6 +234,8 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
     complete = len(present) == len(at_budget)
     acc = statistics.fmean(present) if complete else None
     std = statistics.stdev(present) if complete and len(present) > 1 else None
+    ci = t_interval(present).half_width if complete and present else None
+    sizes = {c.test_examples for c in curves}
 
     curve = mean_curve([c.accuracy for c in curves])
     best = best_point(curve)
@@ -206,6 +255,11 @@ def _summarise_group(key: tuple[str, str, int], curves: Sequence[Curve]) -> Summ
         target_accuracy=None,
         rounds_to_target=None,
         mean_curve=curve,
+        variant=variant,
+        label=curves[0].label,
+        accuracy_at_budget_ci=ci,
+        test_examples=sizes.pop() if len(sizes) == 1 else None,
+        seed_curves=tuple(c.accuracy for c in curves),
     )
 
 
@@ -218,10 +272,10 @@ def summarise(curves: Iterable[Curve]) -> list[SummaryRow]:
     Raises ReportError if the seeds of one group disagree on budget, threshold or num_labels,
     or the runs of one dataset disagree on num_labels.
     """
-    groups: dict[tuple[str, str, int], list[Curve]] = defaultdict(list)
+    groups: dict[tuple[str, str, int, str], list[Curve]] = defaultdict(list)
     for c in curves:
-        groups[(c.model, c.dataset, c.silos)].append(c)
-    order = sorted(groups, key=lambda k: (k[1], k[0], k[2]))  # dataset, model, K
+        groups[(c.model, c.dataset, c.silos, c.variant)].append(c)
+    order = sorted(groups, key=lambda k: (k[1], k[0], k[3] != "", k[2], k[3]))  # dataset, model, main first, K
     rows = [_summarise_group(k, groups[k]) for k in order]
 
     labels_by_dataset: dict[str, set[int]] = defaultdict(set)
@@ -240,7 +294,9 @@ def summarise(curves: Iterable[Curve]) -> list[SummaryRow]:
     ]
 
     baselines = {
-        (r.model, r.dataset): r.accuracy_at_budget for r in rows if r.silos == 1 and r.accuracy_at_budget is not None
+        (r.model, r.dataset): r.accuracy_at_budget
+        for r in rows
+        if r.silos == 1 and not r.variant and r.accuracy_at_budget is not None
     }
     return _unique_names([_with_target(row, baselines.get((row.model, row.dataset))) for row in rows])
 
@@ -263,4 +319,5 @@ def _with_target(row: SummaryRow, baseline: float | None) -> SummaryRow:
         row,
         target_accuracy=target,
         rounds_to_target=rounds_to_target(row.mean_curve, target, row.threshold),
+        seed_rounds=tuple(rounds_to_target(c, target, row.threshold) for c in row.seed_curves),
     )
