@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import multiprocessing
+import os
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +56,7 @@ EXTRA_KEYS = frozenset({"budget", "threshold"})
 # `silos: minibatch-K`: the minibatch-SGD control of K clients (see minibatch_control).
 MINIBATCH_PREFIX = "minibatch-"
 # One parent run holds every cell, so these are set once, at the top of the file.
-TOP_LEVEL_KEYS = frozenset({"experiment", "tracking_uri"})
+TOP_LEVEL_KEYS = frozenset({"experiment", "tracking_uri", "jobs"})
 CELL_KEYS = (SETTING_KEYS | EXTRA_KEYS) - TOP_LEVEL_KEYS
 
 
@@ -85,6 +90,9 @@ class SweepSpec(BaseModel):
         None, min_length=1, description="MLflow experiment of the parent run and its cells. Default: the file's name."
     )
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    jobs: int = Field(
+        1, ge=1, description="Cells run at once, each in its own process (e.g. several small simulations on one GPU)."
+    )
     settings: dict[str, Any] = Field(
         default_factory=dict,
         description="Settings every cell shares: flat keys as `fedsilo simulate` takes them, plus "
@@ -365,10 +373,79 @@ def dry_run_lines(cells: list[Cell], experiment: str, *, estimate: bool, log: Lo
         log(f"{len(cells)} cell(s) in experiment '{experiment}'; nothing was run (--dry-run)")
 
 
-def run_sweep(path: Path, *, dry_run: bool = False, estimate: bool = False, log: Log = print) -> list[Cell]:
-    """Run every cell not finished yet under one parent run; returns the cells. With ``dry_run``
-    only list them (``estimate``: with their time, from a short probe)."""
+@dataclass(frozen=True)
+class CellResult:
+    """How one cell's simulation ended: its run and final accuracy, or the one line saying why not."""
+
+    index: int
+    run_id: str | None
+    accuracy: float
+    seconds: float
+    error: str | None = None
+
+
+def run_cell(cell: Cell, n: int, parent_run_id: str, log: Log) -> CellResult:
+    """One cell as a nested run of the sweep's parent."""
+    log(f"cell {cell.index}/{n}: {cell.label()}")
+    started = time.perf_counter()
+    try:
+        outcome = simulate(
+            cell.settings,
+            _prefixed(log, f"  [{cell.index}/{n}] "),
+            parent_run_id=parent_run_id,
+            params=cell.params(),
+            tags={CELL_TAG: cell.key},
+        )
+    except FedsiloError as exc:
+        return CellResult(cell.index, None, math.nan, time.perf_counter() - started, str(exc))
+    return CellResult(cell.index, outcome.run_id, outcome.final_accuracy, time.perf_counter() - started)
+
+
+def _worker_start(threads: int) -> None:
+    """A worker process of run_cells_at_once: its share of the cores, line progress (bars from
+    several processes would overwrite each other), and SIGTERM unwinding like Ctrl-C so that
+    its run is closed as KILLED when the sweep is stopped."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["TERM"] = "dumb"
+    signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt())
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _worker_cell(job: tuple[Cell, int, str]) -> CellResult:
+    cell, n, parent_run_id = job
+    return run_cell(cell, n, parent_run_id, lambda line: print(line, flush=True))
+
+
+def run_cells_at_once(cells: list[Cell], n: int, parent_run_id: str, jobs: int, log: Log) -> Iterator[CellResult]:
+    """Up to ``jobs`` cells at a time, each in a process of its own (several simulations share one
+    GPU well: each is small); results come in the order cells finish. Stopping the sweep stops
+    the workers, whose runs close as KILLED."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"running {min(jobs, len(cells))} cell(s) at a time, {threads} CPU thread(s) each")
+    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_start, initargs=(threads,))
+    try:
+        yield from pool.imap_unordered(_worker_cell, [(cell, n, parent_run_id) for cell in cells])
+        pool.close()
+    except BaseException:
+        pool.terminate()  # SIGTERM to each worker: its simulation unwinds and closes its run
+        raise
+    finally:
+        pool.join()
+
+
+def run_sweep(
+    path: Path, *, dry_run: bool = False, estimate: bool = False, jobs: int | None = None, log: Log = print
+) -> list[Cell]:
+    """Run every cell not finished yet under one parent run, ``jobs`` at a time (default: the
+    file's ``jobs``); returns the cells. With ``dry_run`` only list them (``estimate``: with their
+    time, from a short probe)."""
     spec = read_spec(path)
+    jobs = jobs or spec.jobs
     experiment = spec.experiment or path.stem
     cells = expand(spec, experiment)
     n = len(cells)
@@ -388,31 +465,28 @@ def run_sweep(path: Path, *, dry_run: bool = False, estimate: bool = False, log:
     failures: list[str] = []
     ran = 0  # cells finished by this invocation
     started = time.perf_counter()
+    by_index = {cell.index: cell for cell in cells}
+    for cell in cells:
+        if cell.key in done:
+            log(f"cell {cell.index}/{n}: {cell.label()}: finished already (run {done[cell.key]}), skipping")
     try:
-        for cell in cells:
+        results = (
+            (run_cell(cell, n, parent.run_id, log) for cell in todo)
+            if jobs == 1
+            else run_cells_at_once(todo, n, parent.run_id, jobs, log)
+        )
+        for result in results:  # in the order they finish
+            cell = by_index[result.index]
             head = f"cell {cell.index}/{n}: {cell.label()}"
-            if cell.key in done:
-                log(f"{head}: finished already (run {done[cell.key]}), skipping")
-                continue
-            log(head)
-            cell_started = time.perf_counter()
-            try:
-                outcome = simulate(
-                    cell.settings,
-                    _prefixed(log, f"  [{cell.index}/{n}] "),
-                    parent_run_id=parent.run_id,
-                    params=cell.params(),
-                    tags={CELL_TAG: cell.key},
-                )
-            except FedsiloError as exc:
+            if result.error is not None:
                 # Other cells may still work (another model, another dataset); a rerun retries this one.
-                failures.append(f"cell {cell.index} ({cell.label()}): {exc}")
-                log(f"{head}: failed: {exc}")
+                failures.append(f"cell {cell.index} ({cell.label()}): {result.error}")
+                log(f"{head}: failed: {result.error}")
                 continue
-            if outcome.run_id is None:  # trained, but MLflow went away: not recorded as done
+            if result.run_id is None:  # trained, but MLflow went away: not recorded as done
                 failures.append(f"cell {cell.index} ({cell.label()}): MLflow was unreachable at the end")
                 continue
-            done[cell.key] = outcome.run_id
+            done[cell.key] = result.run_id
             ran += 1
             discard_finished(cell.settings, simulation_key(cell.settings, parent.run_id))
             parent.log_progress(cell.index, {"cells_finished": float(len(done)), "cells_failed": float(len(failures))})
@@ -421,9 +495,8 @@ def run_sweep(path: Path, *, dry_run: bool = False, estimate: bool = False, log:
             left = len(todo) - ran - len(failures)
             remaining = f", about {time_left(elapsed / ran * left)} left" if left > 0 else ""
             log(
-                f"{head}: test_accuracy={outcome.final_accuracy:.4f} after "
-                f"{cell.settings.federation.rounds} round(s) ({time.perf_counter() - cell_started:.0f}s; "
-                f"{len(done)}/{n} cells finished, {elapsed:.0f}s so far{remaining})"
+                f"{head}: test_accuracy={result.accuracy:.4f} after {cell.settings.federation.rounds} round(s) "
+                f"({result.seconds:.0f}s; {len(done)}/{n} cells finished, {elapsed:.0f}s so far{remaining})"
             )
     except BaseException as exc:
         parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -289,6 +289,21 @@ def test_sweep_nests_its_cells_and_a_rerun_trains_nothing(tmp_path, tiny_bert, s
     assert sum("finished already (run" in line for line in again) == 2
 
 
+def test_cells_run_at_once_each_in_its_own_process(tmp_path, tiny_bert, sentiment_csv, capfd) -> None:
+    path = tiny_sweep(tmp_path, tiny_bert, sentiment_csv)
+    lines: list[str] = []
+    sweep.run_sweep(path, jobs=2, log=lines.append)
+    (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED" and sorted(c.data.params["silos"] for c in children) == ["1", "2"]
+    assert all(c.data.tags[PARENT_RUN_TAG] == parent.info.run_id and c.info.status == "FINISHED" for c in children)
+    assert lines[1].startswith("running 2 cell(s) at a time, ")
+    assert sum("test_accuracy=" in line and "cells finished" in line for line in lines) == 2
+    # the cells' own lines come from the worker processes' stdout, not through this process's log
+    workers = capfd.readouterr().out
+    assert "[1/2] round 2/2" in workers and "[2/2] round 2/2" in workers
+    assert not any("round 2/2" in line for line in lines)
+
+
 def test_a_partly_finished_sweep_reruns_only_the_missing_cells(monkeypatch, tmp_path, tiny_bert, sentiment_csv) -> None:
     # Prepare: the K = 2 cell fails the first time
     path = tiny_sweep(tmp_path, tiny_bert, sentiment_csv)

@@ -28,6 +28,16 @@ def command(
             "cell's time (trains a little; records nothing).",
         ),
     ] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            min=1,
+            envvar="FEDSILO_SWEEP_JOBS",
+            help="Cells to run at once, each in its own process: several small simulations fill one GPU. "
+            "Default: the sweep file's `jobs`, else 1.",
+        ),
+    ] = None,
 ) -> None:
     """Run a grid of simulations (models x datasets x client counts x seeds ...) as nested MLflow runs under one parent.
 
@@ -36,4 +46,4 @@ def command(
     from fedsilo.sweep import run_sweep
 
     with stop_on_sigterm():
-        run_sweep(config, dry_run=dry_run or estimate, estimate=estimate)
+        run_sweep(config, dry_run=dry_run or estimate, estimate=estimate, jobs=jobs)
