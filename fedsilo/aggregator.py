@@ -116,10 +116,11 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
                     f"silo(s) {mismatched} built a different model from the aggregator's ({settings.model.model}){same}",
                     retryable=False,
                 )
-            privacy = budget(settings, {rank: hello.train_examples for rank, hello in hellos.items()})
-            if privacy.why:
-                log(f"{privacy.why}: the federation ends after round {privacy.last_round}")
-            start = ledger.open(labels, flat_size(model), must_deliver=True, last_round=privacy.last_round)
+            examples = {rank: hello.train_examples for rank, hello in hellos.items()}
+            privacy = budget(settings, examples)
+            start = ledger.open(
+                labels, flat_size(model), must_deliver=True, last_round=privacy.last_round, why=privacy.why
+            )
         except FedsiloError as exc:
             # The admitted silos are blocked on their verdict: give them the reason, not a hang-up.
             for hello in hellos.values():
@@ -141,7 +142,7 @@ def serve(settings: Settings, token: str | None, log: Log = print) -> Outcome:
                     "aggregator",
                     device.type,
                     "tls" if fed.transport == "tls" else wire,
-                    {rank: hello.train_examples for rank, hello in hellos.items()},
+                    examples,
                     None if test is None else len(test),
                     megabytes_per_silo_round(flat_size(model), fed),
                 ),

@@ -41,6 +41,12 @@ class Splits:
     test: Examples | None
 
 
+def torch_seed(seed: Sequence[int]) -> int:
+    """One torch seed from a tuple (run seed, client, round, ...): torch takes a single integer, and
+    numpy's SeedSequence mixes the parts so that nearby tuples give unrelated streams."""
+    return int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _read_file(path: Path) -> Any:
     """One local file as a pandas DataFrame."""
     import pandas as pd

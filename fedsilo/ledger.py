@@ -82,6 +82,7 @@ class FederationRun:
         self.labels: list[str] = []
         self.tracker: Tracker | None = None
         self.final_accuracy = float("nan")
+        self.last_round = settings.federation.rounds  # open() may end it earlier (a privacy budget)
         self.closed = False
         self._round_seconds: list[float] = []  # this process's rounds, for the time left
 
@@ -119,9 +120,17 @@ class FederationRun:
         )
 
     # -- start -----------------------------------------------------------------------------------
-    def open(self, labels: list[str], size: int, *, must_deliver: bool = False, last_round: int | None = None) -> int:
+    def open(
+        self,
+        labels: list[str],
+        size: int,
+        *,
+        must_deliver: bool = False,
+        last_round: int | None = None,
+        why: str | None = None,
+    ) -> int:
         """Resume or start; returns the first round to run. ``last_round``: the federation ends after it
-        (default --rounds; earlier when a silo's privacy budget ends it).
+        (default --rounds; earlier when a silo's privacy budget ends it, which ``why`` says).
 
         A checkpoint must fit this model and label set (the files behind --model may have
         changed). One of a finished federation starts a new one, after what MLflow missed of it
@@ -129,9 +138,12 @@ class FederationRun:
         federation's results would end up in the new one's run.
         """
         self.labels = labels
+        self.last_round = last_round or self.settings.federation.rounds
+        if why:
+            self.log(f"{why}: the federation ends after round {self.last_round}")
         if self.resumed is not None:
             checkpoint.check_fits(self.resumed, self.directory, labels, size, lora=self.settings.model.peft == "lora")
-            if self.resumed.round >= (last_round or self.settings.federation.rounds):
+            if self.resumed.round >= self.last_round:
                 if not self._tracker(self.resumed.run_id).finish() and must_deliver:
                     raise FederationError(
                         f"the last federation with these settings finished, but its results still wait in "
@@ -177,10 +189,10 @@ class FederationRun:
         checkpoint.save(self.directory, state)
         self.final_accuracy = metrics["test_accuracy"]
         self._round_seconds.append(metrics["round_seconds"])
-        left = self.settings.federation.rounds - round_
+        left = self.last_round - round_
         mean = sum(self._round_seconds) / len(self._round_seconds)
         estimate = f"; about {time_left(mean * left)} left" if left else ""
-        self.log(round_line(round_, self.settings.federation.rounds, metrics) + estimate)
+        self.log(round_line(round_, self.last_round, metrics) + estimate)
 
     # -- end -------------------------------------------------------------------------------------
     def close(self, model: torch.nn.Module, tokenizer: Any, weights: torch.Tensor) -> Outcome:

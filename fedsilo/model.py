@@ -18,11 +18,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedsilo import hub
 from fedsilo.config import ModelConfig, Settings, fingerprint
+from fedsilo.data import torch_seed
 from fedsilo.errors import ConfigError, ModelError, first_line
 
 # The layers that get LoRA adapters when --lora-target-modules is unset, by the model's
@@ -184,9 +184,7 @@ def draw_head(model: torch.nn.Module, seed: Sequence[int]) -> None:
     Drawn on the CPU from its own generator, so a silo on a GPU and a simulated client on the CPU
     with the same seed get the same head, and the global random state is untouched.
     """
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1)
-    )
+    generator = torch.Generator().manual_seed(torch_seed(seed))
     std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
     for name, head in head_modules(model).items():
         for layer in head.modules():

@@ -80,10 +80,9 @@ def simulate(
                 "note: simulate has no aggregator to hide updates from and sums them in the clear; "
                 "--secure-aggregation masks them in `fedsilo run`, `aggregator` and `silo` (the same model within 1e-6)"
             )
-        privacy = budget(settings, {k: len(shard) for k, shard in enumerate(shards, 1)})
-        if privacy.why:
-            log(f"{privacy.why}: the federation ends after round {privacy.last_round}")
-        ledger.open(labels, flat_size(model), last_round=privacy.last_round)
+        examples = {k: len(shard) for k, shard in enumerate(shards, 1)}
+        privacy = budget(settings, examples)
+        ledger.open(labels, flat_size(model), last_round=privacy.last_round, why=privacy.why)
         ledger.restore(model)
         sizes = sorted(len(s) for s in shards)
         log(
@@ -94,7 +93,7 @@ def simulate(
         ledger.track(
             {MAJORITY_PARAM: f"{majority_share(test):.6f}", **privacy.params(), **(params or {})},
             tags,
-            RunContext("simulate", device.type, None, {k: len(s) for k, s in enumerate(shards, start=1)}, len(test)),
+            RunContext("simulate", device.type, None, examples, len(test)),
         )
         local = bind_flat(model)  # the model's own storage: each client trains in it
         weights = local.clone()

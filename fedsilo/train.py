@@ -8,10 +8,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from fedsilo.data import Encoded, iterate_batches
+from fedsilo.data import Encoded, iterate_batches, torch_seed
 from fedsilo.last_layer import cls_only_last_layer
 from fedsilo.rows import WireRow
 
@@ -205,7 +204,7 @@ def local_train(
     after the last batch. The parameters are stepped in place (a flat binding stays valid).
     """
     device = next(model.parameters()).device
-    torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0] >> 1))
+    torch.manual_seed(torch_seed(seed))
     # the trainable ones: with LoRA the frozen base gets no gradient, FedProx anchor or optimiser state
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer, lr, weight_decay)

@@ -123,6 +123,9 @@ def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert
     assert "the federation ends after round" in said
     end = int(said.rsplit(" ", 1)[1])
     assert 0 < end < 6
+    # the round lines count to the round it ends after, with nothing left after it
+    assert [line for line in lines if line.startswith("round ")][-1].startswith(f"round {end}/{end}: ")
+    assert not [line for line in lines if line.startswith(f"round {end}/") and " left" in line]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
     assert only.info.status == "FINISHED"
