@@ -334,6 +334,11 @@ class TrackingConfig(_Section):
         description="Register each federation's final model in the MLflow Model Registry under this name, as a "
         "new version.",
     )
+    log_merged_model: bool = Field(
+        False,
+        description="Under --peft lora, also log the adapters merged into their base as a full MLflow "
+        "transformers model, merged_model (servable alone; what --register-model registers).",
+    )
     system_metrics: bool = Field(
         True,
         description="Record this process's CPU, memory, disk and network use (and GPU where visible) as system/ "
@@ -399,6 +404,7 @@ LOCAL_KEYS = frozenset(
         "tracking_uri",
         "experiment",
         "register_model",
+        "log_merged_model",
         "system_metrics",
         "checkpoint_dir",
         "eval_batch_size",
@@ -465,11 +471,19 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _an_adapter_is_not_registered(self) -> Settings:
-        if self.model.peft == "lora" and self.tracking.register_model is not None:
+        lora = self.model.peft == "lora"
+        if lora and self.tracking.register_model is not None and not self.tracking.log_merged_model:
             raise PydanticCustomError(
                 "lora_not_registered",
                 "register_model (--register-model) needs a full model: under --peft lora the run's model is "
-                "the LoRA adapter, logged as files for PeftModel.from_pretrained (docs/peft.md)",
+                "the LoRA adapter, logged as files for PeftModel.from_pretrained; add log_merged_model "
+                "(--log-merged-model) to register the adapters merged into their base (docs/peft.md)",
+            )
+        if self.tracking.log_merged_model and not lora:
+            raise PydanticCustomError(
+                "merged_needs_lora",
+                "log_merged_model (--log-merged-model) merges LoRA adapters: add peft lora (--peft lora); "
+                "a full fine-tuning run's model is already whole",
             )
         return self
 

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
-# The artifact path of the model in its run: runs:/<run id>/model.
+# The artifact path of the model in its run: runs:/<run id>/model; under LoRA with
+# --log-merged-model, the adapters merged into their base too: runs:/<run id>/merged_model.
 MODEL_NAME = "model"
+MERGED_NAME = "merged_model"
 # The example MLflow shows and validates serving with. Deliberately not a row of anyone's data:
 # the model leaves the federation, the rows never do.
 INPUT_EXAMPLE = ["An example sentence to classify."]
@@ -82,10 +84,16 @@ def _fluent_store(tracking_uri: str, experiment_id: str) -> Iterator[None]:
 
 
 def log_classifier(
-    tracking_uri: str, experiment_id: str, run_id: str, directory: Path, card: str, register_as: str | None = None
+    tracking_uri: str,
+    experiment_id: str,
+    run_id: str,
+    directory: Path,
+    card: str,
+    register_as: str | None = None,
+    name: str = MODEL_NAME,
 ) -> str | None:
     """Log the model and tokenizer saved in ``directory`` (``save_pretrained``) as run ``run_id``'s
-    model ``model``, with ``card`` as its model card; returns the new registered version, if any.
+    model ``name``, with ``card`` as its model card; returns the new registered version, if any.
 
     The pipeline is built from the directory, on the CPU: what is logged is what was saved.
     """
@@ -97,7 +105,7 @@ def log_classifier(
         # A LoRA model (--peft lora) is its adapter, which names its base: logged as the files
         # PeftModel.from_pretrained loads. Not a pipeline: transformers 5 saves a PEFT pipeline only
         # with peft >= 0.22, newer than this project's index offers.
-        mlflow.MlflowClient(tracking_uri).log_artifacts(run_id, str(directory), MODEL_NAME)
+        mlflow.MlflowClient(tracking_uri).log_artifacts(run_id, str(directory), name)
         return None
 
     # An absolute path as the model's name: MLflow looks a name up on the hub for its license,
@@ -107,7 +115,7 @@ def log_classifier(
     with _fluent_store(tracking_uri, experiment_id):
         info = mlflow.transformers.log_model(
             classifier,
-            name=MODEL_NAME,
+            name=name,
             run_id=run_id,
             task="text-classification",
             signature=_signature(),

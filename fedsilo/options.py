@@ -161,6 +161,7 @@ def settings_options(
     tracking_uri: Annotated[str | None, setting("tracking_uri")] = None,
     experiment: Annotated[str | None, setting("experiment")] = None,
     register_model: Annotated[str | None, setting("register_model")] = None,
+    log_merged_model: Annotated[bool | None, setting("log_merged_model")] = None,
     system_metrics: Annotated[bool | None, setting("system_metrics")] = None,
     checkpoint_dir: Annotated[Path | None, setting("checkpoint_dir")] = None,
 ) -> None:

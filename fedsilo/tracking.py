@@ -14,6 +14,7 @@ params, inputs) is fedsilo.runmeta's; the model as an MLflow model is fedsilo.ml
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -157,6 +158,7 @@ class Tracker:
         self.outbox.mkdir(parents=True, exist_ok=True)
         self._pending = self.outbox / "outbox.jsonl"
         self._model_dir = self.outbox / "model-pending"
+        self._merged_dir = self.outbox / "merged-model-pending"  # --log-merged-model
         self._warned: str | None = None  # the reason of the last warning, while MLflow is unreachable
         self._open()
 
@@ -287,31 +289,48 @@ class Tracker:
     def log_model(self, model: Any, tokenizer: Any) -> None:
         """The global model as the run's MLflow model ``model`` (fedsilo.mlmodel): first saved to
         the outbox with its card, then delivered like the metrics."""
+        card = description(self.settings, self.context) + "\n"
         shutil.rmtree(self._model_dir, ignore_errors=True)
         model.save_pretrained(self._model_dir)
         tokenizer.save_pretrained(self._model_dir)
-        (self._model_dir / _CARD).write_text(description(self.settings, self.context) + "\n", encoding="utf-8")
+        (self._model_dir / _CARD).write_text(card, encoding="utf-8")
+        if self.settings.tracking.log_merged_model:
+            # on a copy: the federation's model keeps its adapters (and its flat binding)
+            shutil.rmtree(self._merged_dir, ignore_errors=True)
+            copy.deepcopy(model).merge_and_unload().save_pretrained(self._merged_dir)
+            tokenizer.save_pretrained(self._merged_dir)
+            (self._merged_dir / _CARD).write_text(
+                card + "The LoRA adapters merged into their base.\n", encoding="utf-8"
+            )
         self.flush()
 
     def _deliver_model(self) -> None:
-        if not self._model_dir.exists():
+        from fedsilo.mlmodel import MERGED_NAME, MODEL_NAME
+
+        # the adapters first; a merged model, where there is one, is the one registered
+        merged = self._merged_dir.exists() or self.settings.tracking.log_merged_model
+        self._deliver_model_dir(self._model_dir, MODEL_NAME, None if merged else self.settings.tracking.register_model)
+        self._deliver_model_dir(self._merged_dir, MERGED_NAME, self.settings.tracking.register_model)
+
+    def _deliver_model_dir(self, directory: Path, artifact: str, register_as: str | None) -> None:
+        if not directory.exists():
             return
         from fedsilo.mlmodel import log_classifier
 
         assert self.run_id is not None and self.experiment_id is not None
-        card = self._model_dir / _CARD
-        name = self.settings.tracking.register_model
+        card = directory / _CARD
         version = log_classifier(
             self.settings.tracking.tracking_uri,
             self.experiment_id,
             self.run_id,
-            self._model_dir,
+            directory,
             card.read_text(encoding="utf-8") if card.exists() else "",
-            name,
+            register_as,
+            artifact,
         )
-        shutil.rmtree(self._model_dir)
+        shutil.rmtree(directory)
         if version is not None:
-            self.log(f"registered the model as {name} version {version}")
+            self.log(f"registered the model as {register_as} version {version}")
 
     def finish(self, status: str = "FINISHED") -> bool:
         """Deliver what waits and close the run; False (results kept locally) while MLflow is unreachable."""

@@ -309,6 +309,46 @@ def test_the_artifact_is_the_adapter_and_loads_onto_its_base(lora_federation, ti
         assert torch.allclose(loaded(**batch).logits, ours(**batch).logits, atol=1e-5)
 
 
+def test_a_merged_model_is_logged_beside_the_adapter_and_registered(tiny_models, sentiment_csv, tmp_path) -> None:
+    # Execute: a LoRA simulation that also logs (and registers) the adapters merged into their base
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    settings = settings_for(
+        tmp_path,
+        tiny_models["bert"],
+        sentiment_csv,
+        peft="lora",
+        rounds=1,
+        log_merged_model=True,
+        register_model="notes",
+    )
+    lines: list[str] = []
+    outcome = sim.simulate(settings, lines.append)
+    # Assert: the adapter is still the run's model; merged_model is a full pipeline, the registered one
+    client = MlflowClient(tracking_uri=settings.tracking.tracking_uri)
+    adapter = Path(client.download_artifacts(outcome.run_id, "model", str(tmp_path / "a")))
+    assert (adapter / "adapter_config.json").exists()
+    (version,) = client.search_model_versions("name='notes'")
+    assert version.run_id == outcome.run_id
+    assert client.get_logged_model(version.source.removeprefix("models:/")).name == "merged_model"
+    assert "registered the model as notes version 1" in lines
+    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    pipeline = mlflow.transformers.load_model(f"runs:/{outcome.run_id}/merged_model")
+    # the merged model computes what the base with the adapters computes
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=2)
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    tokenizer = load_tokenizer(str(adapter))
+    batch = tokenizer(["the film was great", "a dull and stale plot"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        merged = pipeline.model.eval()(**batch).logits
+        assert torch.allclose(merged, with_adapter(**batch).logits, atol=1e-5)
+    assert not any(
+        isinstance(m, torch.nn.Module) and "lora" in type(m).__name__.lower() for m in pipeline.model.modules()
+    )
+
+
 # -- bad combinations: one line each -------------------------------------------------------------------
 def one_error_line(args: list[str]) -> str:
     result = CliRunner().invoke(app, args)
@@ -416,4 +456,12 @@ def test_registering_an_adapter_is_one_line(tiny_models, sentiment_csv, tmp_path
         ["simulate", "--model", str(tiny_models["bert"]), "--dataset", str(sentiment_csv), "--peft", "lora",
          "--register-model", "clinic-notes"]
     )  # fmt: skip
-    assert "register_model" in line and "LoRA adapter" in line
+    assert "register_model" in line and "LoRA adapter" in line and "--log-merged-model" in line
+
+
+def test_a_merged_model_without_lora_is_one_line(tiny_models, sentiment_csv, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(
+        ["simulate", "--model", str(tiny_models["bert"]), "--dataset", str(sentiment_csv), "--log-merged-model"]
+    )
+    assert "log_merged_model (--log-merged-model) merges LoRA adapters: add peft lora" in line
