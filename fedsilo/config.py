@@ -511,11 +511,6 @@ class Settings(BaseModel):
                     "lora_without_peft",
                     f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} LoRA's adapters: add peft lora (--peft lora)",
                 )
-        elif self.privacy.enabled:
-            # Opacus computes per-example gradients layer by layer and has no rule for PEFT's LoRA layers.
-            raise PydanticCustomError(
-                "lora_with_dp", "DP-SGD (--dp-epsilon, --dp-noise-multiplier) does not run with --peft lora yet"
-            )
         return self
 
     def flat(self) -> dict[str, Any]:
