@@ -91,6 +91,7 @@ class Report(WireRow):
     update_norm: float
     train_seconds: float = 0.0  # the silo's local training this round (MLflow's silo/<rank>/train_seconds)
     steps: int = 0  # its optimiser steps this round: the slowest silo's are the round's sequential steps
+    sits_out: int = 0  # 1: its privacy budget is spent (--dp-on-exhausted skip); it sent nothing
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> list[Report]:
@@ -111,6 +112,8 @@ def validate_updates(
     median = statistics.median(finite) if finite else 0.0
     accepted, reasons = [], []
     for r in reports:
+        if r.sits_out:  # neither accepted nor rejected: it trained on nothing, by design
+            continue
         if not math.isfinite(r.update_norm) or not math.isfinite(r.train_loss):
             reason = f"silo {r.rank} sent a non-finite update in round {round_}"
         elif r.examples <= 0:

@@ -4,7 +4,7 @@ when asked, then local training, or DP-SGD when the privacy settings ask for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -32,14 +32,29 @@ def plan_of(settings: Settings, examples: int) -> dp.Plan:
     return privacy_plan(settings.privacy, examples, train.batch_size, train.local_epochs, settings.federation.rounds)
 
 
+def rounds_allowed(settings: Settings, examples: int) -> int:
+    """The last round a silo with ``examples`` rows trains in: under --dp-on-exhausted skip the last
+    its budget affords (it sits out the rest), else every round (stop ends the federation instead)."""
+    rounds = settings.federation.rounds
+    if settings.privacy.dp_on_exhausted != "skip":
+        return rounds
+    return plan_of(settings, examples).rounds_allowed(rounds)
+
+
 @dataclass(frozen=True)
 class Budget:
     """The silos' privacy plans, as the aggregator and ``simulate`` see them, and the round the
-    federation ends after (``why``: the line naming the silo whose budget ends it early)."""
+    federation ends after (``why``: the line naming the silo whose budget ends it early, or under
+    --dp-on-exhausted skip the silos that sit out; ``allowed``: each silo's last round, where it is
+    earlier than the federation's)."""
 
     plans: dict[int, dp.Plan]
     last_round: int
     why: str | None
+    allowed: dict[int, int] = field(default_factory=dict)
+
+    def sits_out(self, rank: int, round_: int) -> bool:
+        return round_ > self.allowed.get(rank, self.last_round)
 
     def params(self) -> dict[str, str]:
         """Each silo's sigma and sampling rate (delta, C and the accountant are settings, logged already)."""
@@ -51,7 +66,10 @@ class Budget:
 
     def metrics(self, round_: int) -> dict[str, float]:
         """Each silo's epsilon after ``round_`` rounds, and the largest."""
-        spent = {f"silo/{rank}/dp_epsilon": plan.epsilon(round_) for rank, plan in self.plans.items()}
+        spent = {
+            f"silo/{rank}/dp_epsilon": plan.epsilon(min(round_, self.allowed.get(rank, round_)))
+            for rank, plan in self.plans.items()
+        }
         return {**spent, "dp_epsilon_max": max(spent.values())} if spent else {}
 
 
@@ -61,6 +79,9 @@ def budget(settings: Settings, examples: Mapping[int, int]) -> Budget:
     if not settings.privacy.enabled:
         return Budget({}, rounds, None)
     plans = {rank: plan_of(settings, n) for rank, n in examples.items()}
+    if settings.privacy.dp_on_exhausted == "skip":
+        allowed, last, why = dp.sitting_out(plans, rounds)
+        return Budget(plans, last, why, allowed)
     last, why = dp.last_round(plans, rounds)
     return Budget(plans, last, why)
 

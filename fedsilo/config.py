@@ -30,6 +30,7 @@ LrSchedule = Literal["constant", "linear", "cosine"]
 HeadInit = Literal["shared", "per-client"]
 ServerOptimizer = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 Accountant = Literal["rdp", "prv"]
+OnExhausted = Literal["stop", "skip"]
 Peft = Literal["none", "lora"]
 # Server optimisers that scale each weight by its own history (Reddi et al. 2021): their step size
 # depends on the task by orders of magnitude, so none is assumed.
@@ -375,6 +376,21 @@ class PrivacyConfig(_Section):
     dp_accountant: Accountant = Field(
         "rdp", description="How the privacy loss is composed: rdp (Renyi DP) or prv (privacy random variables)."
     )
+    dp_on_exhausted: OnExhausted = Field(
+        "stop",
+        description="When a silo's next round would pass its --dp-epsilon: stop ends the federation after the "
+        "last round every silo affords; skip lets that silo sit out the rounds left while the others go on "
+        "(the federation ends once every budget is spent).",
+    )
+
+    @model_validator(mode="after")
+    def _skip_needs_a_budget(self) -> PrivacyConfig:
+        if self.dp_on_exhausted == "skip" and self.dp_epsilon is None:
+            raise PydanticCustomError(
+                "skip_needs_budget",
+                "dp_on_exhausted skip (--dp-on-exhausted) needs a budget: add dp_epsilon (--dp-epsilon)",
+            )
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -442,6 +458,7 @@ LATER_KEYS = frozenset(
         "dp_noise_multiplier",
         "dp_max_grad_norm",
         "dp_accountant",
+        "dp_on_exhausted",
         "peft",
         "lora_r",
         "lora_alpha",

@@ -77,6 +77,23 @@ class Plan:
         return low
 
 
+def sitting_out(plans: Mapping[int, Plan], rounds: int) -> tuple[dict[int, int], int, str | None]:
+    """Under --dp-on-exhausted skip: each silo's last round within its budget, the round the
+    federation ends after (when the last budget is spent), and the line naming the silos that sit
+    out the rounds they cannot afford."""
+    allowed = {rank: silo.rounds_allowed(rounds) for rank, silo in sorted(plans.items())}
+    short = [
+        f"silo {rank}'s privacy budget (epsilon {plans[rank].budget:g}) allows {n} of {rounds} rounds: "
+        f"it sits out from round {n + 1}"
+        for rank, n in allowed.items()
+        if n < rounds
+    ]
+    end = max(allowed.values(), default=rounds)
+    if end == 0:
+        raise ConfigError(f"{'; '.join(short)}; raise --dp-epsilon or --dp-noise-multiplier")
+    return allowed, end, "; ".join(short) or None
+
+
 def last_round(plans: Mapping[int, Plan], rounds: int) -> tuple[int, str | None]:
     """The round a federation of these silos ends after, and the line that names the silo whose budget
     ends it early. Every rank computes it alike, from the silos' sizes and the agreed settings, so

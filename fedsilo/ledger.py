@@ -140,7 +140,8 @@ class FederationRun:
         self.labels = labels
         self.last_round = last_round or self.settings.federation.rounds
         if why:
-            self.log(f"{why}: the federation ends after round {self.last_round}")
+            early = self.last_round < self.settings.federation.rounds
+            self.log(f"{why}: the federation ends after round {self.last_round}" if early else why)
         if self.resumed is not None:
             checkpoint.check_fits(self.resumed, self.directory, labels, size, lora=self.settings.model.peft == "lora")
             if self.resumed.round >= self.last_round:

@@ -5,11 +5,13 @@ Only model tensors and a few scalars leave this process; the rows never do.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fedsilo import comm, join, secagg, transport
 from fedsilo.averaging import Report, UpdateRejected, validate_updates
-from fedsilo.client import plan_of, train_round
+from fedsilo.client import plan_of, rounds_allowed, train_round
 from fedsilo.config import Settings, agreed_settings
 from fedsilo.errors import ConfigError
 from fedsilo.model import architecture_fingerprint, bind_flat, build_classifier, load_tokenizer
@@ -80,15 +82,21 @@ def run_rounds(
     update = local if local.device.type == group.device.type else torch.empty_like(weights)
     wire_dtype = getattr(torch, fed.transfer_dtype)
     n = len(data.train)
+    last_own = rounds_allowed(settings, n)  # under --dp-on-exhausted skip, its budget's last round
     with group.phase(f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
     for round_ in range(welcome.start_round, welcome.last_round + 1):
         # start from the global model and train locally (its own head in round 1 under
-        # per-client head init; DP-SGD under the privacy settings)
+        # per-client head init; DP-SGD under the privacy settings), unless its budget is spent
         local.copy_(weights)
-        result = train_round(
-            settings, model, data.train, rank, round_, batch_progress(log, f"round {round_}:", last_batch=True)
-        )
+        if round_ > last_own:
+            log(f"round {round_}: sitting out, the privacy budget is spent")
+            report = Report(rank, n, 0.0, 0.0, sits_out=1)
+        else:
+            result = train_round(
+                settings, model, data.train, rank, round_, batch_progress(log, f"round {round_}:", last_batch=True)
+            )
+            report = Report(rank, n, result.mean_loss, 0.0, result.seconds, result.steps)
 
         # report, then send n * (theta_local - theta_global) if it passes validation; the
         # scaling comes before the report, outside the aggregator's clocked window
@@ -97,9 +105,7 @@ def run_rounds(
         norm = float(update.sub_(weights).norm())
         update.mul_(n)
         with group.phase(f"round {round_}: reporting"):
-            reports = Report.from_rows(
-                group.gather_rows(Report(rank, n, result.mean_loss, norm, result.seconds, result.steps).to_row())
-            )
+            reports = Report.from_rows(group.gather_rows(replace(report, update_norm=norm).to_row()))
         # Every rank holds every report: judge them as the aggregator does (the same pure check on
         # the same rows and agreed settings), so no verdict has to cross the wire before the reduce.
         try:

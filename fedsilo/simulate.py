@@ -156,6 +156,8 @@ def train_client(clients: Clients, k: int, round_: int, summed: torch.Tensor) ->
     ``clients.local`` is the model's flat vector: it must hold the global model on entry, and
     holds it again on return."""
     settings, local, data = clients.settings, clients.local, clients.shards[k - 1]
+    if clients.privacy.sits_out(k, round_):  # its budget is spent (--dp-on-exhausted skip)
+        return Report(k, len(data), 0.0, 0.0, sits_out=1)
     progress = batch_progress(clients.log, f"round {round_}: client {k}/{len(clients.shards)}")
     result = train_round(settings, clients.model, data, k, round_, progress)
     # the update theta_k - theta, formed in the model's own buffer as a silo forms it, added to

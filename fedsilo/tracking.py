@@ -384,6 +384,7 @@ def round_metrics(
         "train_loss": sum(r.train_loss * r.examples for r in reports if r.rank in accepted) / total,
         "round_seconds": seconds,
         "silos_skipped": float(len(skipped)),
+        "silos_sitting_out": float(sum(r.sits_out for r in reports)),
         # clients train side by side: the round adds the slowest one's steps to the sequential count
         STEPS_METRIC: float(max((r.steps for r in reports if r.rank in accepted), default=0)),
     }

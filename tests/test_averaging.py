@@ -95,13 +95,14 @@ def reports(*norms: float, loss: float = 0.5) -> list[Report]:
 def test_reports_are_read_from_the_gathered_rows_by_rank_without_the_aggregators() -> None:
     # The aggregator and every silo read the same all-gathered rows: rank 0's row is a placeholder.
     rows = torch.tensor(
-        [[0.0, 0.0, 0.0, 0.0, 0.0], [30.0, 0.7, 1.5, 2.0, 8.0], [270.0, 0.4, float("nan"), 3.0, 68.0]],
+        [[0.0] * 6, [30.0, 0.7, 1.5, 2.0, 8.0, 0.0], [270.0, 0.4, float("nan"), 3.0, 68.0, 1.0]],
         dtype=torch.float64,
     )
     assert rows.shape[1] == Report.placeholder().numel()
     (one, two) = Report.from_rows(rows)
     assert one == Report(1, 30, 0.7, 1.5, 2.0, 8)
-    assert (two.rank, two.examples, two.train_loss, two.steps) == (2, 270, 0.4, 68) and math.isnan(two.update_norm)
+    assert (two.rank, two.examples, two.train_loss, two.steps, two.sits_out) == (2, 270, 0.4, 68, 1)
+    assert math.isnan(two.update_norm)
     assert isinstance(one.examples, int) and isinstance(one.steps, int)
 
 
@@ -144,3 +145,11 @@ def test_outlier_norm_is_skipped_with_skip_policy() -> None:
 def test_all_rejected_is_an_error_even_when_skipping() -> None:
     with pytest.raises(UpdateRejected, match="every update"):
         validate_updates(reports(math.inf, math.nan), 1, 10.0, "skip")
+
+
+def test_a_silo_sitting_out_is_neither_accepted_nor_rejected_even_when_failing_on_rejects() -> None:
+    # its budget spent (--dp-on-exhausted skip), it trained on nothing: under "fail" that is no failure
+    sitting = [*reports(1.0, 1.2), Report(3, 10, 0.0, 0.0, sits_out=1)]
+    assert validate_updates(sitting, 5, 10.0, "fail") == ([1, 2], [])
+    with pytest.raises(UpdateRejected, match="silo 3 trained on no examples"):
+        validate_updates([*reports(1.0, 1.2), Report(3, 0, 0.0, 0.0)], 5, 10.0, "fail")

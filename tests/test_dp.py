@@ -189,6 +189,53 @@ def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert
     assert max(m.value for m in history) <= 3.0 and only.data.params["silo/1/dp_noise_multiplier"] == "2"
 
 
+def test_with_skip_a_spent_silo_sits_out_while_the_other_goes_on(tmp_path: Path, tiny_bert: Path) -> None:
+    # Prepare: unequal shards (dirichlet): the smaller silo samples a larger share of its rows per
+    # step, so a fixed sigma spends its budget first
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(240))
+    settings = build_settings(
+        {
+            "model": str(tiny_bert),
+            "dataset": str(data),
+            "silos": 2,
+            "rounds": 6,
+            "partition": "dirichlet",
+            "dirichlet_alpha": 2.0,
+            **TRAIN,
+            "dp_noise_multiplier": 1.5,
+            "dp_epsilon": 5.0,
+            "dp_on_exhausted": "skip",
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+        }
+    )
+    lines: list[str] = []
+    # Execute
+    sim.simulate(settings, lines.append)
+    # Assert: one silo sits out from some round on, named in one line; the federation goes on
+    (said,) = [line for line in lines if "privacy budget" in line]
+    assert "sits out from round" in said and "the federation ends" not in said
+    spent_rank = int(said.split()[1].removesuffix("'s"))
+    stops = int(said.rsplit(" ", 1)[1])
+    assert 1 < stops <= 6
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
+    run_id = only.info.run_id
+
+    def history(name: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, name)}
+
+    last = max(history("test_accuracy"))
+    assert last > stops - 1  # the other silo trained on after the spent one stopped
+    out = history("silos_sitting_out")
+    assert [out[r] for r in sorted(out)] == [0.0] * (stops - 1) + [1.0] * (last - stops + 1)
+    # the spent silo's epsilon stops growing at its last round and stays within its budget
+    spent = history(f"silo/{spent_rank}/dp_epsilon")
+    assert all(spent[r] == spent[stops - 1] for r in range(stops, last + 1)) and spent[stops - 1] <= 5.0
+    other = history(f"silo/{3 - spent_rank}/dp_epsilon")
+    assert other[last] > other[stops - 1] and max(other.values()) <= 5.0 * (1 + 1e-6)
+
+
 @pytest.mark.slow  # a real federation and a simulation, with DP-SGD: a minute
 def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny_bert: Path) -> None:
     data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
@@ -206,6 +253,34 @@ def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny
     assert epsilons["run"]["dp_epsilon_max"] == pytest.approx(6.0, rel=0.01)
 
 
+@pytest.mark.slow  # a real federation and a simulation, with DP-SGD, six rounds
+def test_a_federation_sits_a_spent_silo_out_as_simulate_does(tmp_path: Path, tiny_bert: Path) -> None:
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(240))
+    flags = ["--silos", "2", "--rounds", "6", "--model", str(tiny_bert), "--dataset", str(data)]
+    flags += ["--partition", "dirichlet", "--dirichlet-alpha", "2", "--batch-size", "16", "--lr", "0.3"]
+    flags += ["--local-epochs", "1", "--seed", "3", "--dp-noise-multiplier", "1.5", "--dp-epsilon", "5"]
+    flags += ["--dp-on-exhausted", "skip"]
+    found = {}
+    for mode in ("run", "simulate"):
+        (tmp_path / mode).mkdir()
+        result = run(mode, *flags, cwd=tmp_path / mode)
+        assert result.returncode == 0, result.stdout + result.stderr
+        client = MlflowClient(f"sqlite:///{tmp_path / mode}/mlflow.db")
+        (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
+        found[mode] = {
+            name: [(m.step, round(m.value, 5)) for m in client.get_metric_history(only.info.run_id, name)]
+            for name in (
+                "silos_sitting_out",
+                "test_accuracy",
+                "dp_epsilon_max",
+                "silo/1/dp_epsilon",
+                "silo/2/dp_epsilon",
+            )
+        }
+    assert found["run"] == found["simulate"]
+    assert [v for _, v in found["run"]["silos_sitting_out"]][-1] == 1.0  # a silo sat out by the end
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
@@ -213,6 +288,7 @@ def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny
         (["--dp-epsilon", "8", "--dp-delta", "1"], "dp_delta"),
         (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "dp_max_grad_norm"),
         (["--dp-epsilon", "8", "--dp-delta", "0.1"], "must be below 1/n"),
+        (["--dp-noise-multiplier", "1", "--dp-on-exhausted", "skip"], "needs a budget: add dp_epsilon (--dp-epsilon)"),
     ],
 )
 def test_bad_privacy_values_are_one_line(
