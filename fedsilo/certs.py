@@ -26,7 +26,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -212,17 +212,45 @@ def load_pem(path: Path) -> x509.Certificate | x509.CertificateSigningRequest:
     return load_certificate(path)
 
 
-def _load_issuer_key(path: Path) -> IssuerKey:
-    data = _read(path, "CA key")
+def load_private_key(path: Path, what: str = "key") -> IssuerKey:
+    """An unencrypted EC, RSA or Ed25519 private key from a PEM file (a CA's, or a member's own)."""
+    data = _read(path, what)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise ConfigError(f"CA key {path} is encrypted; fedsilo reads an unencrypted key (protect the file)") from None
+        raise ConfigError(f"{what} {path} is encrypted; fedsilo reads an unencrypted key (protect the file)") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"CA key {path} is not a PEM private key ({first_line(exc)})") from None
+        raise ConfigError(f"{what} {path} is not a PEM private key ({first_line(exc)})") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
-        raise ConfigError(f"CA key {path} is a {type(key).__name__}; expected an EC, RSA or Ed25519 key")
+        raise ConfigError(f"{what} {path} is a {type(key).__name__}; expected an EC, RSA or Ed25519 key")
     return key
+
+
+def sign_bytes(key: IssuerKey, message: bytes) -> bytes:
+    """``message`` signed with a member's key, whichever of the three kinds it is."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH), hashes.SHA256())
+    return key.sign(message)
+
+
+def signed_by(cert: x509.Certificate, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` over ``message`` was made with the key ``cert`` certifies."""
+    key = cert.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH)
+            key.verify(signature, message, pss, hashes.SHA256())
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -236,7 +264,7 @@ def _load_ca(ca_cert: Path, ca_key: Path) -> tuple[x509.Certificate, IssuerKey]:
     """The CA and its key, checked to be a CA and to belong together: a mismatch would issue certificates that no
     member accepts."""
     cert = load_certificate(ca_cert, "CA certificate")
-    key = _load_issuer_key(ca_key)
+    key = load_private_key(ca_key, "CA key")
     if _spki(key.public_key()) != _spki(cert.public_key()):
         raise ConfigError(f"CA key {ca_key} does not belong to CA certificate {ca_cert}")
     if not _is_ca(cert):

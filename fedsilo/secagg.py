@@ -15,6 +15,13 @@ limit (the rounding of --transfer-dtype bfloat16 and of the encoding add far les
 resolution, 2^-f, is B * 2^-61: relative to the sum's own size about 1e-18, far below fp32's 1e-7.
 (fedbiomed's 32-bit ring overflowed with K updates; 64 bits with a per-round scale cannot.)
 
+Who sent a key. The aggregator relays the public keys, so it could hand silo i its own key in place
+of silo j's and unmask i's update. Under ``--transport tls`` each silo signs its key with the private
+key of its certificate and sends the certificate along; every silo checks that certificate against
+the federation CA (issuer, dates, revocation list, the rank it binds) and the signature against it,
+so a substituted key stops the federation. Under ``collective`` the keys carry an HMAC under the
+join token, which tells members from outsiders but not from the aggregator, which holds the token.
+
 Masks are an AES-256-CTR keystream (OpenSSL, through ``cryptography``): uniform over the ring, so a
 masked update by itself is uniform noise to anyone without the pair secrets.
 
@@ -27,21 +34,59 @@ import hashlib
 import hmac
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from fedsilo import certs
 from fedsilo.averaging import Report
 from fedsilo.comm import Transport
-from fedsilo.errors import FederationError
+from fedsilo.config import Settings
+from fedsilo.errors import CertificateRefused, FederationError
 
 KEY_BYTES = 32
 SUM_BITS = 61  # the encoded sum stays below 2^61: two bits of headroom under int64's 2^63
-ROW_WORDS = 2 * KEY_BYTES // 4  # a public key and its proof, as 32-bit words in a float64 row
+# A silo's row: its public key, the key's HMAC proof, then (under --transport tls) a signature
+# and the certificate to check it with, each after its length: room for an RSA-4096 signature
+# and a 4 KiB DER certificate, as 32-bit words in a float64 row.
+MAX_SIGNATURE, MAX_CERTIFICATE = 512, 4096
+ROW_BYTES = 2 * KEY_BYTES + 4 + MAX_SIGNATURE + 4 + MAX_CERTIFICATE
+ROW_WORDS = ROW_BYTES // 4
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A silo's TLS identity, which signs its key under --transport tls, and what it checks the
+    others' against: the federation CA and the revoked serials."""
+
+    certificate: x509.Certificate
+    key: certs.IssuerKey
+    ca: x509.Certificate
+    revoked: frozenset[int]
+
+
+def identity_of(settings: Settings) -> Identity | None:
+    """The silo's identity from its TLS files under --transport tls; None under collective."""
+    fed = settings.federation
+    if fed.transport != "tls":
+        return None
+    assert fed.tls_cert is not None and fed.tls_key is not None and fed.tls_ca is not None  # checked at start
+    return Identity(
+        certs.load_certificate(fed.tls_cert),
+        certs.load_private_key(fed.tls_key, "TLS key"),
+        certs.load_certificate(fed.tls_ca, "CA certificate"),
+        certs.load_revoked(fed.tls_revoked) if fed.tls_revoked is not None else frozenset(),
+    )
+
+
+def signed_message(rank: int, public: bytes) -> bytes:
+    return b"fedsilo-secagg-key:%d:" % rank + public
 
 
 def new_key() -> X25519PrivateKey:
@@ -60,30 +105,66 @@ def key_proof(token: str | None, rank: int, public: bytes) -> bytes:
     return hmac.new(token.encode(), b"secagg-key:%d:" % rank + public, hashlib.sha256).digest()
 
 
-def to_row(public: bytes, proof: bytes) -> torch.Tensor:
-    """32 + 32 bytes as 16 float64 values, each an exact 32-bit word: the rows ``gather_rows`` moves."""
-    words = torch.frombuffer(bytearray(public + proof), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
+def to_row(public: bytes, proof: bytes, signature: bytes = b"", certificate: bytes = b"") -> torch.Tensor:
+    """A silo's row (ROW_BYTES) as float64 values, each an exact 32-bit word: the rows ``gather_rows`` moves."""
+    if len(signature) > MAX_SIGNATURE or len(certificate) > MAX_CERTIFICATE:
+        raise FederationError(f"secure aggregation: a certificate over {MAX_CERTIFICATE} bytes (DER) does not fit")
+    raw = public + proof
+    for part, room in ((signature, MAX_SIGNATURE), (certificate, MAX_CERTIFICATE)):
+        raw += len(part).to_bytes(4, "little") + part + bytes(room - len(part))
+    words = torch.frombuffer(bytearray(raw), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
     return words.to(torch.float64)
 
 
-def from_row(row: torch.Tensor) -> tuple[bytes, bytes]:
+def from_row(row: torch.Tensor) -> tuple[bytes, bytes, bytes, bytes]:
+    """(public key, proof, signature, certificate) from a silo's row; the last two empty where absent."""
     words = row.to(torch.int64).to(torch.int32)  # exact: each value is a 32-bit word
     raw = words.numpy().tobytes()
-    return raw[:KEY_BYTES], raw[KEY_BYTES:]
+    public, proof, at = raw[:KEY_BYTES], raw[KEY_BYTES : 2 * KEY_BYTES], 2 * KEY_BYTES
+    parts = []
+    for room in (MAX_SIGNATURE, MAX_CERTIFICATE):
+        length = min(int.from_bytes(raw[at : at + 4], "little"), room)
+        parts.append(raw[at + 4 : at + 4 + length])
+        at += 4 + room
+    return public, proof, parts[0], parts[1]
+
+
+def _check_signed(other: int, public: bytes, signature: bytes, certificate: bytes, identity: Identity) -> None:
+    """Silo ``other``'s key must come signed by the key of a certificate the federation CA gave rank
+    ``other``: else the relay (the aggregator) may have put its own key in its place."""
+    who = f"silo {other}'s secure-aggregation key"
+    try:
+        cert = x509.load_der_x509_certificate(certificate)
+    except ValueError:
+        raise FederationError(f"{who} came without a certificate (--transport tls signs every key)") from None
+    try:
+        certs.check_peer(cert, identity.ca, identity.revoked, role="silo", expected_rank=other)
+    except CertificateRefused as exc:
+        raise FederationError(f"{who} came with a certificate that is refused: {exc}") from None
+    if not certs.signed_by(cert, signature, signed_message(other, public)):
+        raise FederationError(f"{who} is not signed by its certificate's key: it was replaced on the way")
 
 
 def pair_secrets(
-    mine: X25519PrivateKey, rank: int, rows: torch.Tensor, silos: Iterable[int], token: str | None
+    mine: X25519PrivateKey,
+    rank: int,
+    rows: torch.Tensor,
+    silos: Iterable[int],
+    token: str | None,
+    identity: Identity | None = None,
 ) -> dict[int, bytes]:
     """This silo's secret with every other silo, from the gathered rows (row r: silo r's key and proof).
-    A key whose proof does not verify under the token stops the federation."""
+    A key whose proof does not verify under the token, or (with ``identity``, under --transport tls)
+    whose signature and certificate do not, stops the federation."""
     secrets = {}
     for other in silos:
         if other == rank:
             continue
-        public, proof = from_row(rows[other, :ROW_WORDS])
+        public, proof, signature, certificate = from_row(rows[other, :ROW_WORDS])
         if not hmac.compare_digest(proof, key_proof(token, other, public)):
             raise FederationError(f"silo {other}'s secure-aggregation key is not proven by the join token")
+        if identity is not None:
+            _check_signed(other, public, signature, certificate, identity)
         shared = mine.exchange(X25519PublicKey.from_public_bytes(public))
         low, high = sorted((rank, other))
         secrets[other] = HKDF(
@@ -138,13 +219,18 @@ def mask_(encoded: torch.Tensor, rank: int, secrets: Mapping[int, bytes], accept
             encoded.sub_(stream)
 
 
-def exchange(group: Transport, rank: int, token: str | None) -> dict[int, bytes]:
+def exchange(group: Transport, rank: int, token: str | None, identity: Identity | None = None) -> dict[int, bytes]:
     """A silo's pair secrets, agreed over the group as it forms (every rank gathers every public
-    key; the aggregator's row is zeros): a new key pair each start, so a restart re-keys."""
+    key; the aggregator's row is zeros): a new key pair each start, so a restart re-keys. With
+    ``identity`` the key goes signed, with the certificate to check it by."""
     key = new_key()
     public = public_bytes(key)
-    rows = group.gather_rows(to_row(public, key_proof(token, rank, public)))
-    return pair_secrets(key, rank, rows, range(1, group.world_size), token)
+    signature = certificate = b""
+    if identity is not None:
+        signature = certs.sign_bytes(identity.key, signed_message(rank, public))
+        certificate = identity.certificate.public_bytes(Encoding.DER)
+    rows = group.gather_rows(to_row(public, key_proof(token, rank, public), signature, certificate))
+    return pair_secrets(key, rank, rows, range(1, group.world_size), token, identity)
 
 
 def relay(group: Transport) -> None:

@@ -57,7 +57,7 @@ def serve(settings: Settings, rank: int, token: str | None, log: Log = print) ->
         raise ConfigError(f"silo {rank} has no held-out data to evaluate on")
     group = link.form_group(fed.silos + 1, fed.round_timeout)
     try:
-        secrets = secagg.exchange(group, rank, token) if fed.secure_aggregation else None
+        secrets = secagg.exchange(group, rank, token, secagg.identity_of(settings)) if fed.secure_aggregation else None
         run_rounds(settings, group, model, data, rank, welcome, log, secrets)
     finally:
         group.close()

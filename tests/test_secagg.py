@@ -4,12 +4,14 @@ end where plain ones do."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
 from mlflow.tracking import MlflowClient
 
-from fedsilo import secagg
+from fedsilo import certs, secagg
 from fedsilo.averaging import Report
 from fedsilo.errors import FederationError
 from tests.procs import assert_one_line_error, final_weights, run
@@ -104,9 +106,76 @@ def test_a_key_not_proven_by_the_join_token_stops_the_federation() -> None:
         public = secagg.public_bytes(key)
         rows[rank] = secagg.to_row(public, secagg.key_proof("join-token", rank, public))
     stranger = secagg.public_bytes(secagg.new_key())  # substituted on the way, its proof kept
-    rows[2, : secagg.ROW_WORDS // 2] = secagg.to_row(stranger, bytes(32))[: secagg.ROW_WORDS // 2]
-    with pytest.raises(FederationError, match="silo 2's secure-aggregation key"):
+    rows[2, : secagg.KEY_BYTES // 4] = secagg.to_row(stranger, bytes(32))[: secagg.KEY_BYTES // 4]
+    with pytest.raises(FederationError, match="silo 2's secure-aggregation key is not proven by the join token"):
         secagg.pair_secrets(keys[1], 1, rows, SILOS, "join-token")
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[Any, secagg.Identity]:
+    """Each silo's TLS identity from one federation CA, and silo 2's from another CA ("stranger")."""
+    made: dict[Any, secagg.Identity] = {}
+    for name, ranks in (("ours", SILOS), ("theirs", (2,))):
+        directory = tmp_path_factory.mktemp(name)
+        ca = certs.init_ca(directory)
+        for rank in ranks:
+            key, cert = certs.issue(directory, *ca, "silo", rank)
+            identity = secagg.Identity(
+                certs.load_certificate(cert), certs.load_private_key(key), certs.load_certificate(ca[0]), frozenset()
+            )
+            made[rank if name == "ours" else "stranger"] = identity
+    return made
+
+
+def signed_rows(identities: dict[Any, secagg.Identity], token: str | None = "join-token") -> tuple[dict, torch.Tensor]:
+    keys = {rank: secagg.new_key() for rank in SILOS}
+    rows = torch.zeros(4, secagg.ROW_WORDS, dtype=torch.float64)
+    for rank, key in keys.items():
+        public = secagg.public_bytes(key)
+        rows[rank] = signed_row(identities[rank], rank, public, token)
+    return keys, rows
+
+
+def signed_row(identity: secagg.Identity, rank: int, public: bytes, token: str | None = "join-token") -> torch.Tensor:
+    signature = certs.sign_bytes(identity.key, secagg.signed_message(rank, public))
+    der = identity.certificate.public_bytes(serialization.Encoding.DER)
+    return secagg.to_row(public, secagg.key_proof(token, rank, public), signature, der)
+
+
+def test_keys_signed_by_the_silos_certificates_agree(identities) -> None:
+    keys, rows = signed_rows(identities)
+    secrets = {r: secagg.pair_secrets(keys[r], r, rows, SILOS, "join-token", identities[r]) for r in SILOS}
+    assert secrets[1][2] == secrets[2][1] and secrets[1][3] == secrets[3][1] and secrets[1][2] != secrets[1][3]
+
+
+def test_the_relay_cannot_put_its_own_key_in_a_silos_place_under_tls(identities) -> None:
+    # The aggregator holds the join token, so it can prove a key of its own; it cannot sign it as silo 2
+    keys, rows = signed_rows(identities)
+    theirs = secagg.public_bytes(secagg.new_key())
+    _, _, signature, der = secagg.from_row(rows[2])
+    rows[2] = secagg.to_row(theirs, secagg.key_proof("join-token", 2, theirs), signature, der)
+    secagg.pair_secrets(keys[1], 1, rows, SILOS, "join-token")  # the token alone cannot tell
+    with pytest.raises(FederationError, match="silo 2's secure-aggregation key is not signed by its certificate's key"):
+        secagg.pair_secrets(keys[1], 1, rows, SILOS, "join-token", identities[1])
+
+
+@pytest.mark.parametrize(
+    "who, expected",
+    [
+        (3, "certificate binds rank 3, not 2"),  # a member signing as another rank
+        ("stranger", "was not issued by the federation CA"),
+        (None, "came without a certificate"),
+    ],
+)
+def test_a_key_with_a_wrong_certificate_stops_the_federation(identities, who, expected) -> None:
+    keys, rows = signed_rows(identities)
+    public = secagg.public_bytes(secagg.new_key())
+    if who is None:
+        rows[2] = secagg.to_row(public, secagg.key_proof("join-token", 2, public))
+    else:
+        rows[2] = signed_row(identities[who], 2, public)
+    with pytest.raises(FederationError, match=expected):
+        secagg.pair_secrets(keys[1], 1, rows, SILOS, "join-token", identities[1])
 
 
 @pytest.mark.slow  # two 3-silo federations each; the masks' algebra is checked in the default run above
