@@ -10,6 +10,7 @@ padding, caches and K's per-client batch remainders are not modelled.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedsilo.config import Settings
@@ -34,20 +35,22 @@ class Speed:
 
 
 def workload_key(settings: Settings) -> tuple[object, ...]:
-    """What decides a probe's result: cells that share it share one probe."""
+    """What decides a probe's result: cells that share it share one probe (K changes what each
+    client trains, not the round's work)."""
     model, data, train = settings.model, settings.data, settings.train
     return (
-        model.model,
-        model.max_length,
-        model.attention_mask,
+        model.model_dump_json(),  # the model, its inputs, LoRA
         data.dataset,
         data.test_dataset,
         data.max_examples,
         data.eval_fraction,
         train.batch_size,
         train.eval_batch_size,
+        train.optimizer,
         train.fast_paths,
+        train.gradient_checkpointing,
         train.device,
+        settings.privacy.enabled,
     )
 
 
@@ -55,33 +58,29 @@ def _head(data: Encoded, rows: int) -> Encoded:
     return Encoded(data.input_ids[:rows], data.labels[:rows], data.pad_id, data.max_length)
 
 
+def _per_row(seconds_for: Callable[[Encoded], float], data: Encoded, batch_size: int) -> float:
+    """Seconds per row of ``seconds_for`` over PROBE_BATCHES batches of ``data``'s first rows, after
+    one untimed batch (first touch of the model and its buffers)."""
+    seconds_for(_head(data, batch_size))
+    sample = _head(data, PROBE_BATCHES * batch_size)
+    return seconds_for(sample) / len(sample)
+
+
 def probe(settings: Settings) -> Speed:
-    """Time PROBE_BATCHES training batches and as many evaluation batches of ``settings``' own rows."""
-    from fedsilo.model import build_model, load_tokenizer
-    from fedsilo.train import evaluate, local_train, resolve_device
+    """Time PROBE_BATCHES training batches and as many evaluation batches of ``settings``' own rows,
+    with the cell's own model (LoRA, a decoder) and local round (its optimiser, DP-SGD)."""
+    from fedsilo.client import train_round
+    from fedsilo.model import build_classifier, load_tokenizer
+    from fedsilo.train import evaluate, resolve_device
     from fedsilo.workload import client_shards
 
     train, inputs = settings.train, settings.model
-    (rows,), test, labels = client_shards(settings, load_tokenizer(inputs.model), 1)
-    model = build_model(inputs.model, labels, train.seed).to(resolve_device(train.device))
+    tokenizer = load_tokenizer(inputs.model)
+    (rows,), test, labels = client_shards(settings, tokenizer, 1)
+    model = build_classifier(settings, labels, tokenizer).to(resolve_device(train.device))
 
-    def seconds_to_train(data: Encoded) -> float:
-        started = time.perf_counter()
-        local_train(
-            model,
-            data,
-            epochs=1,
-            batch_size=train.batch_size,
-            lr=train.lr,
-            seed=(train.seed, 0, 0),
-            attention_mask=inputs.attention_mask,
-            fast_paths=train.fast_paths,
-        )
-        return time.perf_counter() - started
-
-    seconds_to_train(_head(rows, train.batch_size))  # warm-up, untimed
-    sample = _head(rows, PROBE_BATCHES * train.batch_size)
-    train_row = seconds_to_train(sample) / len(sample)
+    def seconds_to_train(data: Encoded) -> float:  # a round is local_epochs passes over the rows
+        return train_round(settings, model, data, 1, 1, lambda *_: None).seconds / train.local_epochs
 
     def seconds_to_evaluate(data: Encoded) -> float:
         started = time.perf_counter()
@@ -94,7 +93,6 @@ def probe(settings: Settings) -> Speed:
         )
         return time.perf_counter() - started
 
-    seconds_to_evaluate(_head(test, train.batch_size))  # warm-up, untimed
-    held_out = _head(test, PROBE_BATCHES * train.eval_batch_size)
-    eval_row = seconds_to_evaluate(held_out) / len(held_out)
+    train_row = _per_row(seconds_to_train, rows, train.batch_size)
+    eval_row = _per_row(seconds_to_evaluate, test, train.eval_batch_size)
     return Speed(train_row, eval_row, len(rows), len(test))

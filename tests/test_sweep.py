@@ -154,6 +154,20 @@ def test_an_estimate_times_one_probe_per_workload_and_records_nothing(
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
 
 
+def test_an_estimate_probes_the_cells_own_round_lora_and_dp_included(tiny_bert, sentiment_csv) -> None:
+    from fedsilo import estimate
+    from fedsilo.config import build_settings
+
+    base = {"model": str(tiny_bert), "dataset": str(sentiment_csv), "batch_size": 8}
+    full, lora = build_settings(base), build_settings({**base, "peft": "lora"})
+    private = build_settings({**base, "peft": "lora", "dp_epsilon": 8.0, "dp_delta": 1e-3})
+    assert len({estimate.workload_key(s) for s in (full, lora, private)}) == 3
+    assert estimate.workload_key(full) == estimate.workload_key(build_settings({**base, "silos": 4}))
+    for settings in (lora, private):
+        speed = estimate.probe(settings)
+        assert speed.train_row > 0 and speed.eval_row > 0 and speed.cell_seconds(settings) > 0
+
+
 def test_paper_grid() -> None:
     cells = sweep.expand(sweep.read_spec(CONFIGS / "paper.yaml"), "paper")
     assert len(cells) == 3 * 3 * 6
