@@ -154,22 +154,26 @@ def test_clipping_bounds_one_outlier_examples_pull(silo_one: Any, tiny_bert: Pat
     assert float((bind_flat(unclipped) - before).norm()) > 10 * step
 
 
-def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert: Path) -> None:
-    # Prepare: a fixed sigma that spends the budget in fewer rounds than planned
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
-    settings = build_settings(
+def six_rounds_of_dp(tmp_path: Path, tiny_bert: Path, rows: int, **privacy: Any) -> Any:
+    """Settings of a 2-silo, 6-round simulation over ``rows`` sentiment rows, with ``privacy``."""
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(rows))
+    return build_settings(
         {
             "model": str(tiny_bert),
             "dataset": str(data),
             "silos": 2,
             "rounds": 6,
             **TRAIN,
-            "dp_noise_multiplier": 2.0,
-            "dp_epsilon": 3.0,
             "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
             "checkpoint_dir": str(tmp_path / "ckpt"),
+            **privacy,
         }
     )
+
+
+def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert: Path) -> None:
+    # Prepare: a fixed sigma that spends the budget in fewer rounds than planned
+    settings = six_rounds_of_dp(tmp_path, tiny_bert, 160, dp_noise_multiplier=2.0, dp_epsilon=3.0)
     lines: list[str] = []
     # Execute
     sim.simulate(settings, lines.append)
@@ -192,23 +196,10 @@ def test_simulate_stops_at_the_budget_and_logs_epsilon(tmp_path: Path, tiny_bert
 def test_with_skip_a_spent_silo_sits_out_while_the_other_goes_on(tmp_path: Path, tiny_bert: Path) -> None:
     # Prepare: unequal shards (dirichlet): the smaller silo samples a larger share of its rows per
     # step, so a fixed sigma spends its budget first
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(240))
-    settings = build_settings(
-        {
-            "model": str(tiny_bert),
-            "dataset": str(data),
-            "silos": 2,
-            "rounds": 6,
-            "partition": "dirichlet",
-            "dirichlet_alpha": 2.0,
-            **TRAIN,
-            "dp_noise_multiplier": 1.5,
-            "dp_epsilon": 5.0,
-            "dp_on_exhausted": "skip",
-            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-            "checkpoint_dir": str(tmp_path / "ckpt"),
-        }
-    )
+    settings = six_rounds_of_dp(
+        tmp_path, tiny_bert, 240, partition="dirichlet", dirichlet_alpha=2.0, dp_noise_multiplier=1.5, dp_epsilon=5.0,
+        dp_on_exhausted="skip",
+    )  # fmt: skip
     lines: list[str] = []
     # Execute
     sim.simulate(settings, lines.append)

@@ -227,14 +227,8 @@ def plot_accuracy_vs_rounds(rows: Sequence[SummaryRow], path: Path) -> Path:
                 ax.axvline(b, ls=":", color="0.6", lw=1, label=BUDGET_LABEL)
             if not cell:
                 ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center")
-            ax.set_ylim(0, 1.02)
-            ax.grid(True, alpha=0.3)
-            ax.set_title(f"{names[model]} · {dataset}", fontsize=10)
             _whole_rounds(ax.xaxis)
-            if i == len(models) - 1:
-                ax.set_xlabel("Communication round")
-            if j == 0:
-                ax.set_ylabel("Test accuracy")
+            _accuracy_panel(ax, f"{names[model]} · {dataset}", "Communication round" if i == len(models) - 1 else "", j)
     _figure_legend(fig, [ax for row in grid for ax in row])
     fig.suptitle("Test accuracy over communication rounds (mean over seeds)")
     return _save(fig, path)
@@ -285,16 +279,22 @@ def plot_accuracy_vs_steps(
                 ax.axhline(chance[0][0], ls="--", color="0.4", lw=1, label=chance[0][1])
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(ScalarFormatter())  # 64, not 2^6
-            ax.set_ylim(0, 1.02)
-            ax.grid(True, alpha=0.3)
-            ax.set_title(f"{model} · {dataset}", fontsize=10)
-            if i == len(models) - 1:
-                ax.set_xlabel("Sequential local SGD steps (log scale)")
-            if j == 0:
-                ax.set_ylabel("Test accuracy")
+            last_row = i == len(models) - 1
+            _accuracy_panel(ax, f"{model} · {dataset}", "Sequential local SGD steps (log scale)" if last_row else "", j)
     _figure_legend(fig, [ax for row in grid for ax in row])
     fig.suptitle("Test accuracy against sequential steps (mean over seeds, 95% t-interval shaded)")
     return _save(fig, path)
+
+
+def _accuracy_panel(ax: Axes, title: str, xlabel: str, column: int) -> None:
+    """An accuracy panel of a grid: 0 to 1, a light grid, its title; the axis names on the edges only."""
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if column == 0:
+        ax.set_ylabel("Test accuracy")
 
 
 def _is_main(label: str) -> bool:

@@ -54,13 +54,19 @@ def _num(x: float | None, digits: int = 6) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def csv_text(rows: Iterable[SummaryRow]) -> str:
-    """summary.csv: one line per row of `summarise`; empty cells where a value is unavailable."""
+def _csv(columns: Sequence[str], lines: Iterable[Sequence[object]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for r in rows:
-        writer.writerow(
+    writer.writerow(columns)
+    writer.writerows(lines)
+    return buf.getvalue()
+
+
+def csv_text(rows: Iterable[SummaryRow]) -> str:
+    """summary.csv: one line per row of `summarise`; empty cells where a value is unavailable."""
+    return _csv(
+        CSV_COLUMNS,
+        (
             [
                 r.name,
                 r.model,
@@ -83,8 +89,9 @@ def csv_text(rows: Iterable[SummaryRow]) -> str:
                 _num(r.random_accuracy),
                 _num(r.majority_accuracy),
             ]
-        )
-    return buf.getvalue()
+            for r in rows
+        ),
+    )
 
 
 def _ci(x: Interval) -> str:
@@ -97,23 +104,20 @@ def _seeds(seeds: Iterable[int]) -> str:
 
 def paired_csv(pairs: Iterable[Paired]) -> str:
     """paired.csv: one line per paired difference at the budget."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(PAIRED_COLUMNS)
-    for p in pairs:
-        writer.writerow(
+    return _csv(
+        PAIRED_COLUMNS,
+        (
             [p.dataset, p.first, p.second, p.round_, _num(p.difference.mean), _ci(p.difference), _seeds(p.seeds)]
-        )
-    return buf.getvalue()
+            for p in pairs
+        ),
+    )
 
 
 def steps_csv(points: Iterable[AtSteps]) -> str:
     """equal_steps.csv: one line per series and step count shared with K = 1."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(STEPS_COLUMNS)
-    for a in points:
-        writer.writerow(
+    return _csv(
+        STEPS_COLUMNS,
+        (
             [
                 a.dataset,
                 a.model,
@@ -129,8 +133,9 @@ def steps_csv(points: Iterable[AtSteps]) -> str:
                 _ci(a.difference),
                 _seeds(a.seeds),
             ]
-        )
-    return buf.getvalue()
+            for a in points
+        ),
+    )
 
 
 def _md_accuracy(r: SummaryRow) -> str:
