@@ -227,19 +227,28 @@ def test_with_skip_a_spent_silo_sits_out_while_the_other_goes_on(tmp_path: Path,
     assert other[last] > other[stops - 1] and max(other.values()) <= 5.0 * (1 + 1e-6)
 
 
-@pytest.mark.slow  # a real federation and a simulation, with DP-SGD: a minute
-def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny_bert: Path) -> None:
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
-    flags = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(data)]
-    flags += ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3", "--dp-epsilon", "6"]
-    epsilons = {}
+def run_and_simulate(tmp_path: Path, flags: list[str]) -> dict[str, tuple[MlflowClient, str]]:
+    """``fedsilo run`` and ``fedsilo simulate`` with ``flags``, each in its own folder: its store and run."""
+    found = {}
     for mode in ("run", "simulate"):
         (tmp_path / mode).mkdir()
         result = run(mode, *flags, cwd=tmp_path / mode)
         assert result.returncode == 0, result.stdout + result.stderr
         client = MlflowClient(f"sqlite:///{tmp_path / mode}/mlflow.db")
         (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
-        epsilons[mode] = {k: v for k, v in only.data.metrics.items() if "dp_epsilon" in k}
+        found[mode] = client, only.info.run_id
+    return found
+
+
+@pytest.mark.slow  # a real federation and a simulation, with DP-SGD: a minute
+def test_a_federation_reports_the_epsilon_simulate_computes(tmp_path: Path, tiny_bert: Path) -> None:
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(160))
+    flags = ["--silos", "2", "--rounds", "2", "--model", str(tiny_bert), "--dataset", str(data)]
+    flags += ["--batch-size", "16", "--lr", "0.3", "--local-epochs", "1", "--seed", "3", "--dp-epsilon", "6"]
+    epsilons = {
+        mode: {k: v for k, v in client.get_run(run_id).data.metrics.items() if "dp_epsilon" in k}
+        for mode, (client, run_id) in run_and_simulate(tmp_path, flags).items()
+    }
     assert epsilons["run"] == epsilons["simulate"]
     assert epsilons["run"]["dp_epsilon_max"] == pytest.approx(6.0, rel=0.01)
 
@@ -251,23 +260,11 @@ def test_a_federation_sits_a_spent_silo_out_as_simulate_does(tmp_path: Path, tin
     flags += ["--partition", "dirichlet", "--dirichlet-alpha", "2", "--batch-size", "16", "--lr", "0.3"]
     flags += ["--local-epochs", "1", "--seed", "3", "--dp-noise-multiplier", "1.5", "--dp-epsilon", "5"]
     flags += ["--dp-on-exhausted", "skip"]
-    found = {}
-    for mode in ("run", "simulate"):
-        (tmp_path / mode).mkdir()
-        result = run(mode, *flags, cwd=tmp_path / mode)
-        assert result.returncode == 0, result.stdout + result.stderr
-        client = MlflowClient(f"sqlite:///{tmp_path / mode}/mlflow.db")
-        (only,) = client.search_runs([client.get_experiment_by_name("fedsilo").experiment_id])
-        found[mode] = {
-            name: [(m.step, round(m.value, 5)) for m in client.get_metric_history(only.info.run_id, name)]
-            for name in (
-                "silos_sitting_out",
-                "test_accuracy",
-                "dp_epsilon_max",
-                "silo/1/dp_epsilon",
-                "silo/2/dp_epsilon",
-            )
-        }
+    names = ("silos_sitting_out", "test_accuracy", "dp_epsilon_max", "silo/1/dp_epsilon", "silo/2/dp_epsilon")
+    found = {
+        mode: {name: [(m.step, round(m.value, 5)) for m in client.get_metric_history(run_id, name)] for name in names}
+        for mode, (client, run_id) in run_and_simulate(tmp_path, flags).items()
+    }
     assert found["run"] == found["simulate"]
     assert [v for _, v in found["run"]["silos_sitting_out"]][-1] == 1.0  # a silo sat out by the end
 
