@@ -187,6 +187,10 @@ def test_a_runs_variant_is_read_from_its_params() -> None:
         variant_of({**main, "minibatch_of": "8", "batch_size": "64"}) == "minibatch control of K = 8 (K = 1, batch 64)"
     )
     assert variant_of({"batch_size": "8"}) == ""  # runs logged before these settings existed
+    modern = {**main, "peft": "lora", "lora_r": "8", "optimizer": "adamw", "lr": "0.001", "server_optimizer": "fedadam"}
+    assert variant_of(modern) == "LoRA r 8, AdamW lr 0.001, fedadam"
+    assert variant_of({**main, "optimizer": "sgd", "server_optimizer": "fedavg", "dp_epsilon": ""}) == ""
+    assert variant_of({**main, "dp_epsilon": "8.0"}) == "DP epsilon 8.0"
 
 
 # --- through MLflow ---------------------------------------------------------------------------------

@@ -102,11 +102,20 @@ def _by_round(client: MlflowClient, run: Run, metric: str) -> dict[int, float]:
 
 
 def variant_of(params: Mapping[str, str]) -> str:
-    """What sets a run apart from its model's main series, from its params ("" for none): the
-    sweep's minibatch-SGD control, and the ablations of the head and of the attention mask."""
+    """What sets a run apart from its model's main series (plain SGD on every weight, FedAvg), from
+    its params ("" for none): the sweep's minibatch-SGD control; LoRA, the local and the server
+    optimiser, DP-SGD; the ablations of the head and of the attention mask."""
     if MINIBATCH_PARAM in params:
         return f"minibatch control of K = {params[MINIBATCH_PARAM]} (K = 1, batch {params.get('batch_size', '?')})"
     parts = []
+    if params.get("peft") == "lora":
+        parts.append(f"LoRA r {params.get('lora_r', '?')}")
+    if params.get("optimizer") == "adamw":
+        parts.append(f"AdamW lr {params.get('lr', '?')}")
+    if params.get("server_optimizer", "fedavg") != "fedavg":
+        parts.append(params["server_optimizer"])
+    if params.get("dp_epsilon") not in (None, "", "None"):  # MLflow keeps None as ""
+        parts.append(f"DP epsilon {params['dp_epsilon']}")
     if params.get("head_init") == "per-client":
         parts.append("per-client heads")
     if params.get("attention_mask") == "False":
