@@ -139,12 +139,12 @@ def test_paired_differences_pair_seeds_between_models_and_against_the_main_serie
         run([0.1, 0.45], seed=0, steps_per_round=8, variant="minibatch control of K = 8", minibatch_of=8),
     ]
     pairs = {(p.first, p.second): p for p in paired_differences(curves)}
-    models = pairs[("K = 1", "K = 1")]  # bert minus distil at K = 1
+    models = pairs[("bert: K = 1", "distil: K = 1")]
     assert models.seeds == (0, 1) and models.difference.mean == pytest.approx(0.125)  # (0.10 + 0.15) / 2
     assert models.difference.half_width == pytest.approx(t_interval([0.10, 0.15]).half_width)
-    heads = pairs[("K = 8, per-client heads", "K = 8")]
+    heads = pairs[("bert: K = 8, per-client heads", "bert: K = 8")]
     assert heads.difference.mean == pytest.approx(-0.15) and heads.seeds == (0, 1)
-    control = pairs[("minibatch control of K = 8", "K = 8")]
+    control = pairs[("bert: minibatch control of K = 8", "bert: K = 8")]
     assert control.difference.mean == pytest.approx(0.05) and control.seeds == (0,)
 
 
@@ -235,8 +235,10 @@ def test_a_report_from_mlflow_has_the_step_axis_the_control_and_the_paired_table
     steps = list(csv.DictReader(io.StringIO((tmp_path / "out" / "equal_steps.csv").read_text())))
     assert steps == []
     paired = list(csv.DictReader(io.StringIO((tmp_path / "out" / "paired.csv").read_text())))
-    heads = next(row for row in paired if row["first"] == "K = 8, per-client heads")
-    assert (heads["second"], heads["seeds"]) == ("K = 8", "0 1") and float(heads["difference"]) == pytest.approx(-0.1)
+    heads = next(row for row in paired if row["first"] == "bert: K = 8, per-client heads")
+    assert (heads["second"], heads["seeds"]) == ("bert: K = 8", "0 1") and float(heads["difference"]) == pytest.approx(
+        -0.1
+    )
     summary = list(csv.DictReader(io.StringIO(result.summary_csv.read_text())))
     assert [row["binomial_se"] for row in summary][0] == f"{binomial_se(0.8, 400):.6f}"
     md = result.summary_md.read_text()

@@ -33,11 +33,15 @@ class Paired:
 
 
 def _at_budget(curves: Iterable[Curve]) -> dict[tuple[str, str, int, str], dict[int, tuple[float, int, str]]]:
-    """(dataset, model, K, variant) -> seed -> (accuracy at the budget, budget, label)."""
+    """(dataset, model, K, variant) -> seed -> (accuracy at the budget, budget, "model: series")."""
     found: dict[tuple[str, str, int, str], dict[int, tuple[float, int, str]]] = defaultdict(dict)
     for c in curves:
         if c.budget in c.accuracy:
-            found[(c.dataset, c.model, c.silos, c.variant)][c.seed] = (c.accuracy[c.budget], c.budget, c.label)
+            found[(c.dataset, c.model, c.silos, c.variant)][c.seed] = (
+                c.accuracy[c.budget],
+                c.budget,
+                f"{c.name}: {c.label}",
+            )
     return found
 
 
