@@ -194,6 +194,7 @@ def test_paper_grid() -> None:
         "replication-steps.yaml",
         "replication-gpu.yaml",
         "peft-accuracy.yaml",
+        "replication-mask.yaml",
     ],
 )
 def test_shipped_sweep_files_are_valid(name) -> None:
