@@ -153,7 +153,15 @@ def test_the_run_says_what_it_is(federations: Federations, tiny_bert: Path, sent
 def test_metrics_federation_first_then_each_silo_under_one_prefix(federations: Federations) -> None:
     metrics = set(federations.run().data.metrics)
     federation = {m for m in metrics if "/" not in m}
-    assert {"test_accuracy", "test_loss", "train_loss", "round_seconds", "silos_skipped"} == federation
+    assert {
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "round_seconds",
+        "silos_skipped",
+        "silos_sitting_out",
+        "local_steps",
+    } == federation
     silos = {m for m in metrics if m.startswith("silo/")}
     assert silos == {f"silo/{k}/{name}" for k in (1, 2) for name in ("train_loss", "train_seconds")}
     assert not any(m.endswith("/examples") for m in metrics)  # constants are params
