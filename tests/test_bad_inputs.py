@@ -628,6 +628,7 @@ def test_a_local_model_that_cannot_load_is_not_called_missing(
 
 
 # -- federations that must not form ---------------------------------------------------------------------------
+@pytest.mark.slow  # 60 s: a refused duplicate, then the federation forming; the default run keeps the other refusals
 def test_duplicate_rank_is_refused_and_the_federation_still_forms(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, reaper
 ) -> None:

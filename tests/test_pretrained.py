@@ -6,6 +6,7 @@ import importlib.util
 import random
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.procs import run
@@ -23,6 +24,7 @@ def rotten_tomatoes_sample(n: int, seed: int = 0) -> list[dict[str, str]]:
     return random.Random(seed).sample(rows, n)
 
 
+@pytest.mark.slow  # 100 s: the real MiniLM federating; the demo and docs/replication.md run it at size
 def test_pretrained_minilm_learns_rotten_tomatoes_in_a_federation(tmp_path: Path) -> None:
     # Two silos on IID shards of 600 training sentences, tested on 300 others. Departures from
     # the paper so that a few rounds move a pretrained encoder visibly on a CPU: batch 8 and SGD

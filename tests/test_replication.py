@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from fedsilo import sweep
@@ -81,6 +82,7 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.slow  # 30 s: five tiny cells through the script; test_sweep runs two cells at once by default
 def test_the_gpu_script_sweeps_cells_at_once_and_reports_them(tmp_path: Path, tiny_bert: Path) -> None:
     data = write_csv(tmp_path / "train.csv", sentiment_rows(64))
     test = write_csv(tmp_path / "test.csv", sentiment_rows(32, seed=9))

@@ -165,6 +165,7 @@ def test_over_tls_the_federation_ends_with_the_collective_model_and_nothing_leak
             assert secret.encode() not in stream
 
 
+@pytest.mark.slow  # 75 s: every refusal over real TLS; the default run keeps the TLS federation tests
 def test_every_bad_certificate_is_one_line_on_both_sides_and_the_real_silo_still_joins(
     tmp_path, tiny_bert, sentiment_csv, pki, reaper
 ) -> None:
