@@ -383,15 +383,6 @@ class PrivacyConfig(_Section):
         "(the federation ends once every budget is spent).",
     )
 
-    @model_validator(mode="after")
-    def _skip_needs_a_budget(self) -> PrivacyConfig:
-        if self.dp_on_exhausted == "skip" and self.dp_epsilon is None:
-            raise PydanticCustomError(
-                "skip_needs_budget",
-                "dp_on_exhausted skip (--dp-on-exhausted) needs a budget: add dp_epsilon (--dp-epsilon)",
-            )
-        return self
-
     @property
     def enabled(self) -> bool:
         return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
@@ -501,6 +492,17 @@ class Settings(BaseModel):
                 "merged_needs_lora",
                 "log_merged_model (--log-merged-model) merges LoRA adapters: add peft lora (--peft lora); "
                 "a full fine-tuning run's model is already whole",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _skip_needs_a_budget(self) -> Settings:
+        # Here, not on PrivacyConfig: a flag is checked alone in its section (parse_setting).
+        privacy = self.privacy
+        if privacy.dp_on_exhausted == "skip" and privacy.dp_epsilon is None:
+            raise PydanticCustomError(
+                "skip_needs_budget",
+                "dp_on_exhausted skip (--dp-on-exhausted) needs a budget: add dp_epsilon (--dp-epsilon)",
             )
         return self
 
