@@ -409,11 +409,7 @@ def _worker_start(threads: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ["TERM"] = "dumb"
-    signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt())
-
-
-def _interrupt() -> None:
-    raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
 
 
 def _worker_cell(job: tuple[Cell, int, str]) -> CellResult:
