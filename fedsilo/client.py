@@ -107,6 +107,7 @@ def train_round(
             seed=seed,
             make_optimizer=lambda params: make_optimizer(params, train.optimizer, train.lr, train.weight_decay),
             attention_mask=settings.model.attention_mask,
+            fast_paths=train.fast_paths,
             progress=progress,
         )
     return local_train(

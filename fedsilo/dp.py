@@ -3,9 +3,9 @@
 Each step samples every example of the silo independently with probability q = B / n (Poisson
 sampling: the batches the standard DP-SGD analysis assumes), clips each example's gradient to L2
 norm C, adds N(0, sigma^2 C^2) to the sum and divides by the expected batch size q n (Abadi et al.
-2016). Per-example gradients come from Opacus's ``GradSampleModule`` hooks: one forward and one
-backward per batch, against a forward per example with plain autograd; ``torch.func`` would need the
-model to be functional, which Hugging Face models are only in part.
+2016). The clipped sum takes one forward and one backward pass per batch (:mod:`fedsilo.clipping`:
+each layer's per-example norms from its inputs and output gradients, by Opacus's rules where a layer
+is not a linear or embedding one).
 
 The privacy loss is a pure function of (sigma, q, steps, delta): the steps per round are fixed by n,
 B and the local epochs, so every rank (the silo, the aggregator, ``simulate``) computes the same
@@ -15,19 +15,22 @@ accountant is Opacus's (RDP, or PRV); its RDP equals Google's ``dp-accounting`` 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedsilo.clipping import ClippedSum
 from fedsilo.config import PrivacyConfig
 from fedsilo.data import Encoded, collate
 from fedsilo.errors import ConfigError
+from fedsilo.last_layer import cls_only_last_layer
+from fedsilo.model import unwrapped
 from fedsilo.train import TrainResult
 
 # Renyi orders searched for the tightest bound: dp-accounting's defaults, which reach past Opacus's
@@ -142,15 +145,17 @@ def plan(privacy: PrivacyConfig, examples: int, batch_size: int, epochs: int, ro
 
 
 def _per_example_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Position (and token type) ids with a row per example. Left to the model, they come from a
-    (1, L) buffer broadcast over the batch, and Opacus's hooks then see one gradient for the whole
-    batch where DP needs one per example."""
-    accepted = inspect.signature(model.forward).parameters
+    """Position (and token type) ids with a row per example. Left to the model, BERT's come from a
+    (1, L) buffer broadcast over the batch, whose gradient is the batch's where DP needs one per
+    example. Token types only where the model has a table of them: GPT-2 accepts ``token_type_ids``
+    but looks them up in its word embeddings, so zeros would add a token to every position."""
+    inner = unwrapped(model)
+    accepted = inspect.signature(inner.forward).parameters
     rows, width = input_ids.shape
     ids = {}
     if "position_ids" in accepted:
         ids["position_ids"] = torch.arange(width, device=input_ids.device).repeat(rows, 1)
-    if "token_type_ids" in accepted:
+    if "token_type_ids" in accepted and getattr(getattr(inner, "config", None), "type_vocab_size", None):
         ids["token_type_ids"] = torch.zeros_like(input_ids)
     return ids
 
@@ -163,53 +168,47 @@ def private_train(
     seed: Sequence[int],
     make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
     attention_mask: bool = True,
+    fast_paths: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
     """One round of DP-SGD on ``data``: ``plan.steps_per_round`` Poisson-sampled steps. The parameters
-    are stepped in place (a flat binding stays valid); the [CLS]-only layer and sparse embedding
-    gradients are off (per-example gradients need every position, and noise makes them dense)."""
-    from opacus import GradSampleModule
-
+    are stepped in place (a flat binding stays valid). Sparse embedding gradients are off (noise makes
+    every row's gradient dense); the [CLS]-only last layer stays on with ``fast_paths`` (each example's
+    gradient through it is the full layer's)."""
     device = next(model.parameters()).device
     generator = np.random.default_rng(np.random.SeedSequence([*seed, 7]))
     torch.manual_seed(int(generator.integers(2**62)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params)
     expected = plan.sample_rate * len(data)
-    wrapped = GradSampleModule(model, loss_reduction="sum")
+    clipped_sum = ClippedSum(model)
     model.train()
     started = time.perf_counter()
     loss_sum, seen = 0.0, 0
     try:
-        for step in range(plan.steps_per_round):
-            rows = np.flatnonzero(generator.random(len(data)) < plan.sample_rate)
-            summed = [torch.zeros_like(p) for p in params]
-            if len(rows):  # an empty Poisson batch is a step of noise alone
-                batch = {k: v.to(device) for k, v in collate(data, rows, attention_mask).items()}
-                labels = batch.pop("labels")
-                batch.update(_per_example_ids(model, batch["input_ids"]))
-                logits = wrapped(**batch).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-                with warnings.catch_warnings():  # Opacus's hooks on modules whose inputs need no gradient
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                # clip each example's whole gradient to C, then sum over the batch
-                norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)  # type: ignore[attr-defined]
-                factor = (plan.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        with cls_only_last_layer(model) if fast_paths else contextlib.nullcontext():
+            for step in range(plan.steps_per_round):
+                rows = np.flatnonzero(generator.random(len(data)) < plan.sample_rate)
+                summed = [torch.zeros_like(p) for p in params]
+                if len(rows):  # an empty Poisson batch is a step of noise alone
+                    batch = {k: v.to(device) for k, v in collate(data, rows, attention_mask).items()}
+                    labels = batch.pop("labels")
+                    batch.update(_per_example_ids(model, batch["input_ids"]))
+                    logits = model(**batch).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                    # each example's gradient clipped to C, summed over the batch
+                    summed = clipped_sum(loss, len(rows), plan.max_grad_norm)
+                    loss_sum += float(loss.detach())
+                    seen += len(rows)
+                # noise, and the average over the expected batch size (not the drawn one: that would leak it)
                 for total, p in zip(summed, params, strict=True):
-                    total.add_(torch.einsum("i,i...->...", factor, p.grad_sample))  # type: ignore[attr-defined]
-                    p.grad_sample = None  # type: ignore[attr-defined]
-                loss_sum += float(loss.detach())
-                seen += len(rows)
-            # noise, and the average over the expected batch size (not the drawn one: that would leak it)
-            for total, p in zip(summed, params, strict=True):
-                if plan.noise_multiplier > 0:
-                    total.add_(torch.randn_like(total), alpha=plan.noise_multiplier * plan.max_grad_norm)
-                p.grad = total.div_(expected)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if progress is not None:
-                progress(step + 1, plan.steps_per_round, loss_sum / max(seen, 1))
+                    if plan.noise_multiplier > 0:
+                        total.add_(torch.randn_like(total), alpha=plan.noise_multiplier * plan.max_grad_norm)
+                    p.grad = total.div_(expected)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if progress is not None:
+                    progress(step + 1, plan.steps_per_round, loss_sum / max(seen, 1))
     finally:
-        wrapped._close()  # removes the hooks: the model is the plain model again
+        clipped_sum.close()  # removes the hooks: the model is the plain model again
     return TrainResult(len(data), loss_sum / max(seen, 1), time.perf_counter() - started, plan.steps_per_round, ())
