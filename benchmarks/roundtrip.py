@@ -73,14 +73,17 @@ class ShapeAlike(torch.nn.Module):
     """BERT's floating-point tensors, shape for shape, with a forward pass that uses only the
     classifier (the last weight and bias): gradients and activations stay tiny."""
 
-    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], pause: float = 0.0) -> None:
         super().__init__()
+        self.pause = pause  # seconds each training forward sleeps: a GPU's work, the CPU left free
         generator = torch.Generator().manual_seed(0)
         self.tensors = torch.nn.ParameterList(
             torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02) for shape in shapes
         )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **_: Any) -> SimpleNamespace:
+        if self.training and self.pause:
+            time.sleep(self.pause)
         weight, bias = self.tensors[-2], self.tensors[-1]
         features = torch.ones(len(input_ids), weight.shape[1]) * input_ids[:, :1].float().mean()
         logits = features @ weight.T + bias
@@ -169,6 +172,12 @@ def main() -> None:
         default="fedsilo,floor",
         help="which blocks, rotated: fedsilo, floor, tls, secagg (fedsilo over gloo with --secure-aggregation)",
     )
+    parser.add_argument(
+        "--train-seconds",
+        type=float,
+        default=0.0,
+        help="each silo's stand-in local training sleeps this long per round (the CPU free, as beside a GPU)",
+    )
     args = parser.parse_args()
     # The import floor: what the aggregator imports in any case (transformers' BERT and DistilBERT
     # modules, which evaluation reaches through fedsilo.last_layer, bring ~110 MiB; the TLS stack),
@@ -181,7 +190,7 @@ def main() -> None:
     floor_rss = rss_now()
 
     shapes = [tuple(s) for s in json.loads(args.shapes.read_text())]
-    model = ShapeAlike(shapes)
+    model = ShapeAlike(shapes, args.train_seconds if args.rank else 0.0)
     numel = sum(int(np.prod(s)) for s in shapes)
     # Blocks in ABBA order (fedsilo, floor, floor, fedsilo, ...; with three kinds, ABC CBA): drift
     # in a shared machine's load falls on every kind alike.

@@ -42,12 +42,15 @@ def make_pki(work: Path, silos: int) -> Path:
 
 
 def ranks(
-    size: str, silos: int, kinds: str, rounds: int, blocks: int, work: Path, pki: Path, shapes: Path
+    size: str, silos: int, kinds: str, rounds: int, blocks: int, work: Path, pki: Path, shapes: Path, *extra: str
 ) -> dict[str, Any]:
+    """Rank 0's timings from K + 1 roundtrip.py ranks running ``kinds`` (``extra``: more of its flags)."""
     port, out = bench.free_port(), work / f"tls-{size}-k{silos}-{kinds.replace(',', '-')}.json"
     out.unlink(missing_ok=True)
     group = Group(work / "logs" / out.stem, bench.mem_available() - GIB, timeout=1800)
-    bench.start_ranks(group, silos, shapes, port, rounds, blocks, work, out, "--kinds", kinds, "--tls-pki", str(pki))
+    bench.start_ranks(
+        group, silos, shapes, port, rounds, blocks, work, out, "--kinds", kinds, "--tls-pki", str(pki), *extra
+    )
     result = group.wait()
     if result.status != "ok":
         return {"status": result.status}

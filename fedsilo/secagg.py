@@ -25,7 +25,8 @@ join token, which tells members from outsiders but not from the aggregator, whic
 Masks are an AES-256-CTR keystream (OpenSSL, through ``cryptography``): uniform over the ring, so a
 masked update by itself is uniform noise to anyone without the pair secrets.
 
-Pure functions on CPU tensors; the round loops call them around the transport's ``reduce_sum_``.
+Functions on CPU tensors (and :class:`Masks`, which draws a round's masks while the silo trains);
+the round loops call them around the transport's ``reduce_sum_``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -207,16 +209,63 @@ def decode(summed: torch.Tensor, bits: int) -> torch.Tensor:
     return summed.to(torch.float64) * 2.0**-bits
 
 
-def mask_(encoded: torch.Tensor, rank: int, secrets: Mapping[int, bytes], accepted: Iterable[int], round_: int) -> None:
-    """Add this silo's masks in place: +PRG(s_ij) for each accepted j above it, -PRG for each below."""
-    for other in accepted:
+def mask_(
+    encoded: torch.Tensor, rank: int, secrets: Mapping[int, bytes], others: Iterable[int], round_: int, sign: int = 1
+) -> None:
+    """Add this silo's masks against ``others`` in place: +PRG(s_ij) for each j above it, -PRG for each
+    below (``sign`` -1: take them out again)."""
+    for other in others:
         if other == rank:
             continue
         stream = keystream(secrets[other], round_, encoded.numel()).to(encoded.device)
-        if rank < other:
+        if (rank < other) == (sign > 0):
             encoded.add_(stream)
         else:
             encoded.sub_(stream)
+
+
+class Masks:
+    """A silo's masks, drawn while it trains. The keystreams do not depend on the update, so
+    :meth:`draw` starts summing the round's streams against every other silo in a background thread
+    (OpenSSL's AES releases the GIL) as local training starts; :meth:`take` waits for it and takes
+    out the stream of any silo the update check rejected (rarely any). Off the round's critical path
+    whenever training takes longer than K - 1 keystreams; the cost is one int64 buffer of the update's
+    size, held from the start of training to the seal."""
+
+    def __init__(self, rank: int, secrets: Mapping[int, bytes]) -> None:
+        self.rank, self.secrets = rank, secrets
+        # the round and size being drawn, the thread, and the box it leaves its sum (or error) in
+        self.drawing: tuple[int, int, threading.Thread, list[torch.Tensor | BaseException]] | None = None
+
+    def draw(self, round_: int, numel: int) -> None:
+        """Start summing round ``round_``'s masks against every other silo."""
+        box: list[torch.Tensor | BaseException] = []
+        thread = threading.Thread(target=self._sum, args=(round_, numel, box), name="secagg-masks", daemon=True)
+        self.drawing = (round_, numel, thread, box)
+        thread.start()
+
+    def _sum(self, round_: int, numel: int, box: list[torch.Tensor | BaseException]) -> None:
+        try:
+            total = torch.zeros(numel, dtype=torch.int64)
+            mask_(total, self.rank, self.secrets, self.secrets, round_)
+            box.append(total)
+        except BaseException as error:  # re-raised where the masks are taken
+            box.append(error)
+
+    def take(self, round_: int, numel: int, accepted: Iterable[int]) -> torch.Tensor:
+        """This round's masks against the accepted silos (drawn now if :meth:`draw` was not called)."""
+        if self.drawing is None or self.drawing[:2] != (round_, numel):
+            self.draw(round_, numel)
+        assert self.drawing is not None
+        _, _, thread, box = self.drawing
+        self.drawing = None
+        thread.join()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        total = box[0]
+        taken = set(accepted)
+        mask_(total, self.rank, self.secrets, [o for o in self.secrets if o not in taken], round_, sign=-1)
+        return total
 
 
 def exchange(group: Transport, rank: int, token: str | None, identity: Identity | None = None) -> dict[int, bytes]:
@@ -238,19 +287,12 @@ def relay(group: Transport) -> None:
     group.gather_rows(torch.zeros(ROW_WORDS, dtype=torch.float64))
 
 
-def seal(
-    update: torch.Tensor,
-    rank: int,
-    secrets: Mapping[int, bytes],
-    reports: list[Report],
-    accepted: list[int],
-    round_: int,
-) -> torch.Tensor:
+def seal(update: torch.Tensor, masks: Masks, reports: list[Report], accepted: list[int], round_: int) -> torch.Tensor:
     """What a silo puts into the reduce: its (scaled) update in fixed point plus its masks; a
     rejected silo's zeros go unmasked, as no accepted silo masks against it."""
     encoded = encode(update, fraction_bits(reports, accepted))
-    if rank in accepted:
-        mask_(encoded, rank, secrets, accepted, round_)
+    if masks.rank in accepted:
+        encoded.add_(masks.take(round_, encoded.numel(), accepted).to(encoded.device))
     return encoded
 
 
