@@ -96,12 +96,13 @@ class Capture:
     wire alone, so what the ledger would do is outside it anyway."""
 
     start_round = 1
+    server_state: dict[str, torch.Tensor] = {}  # a fresh federation: FedAvg holds none
 
     def __init__(self, rss: list[int] | None = None) -> None:
         self.rounds: list[dict[str, float]] = []
         self.rss = rss
 
-    def record(self, round_: int, weights: torch.Tensor, metrics: dict[str, float]) -> None:
+    def record(self, round_: int, weights: torch.Tensor, metrics: dict[str, float], server_state: Any = None) -> None:
         self.rounds.append(metrics)
         if self.rss is not None:
             self.rss.append(rss_now())
