@@ -27,8 +27,13 @@ def plan_of(settings: Settings, examples: int) -> dp.Plan:
     """The DP-SGD plan of a silo with ``examples`` training rows under ``settings`` (privacy enabled);
     what DP-SGD does not do yet is refused here, at start-up."""
     train = settings.train
-    if train.fedprox_mu > 0 or train.lr_schedule != "constant":
-        raise ConfigError("DP-SGD (--dp-epsilon, --dp-noise-multiplier) runs with a constant --lr and no --fedprox-mu")
+    if train.fedprox_mu > 0 or train.lr_schedule != "constant" or train.gradient_checkpointing:
+        # gradient checkpointing reruns layers in the backward pass, where the clipping reads each
+        # layer's inputs from the forward pass (fedsilo/clipping.py)
+        raise ConfigError(
+            "DP-SGD (--dp-epsilon, --dp-noise-multiplier) runs with a constant --lr, no --fedprox-mu and no "
+            "--gradient-checkpointing"
+        )
     return privacy_plan(settings.privacy, examples, train.batch_size, train.local_epochs, settings.federation.rounds)
 
 

@@ -174,6 +174,11 @@ class ClippedSum:
         recorded, self.calls = self.calls, []
         # the backward pass: the layers' output gradients only (the weights' would be unclipped)
         grads = torch.autograd.grad(loss, [output for _, _, output in recorded], allow_unused=True)
+        if self.calls:  # a layer ran again inside the backward pass: its inputs would be the rerun's
+            self.calls = []
+            raise RuntimeError(
+                "per-example clipping: layers were recomputed in the backward pass (gradient checkpointing)"
+            )
         calls: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}
         for (module, inputs, _), grad in zip(recorded, grads, strict=True):
             if grad is not None:

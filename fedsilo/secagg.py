@@ -25,7 +25,7 @@ join token, which tells members from outsiders but not from the aggregator, whic
 Masks are an AES-256-CTR keystream (OpenSSL, through ``cryptography``): uniform over the ring, so a
 masked update by itself is uniform noise to anyone without the pair secrets.
 
-Functions on CPU tensors (and :class:`Masks`, which draws a round's masks while the silo trains);
+Functions on CPU tensors, and a silo's :class:`Sealer`, which draws a round's masks while it trains;
 the round loops call them around the transport's ``reduce_sum_``.
 """
 
@@ -199,10 +199,12 @@ def fraction_bits(reports: Iterable[Report], accepted: Iterable[int]) -> int:
     return SUM_BITS - math.ceil(math.log2(bound))
 
 
-def encode(update: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fixed point: round(update * 2^bits) as int64. In fp32, with no loss: scaling by a power of two
-    is exact, and rounding gives the same integer as in fp64 (above 2^23 an fp32 is already whole)."""
-    return torch.mul(update.float(), 2.0**bits).round_().to(torch.int64)
+def encode(update: torch.Tensor, bits: int, scaled: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Fixed point: round(update * 2^bits) as int64, into ``out`` (``scaled``: fp32 scratch of the same
+    size). In fp32, with no loss: scaling by a power of two is exact, and rounding gives the same
+    integer as in fp64 (above 2^23 an fp32 is already whole)."""
+    torch.mul(update, 2.0**bits, out=scaled).round_()
+    return out.copy_(scaled)
 
 
 def decode(summed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -224,18 +226,22 @@ def mask_(
             encoded.sub_(stream)
 
 
-class Masks:
-    """A silo's masks, drawn while it trains. The keystreams do not depend on the update, so
-    :meth:`draw` starts summing the round's streams against every other silo in a background thread
-    (OpenSSL's AES releases the GIL) as local training starts; :meth:`take` waits for it and takes
-    out the stream of any silo the update check rejected (rarely any). Off the round's critical path
-    whenever training takes longer than K - 1 keystreams; the cost is one int64 buffer of the update's
-    size, held from the start of training to the seal."""
+class Sealer:
+    """A silo's side of secure aggregation from round to round.
+
+    The masks do not depend on the update, so :meth:`draw` starts summing the round's keystreams
+    against every other silo in a background thread (OpenSSL's AES releases the GIL) as local training
+    starts; :meth:`seal` waits for them, takes out the stream of any silo the update check rejected
+    (rarely any), and adds them to the encoded update. Off the round's critical path whenever training
+    takes longer than K - 1 keystreams. The encoding goes into buffers kept from round to round: a fresh
+    tensor of the model's size each round costs more in page faults than the arithmetic in it."""
 
     def __init__(self, rank: int, secrets: Mapping[int, bytes]) -> None:
         self.rank, self.secrets = rank, secrets
         # the round and size being drawn, the thread, and the box it leaves its sum (or error) in
         self.drawing: tuple[int, int, threading.Thread, list[torch.Tensor | BaseException]] | None = None
+        self.scaled = torch.empty(0)
+        self.wire = torch.empty(0, dtype=torch.int64)
 
     def draw(self, round_: int, numel: int) -> None:
         """Start summing round ``round_``'s masks against every other silo."""
@@ -252,7 +258,7 @@ class Masks:
         except BaseException as error:  # re-raised where the masks are taken
             box.append(error)
 
-    def take(self, round_: int, numel: int, accepted: Iterable[int]) -> torch.Tensor:
+    def masks(self, round_: int, numel: int, accepted: Iterable[int]) -> torch.Tensor:
         """This round's masks against the accepted silos (drawn now if :meth:`draw` was not called)."""
         if self.drawing is None or self.drawing[:2] != (round_, numel):
             self.draw(round_, numel)
@@ -266,6 +272,18 @@ class Masks:
         taken = set(accepted)
         mask_(total, self.rank, self.secrets, [o for o in self.secrets if o not in taken], round_, sign=-1)
         return total
+
+    def seal(self, update: torch.Tensor, reports: list[Report], accepted: list[int], round_: int) -> torch.Tensor:
+        """What this silo puts into the reduce: its (scaled) update in fixed point plus its masks; a
+        rejected silo's zeros go unmasked, as no accepted silo masks against it. The result is a
+        buffer this sealer reuses next round."""
+        if self.wire.numel() != update.numel() or self.wire.device != update.device:
+            self.scaled = torch.empty(update.numel(), device=update.device)
+            self.wire = torch.empty(update.numel(), dtype=torch.int64, device=update.device)
+        encode(update, fraction_bits(reports, accepted), self.scaled, self.wire)
+        if self.rank in accepted:
+            self.wire.add_(self.masks(round_, update.numel(), accepted).to(self.wire.device))
+        return self.wire
 
 
 def exchange(group: Transport, rank: int, token: str | None, identity: Identity | None = None) -> dict[int, bytes]:
@@ -285,15 +303,6 @@ def exchange(group: Transport, rank: int, token: str | None, identity: Identity 
 def relay(group: Transport) -> None:
     """The aggregator's side of :func:`exchange`: it learns the public keys, which give it nothing."""
     group.gather_rows(torch.zeros(ROW_WORDS, dtype=torch.float64))
-
-
-def seal(update: torch.Tensor, masks: Masks, reports: list[Report], accepted: list[int], round_: int) -> torch.Tensor:
-    """What a silo puts into the reduce: its (scaled) update in fixed point plus its masks; a
-    rejected silo's zeros go unmasked, as no accepted silo masks against it."""
-    encoded = encode(update, fraction_bits(reports, accepted))
-    if masks.rank in accepted:
-        encoded.add_(masks.take(round_, encoded.numel(), accepted).to(encoded.device))
-    return encoded
 
 
 def unseal_(summed: torch.Tensor, masked: torch.Tensor, reports: list[Report], accepted: list[int]) -> None:

@@ -83,7 +83,7 @@ def run_rounds(
     wire_dtype = getattr(torch, fed.transfer_dtype)
     n = len(data.train)
     last_own = rounds_allowed(settings, n)  # under --dp-on-exhausted skip, its budget's last round
-    masks = secagg.Masks(rank, secrets) if secrets is not None else None
+    sealer = secagg.Sealer(rank, secrets) if secrets is not None else None
     with group.phase(f"round {welcome.start_round}: receiving the global model"):
         group.broadcast_(weights)
     for round_ in range(welcome.start_round, welcome.last_round + 1):
@@ -94,8 +94,8 @@ def run_rounds(
             log(f"round {round_}: sitting out, the privacy budget is spent")
             report = Report(rank, n, 0.0, 0.0, sits_out=1)
         else:
-            if masks is not None:  # secure aggregation: the masks are drawn while it trains
-                masks.draw(round_, local.numel())
+            if sealer is not None:  # secure aggregation: the masks are drawn while it trains
+                sealer.draw(round_, local.numel())
             result = train_round(
                 settings, model, data.train, rank, round_, batch_progress(log, f"round {round_}:", last_batch=True)
             )
@@ -118,8 +118,8 @@ def run_rounds(
         if rank not in accepted:
             update.zero_()  # not mul_(0): a rejected non-finite update would still be NaN
         wire = update if wire_dtype == update.dtype else update.to(wire_dtype)
-        if masks is not None:
-            wire = secagg.seal(wire, masks, reports, accepted, round_)
+        if sealer is not None:
+            wire = sealer.seal(wire, reports, accepted, round_)
         with group.phase(f"round {round_}: sending the update"):
             group.reduce_sum_(wire)
 

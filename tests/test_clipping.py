@@ -113,3 +113,17 @@ def test_a_tensor_shared_by_the_batch_is_refused_not_taken_for_an_example(
     with pytest.raises(RuntimeError, match=r"Embedding saw a tensor of shape \(1, .*per-example gradients need"):
         clipped_sum(loss, ROWS, 1.0)
     clipped_sum.close()
+
+
+def test_layers_recomputed_in_the_backward_pass_are_refused(tiny: dict[str, Path], sentiment_csv: Path) -> None:
+    # gradient checkpointing reruns each layer inside the backward pass: the inputs the clipping
+    # kept would not be the ones the gradients flow through (DP-SGD refuses the setting at start-up)
+    model, batch, labels = classifier_and_batch(tiny["bert"], sentiment_csv, "none", True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints in training mode only
+    clipped_sum = ClippedSum(model)
+    batch = {**batch, **dp._per_example_ids(model, batch["input_ids"])}
+    loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels, reduction="sum")
+    with pytest.raises(RuntimeError, match="recomputed in the backward pass"):
+        clipped_sum(loss, ROWS, 1.0)
+    clipped_sum.close()

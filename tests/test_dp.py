@@ -243,6 +243,7 @@ def test_a_federation_sits_a_spent_silo_out_as_simulate_does(tmp_path: Path, tin
         (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "dp_max_grad_norm"),
         (["--dp-epsilon", "8", "--dp-delta", "0.1"], "must be below 1/n"),
         (["--dp-noise-multiplier", "1", "--dp-on-exhausted", "skip"], "needs a budget: add dp_epsilon (--dp-epsilon)"),
+        (["--dp-epsilon", "8", "--gradient-checkpointing"], "no --gradient-checkpointing"),
     ],
 )
 def test_bad_privacy_values_are_one_line(

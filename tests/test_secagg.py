@@ -56,7 +56,7 @@ def test_the_masked_sum_equals_the_plain_sum_and_one_masked_update_hides_its_val
     updates, reports = scaled_updates(200_000)
     accepted = list(SILOS)
     # Execute
-    sealed = {r: secagg.seal(updates[r], secagg.Masks(r, secrets[r]), reports, accepted, round_=3) for r in SILOS}
+    sealed = {r: secagg.Sealer(r, secrets[r]).seal(updates[r], reports, accepted, round_=3) for r in SILOS}
     summed = torch.zeros(200_000)
     secagg.unseal_(summed, reduce(list(sealed.values())), reports, accepted)
     # Assert: the sum within fp32's resolution; a lone masked update is noise
@@ -66,7 +66,7 @@ def test_the_masked_sum_equals_the_plain_sum_and_one_masked_update_hides_its_val
         correlation = torch.corrcoef(torch.stack([sealed[rank].double(), updates[rank].double()]))[0, 1]
         assert abs(float(correlation)) < 0.01
     # the masks alone: zero updates seal to non-zero values that sum to exactly zero
-    zeros = [secagg.seal(torch.zeros(1000), secagg.Masks(r, secrets[r]), reports, accepted, round_=3) for r in SILOS]
+    zeros = [secagg.Sealer(r, secrets[r]).seal(torch.zeros(1000), reports, accepted, round_=3) for r in SILOS]
     assert all(bool(z.ne(0).any()) for z in zeros)
     assert bool(reduce(zeros).eq(0).all())
 
@@ -75,14 +75,12 @@ def test_each_round_has_its_own_masks_and_a_rejected_silo_is_left_out() -> None:
     secrets = agreed_secrets()
     updates, reports = scaled_updates(10_000)
     # two rounds' masks differ (a repeated keystream would let the aggregator difference them away)
-    one, two = (
-        secagg.seal(torch.zeros(10_000), secagg.Masks(1, secrets[1]), reports, list(SILOS), round_=r) for r in (1, 2)
-    )
+    one, two = (secagg.Sealer(1, secrets[1]).seal(torch.zeros(10_000), reports, list(SILOS), round_=r) for r in (1, 2))
     assert not torch.equal(one, two)
     # silo 3 rejected: it sends zeros, unmasked, and the others mask only between themselves
     accepted = [1, 2]
-    sealed = [secagg.seal(updates[r], secagg.Masks(r, secrets[r]), reports, accepted, round_=1) for r in accepted]
-    sealed.append(secagg.seal(torch.zeros(10_000), secagg.Masks(3, secrets[3]), reports, accepted, round_=1))
+    sealed = [secagg.Sealer(r, secrets[r]).seal(updates[r], reports, accepted, round_=1) for r in accepted]
+    sealed.append(secagg.Sealer(3, secrets[3]).seal(torch.zeros(10_000), reports, accepted, round_=1))
     summed = torch.zeros(10_000)
     secagg.unseal_(summed, reduce(sealed), reports, accepted)
     plain = updates[1].double() + updates[2].double()
@@ -95,7 +93,7 @@ def test_the_worst_case_update_does_not_overflow_the_ring() -> None:
     secrets = agreed_secrets()
     reports = [Report(rank, 10**6, 0.5, 1e3) for rank in SILOS]
     updates = {rank: torch.tensor([1e3 * 10**6, 0.0, -1.0]) for rank in SILOS}
-    sealed = [secagg.seal(updates[r], secagg.Masks(r, secrets[r]), reports, list(SILOS), round_=1) for r in SILOS]
+    sealed = [secagg.Sealer(r, secrets[r]).seal(updates[r], reports, list(SILOS), round_=1) for r in SILOS]
     summed = torch.zeros(3)
     secagg.unseal_(summed, reduce(sealed), reports, list(SILOS))
     assert torch.allclose(summed, torch.tensor([3e9, 0.0, -3.0]), rtol=1e-6)
@@ -216,15 +214,15 @@ def test_masks_drawn_while_training_are_the_masks_of_the_silos_accepted_at_the_s
     # Prepare: silo 1 draws round 1's masks ahead (against 2 and 3, as every silo does while it
     # trains), then the update check rejects silo 3; round 2 is drawn after a draw left untaken
     secrets = agreed_secrets()
-    masks = secagg.Masks(1, secrets[1])
-    masks.draw(1, 10_000)
+    sealer = secagg.Sealer(1, secrets[1])
+    sealer.draw(1, 10_000)
     expected = torch.zeros(10_000, dtype=torch.int64)
     secagg.mask_(expected, 1, secrets[1], [2], round_=1)  # the definition: against the accepted only
     # Execute
-    got = masks.take(1, 10_000, accepted=[1, 2])
-    masks.draw(2, 10_000)  # silo 1 rejected in round 2: nothing takes these
-    masks.draw(3, 10_000)
-    third = masks.take(3, 10_000, accepted=[1, 2, 3])
+    got = sealer.masks(1, 10_000, accepted=[1, 2])
+    sealer.draw(2, 10_000)  # silo 1 rejected in round 2: nothing takes these
+    sealer.draw(3, 10_000)
+    third = sealer.masks(3, 10_000, accepted=[1, 2, 3])
     # Assert
     assert torch.equal(got, expected)
     everyone = torch.zeros(10_000, dtype=torch.int64)
