@@ -243,3 +243,27 @@ def test_a_report_from_mlflow_has_the_step_axis_the_control_and_the_paired_table
     assert [row["binomial_se"] for row in summary][0] == f"{binomial_se(0.8, 400):.6f}"
     md = result.summary_md.read_text()
     assert "## Paired differences at the budget" in md and "reached 2/2, median 1" in md
+
+
+def test_a_report_of_variants_alone_pairs_each_with_the_nearest_series_it_adds_to(tmp_path: Path) -> None:
+    # Prepare: LoRA + AdamW with and without DP-SGD, no plain-SGD main series (the privacy run's shape)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("dp", artifact_location=(tmp_path / "art").as_uri())
+    common = {"model": "bert", "dataset": "rt", "rounds": "3", "num_labels": "2", "silos": "4", "peft": "lora"}
+    common.update(lora_r="8", optimizer="adamw", lr="0.001", test_examples="400", head_init="shared")
+    for seed in (0, 1):
+        base = {**common, "seed": str(seed)}
+        _log(client, experiment_id, base, [0.6, 0.7, 0.75 + 0.01 * seed], 16)
+        _log(client, experiment_id, {**base, "dp_epsilon": "8.0"}, [0.5, 0.5, 0.5 + 0.01 * seed], 16)
+    # Execute
+    result = write_report("dp", uri, tmp_path / "out")
+    # Assert: the step figure alone (the paper's three plot the main series), DP paired with non-private LoRA
+    assert [p.name for p in result.figures] == ["accuracy_vs_steps.png"]
+    paired = list(csv.DictReader(io.StringIO((tmp_path / "out" / "paired.csv").read_text())))
+    assert [(row["first"], row["second"]) for row in paired] == [
+        ("bert: K = 4, LoRA r 8, AdamW lr 0.001, DP epsilon 8.0", "bert: K = 4, LoRA r 8, AdamW lr 0.001")
+    ]
+    assert float(paired[0]["difference"]) == pytest.approx(-0.25)

@@ -57,10 +57,19 @@ def _pair(
     return Paired(dataset, first, second, budgets.pop(), t_interval(diffs), tuple(seeds))
 
 
+def _parts(curve: Curve) -> frozenset[str]:
+    """What a series adds to its model's main series ("LoRA r 8", "DP epsilon 8"); the minibatch
+    control is one part."""
+    if curve.minibatch_of is not None:
+        return frozenset([curve.variant])
+    return frozenset(part for part in curve.variant.split(", ") if part)
+
+
 def paired_differences(curves: Sequence[Curve]) -> list[Paired]:
     """At the budget, on the seeds both have: every two models in the same series (dataset, K,
-    variant), then every variant (an ablation, a control) against its own model's main series at
-    the K it stands beside (`Curve.peer_silos`)."""
+    variant), then every variant (an ablation, a control, DP) against the nearest series it adds to,
+    at the K it stands beside (`Curve.peer_silos`): of those with some of its parts and none other
+    (its model's main series has none), the ones with the most."""
     found = _at_budget(curves)
     out: list[Paired] = []
     by_series: dict[tuple[str, int, str], list[str]] = defaultdict(list)
@@ -70,11 +79,16 @@ def paired_differences(curves: Sequence[Curve]) -> list[Paired]:
         for m1, m2 in combinations(models, 2):
             paired = _pair(dataset, found[(dataset, m1, silos, variant)], found[(dataset, m2, silos, variant)])
             out += [paired] if paired else []
+    parts = {(c.dataset, c.model, c.silos, c.variant): _parts(c) for c in curves}
     peers = {(c.dataset, c.model, c.silos, c.variant): c.peer_silos for c in curves if c.variant}
-    for (dataset, model, silos, variant), peer in sorted(peers.items()):
-        main = found.get((dataset, model, peer, ""))
-        if main is not None and (dataset, model, silos, variant) in found:
-            paired = _pair(dataset, found[(dataset, model, silos, variant)], main)
+    for key, peer in sorted(peers.items()):
+        if key not in found:
+            continue
+        dataset, model = key[:2]
+        below = [k for k in found if k[:3] == (dataset, model, peer) and parts[k] < parts[key]]
+        nearest = max((len(parts[k]) for k in below), default=-1)
+        for base in sorted(k for k in below if len(parts[k]) == nearest):
+            paired = _pair(dataset, found[key], found[base])
             out += [paired] if paired else []
     return out
 

@@ -77,11 +77,17 @@ def write_report(experiment: str, tracking_uri: str, out_dir: Path) -> ReportRes
     pairs, points = paired_differences(kept), at_equal_steps(kept)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    main = [r for r in rows if not r.variant]  # the paper's figures: K alone
+    main = [r for r in rows if not r.variant]  # the paper's figures: K alone, where there is such a series
     figures = (
-        plot_accuracy_vs_clients(main, out_dir / FIG_ACCURACY_VS_CLIENTS),
-        plot_rounds_to_target(main, out_dir / FIG_ROUNDS_TO_TARGET),
-        plot_accuracy_vs_rounds(main, out_dir / FIG_ACCURACY_VS_ROUNDS),
+        *(
+            (
+                plot_accuracy_vs_clients(main, out_dir / FIG_ACCURACY_VS_CLIENTS),
+                plot_rounds_to_target(main, out_dir / FIG_ROUNDS_TO_TARGET),
+                plot_accuracy_vs_rounds(main, out_dir / FIG_ACCURACY_VS_ROUNDS),
+            )
+            if main
+            else ()
+        ),
         *(
             [plot_accuracy_vs_steps(step_curves(kept), rows, out_dir / FIG_ACCURACY_VS_STEPS)]
             if any(c.steps for c in kept)
