@@ -154,11 +154,8 @@ class ClippedSum:
     def __init__(self, model: torch.nn.Module) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: list[tuple[torch.nn.Module, Tensor, Tensor]] = []
-        self.handles = [
-            module.register_forward_hook(self._record, with_kwargs=True)
-            for module in model.modules()
-            if _trainable(module)
-        ]
+        self.modules = [module for module in model.modules() if _trainable(module)]
+        self.handles = [module.register_forward_hook(self._record, with_kwargs=True) for module in self.modules]
 
     def _record(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not torch.is_grad_enabled():
@@ -194,5 +191,9 @@ class ClippedSum:
         return [total[id(p)] for p in self.params]
 
     def close(self) -> None:
+        """The plain model again: no hooks, and none of the torch.func rules Opacus hangs on layers."""
         for handle in self.handles:
             handle.remove()
+        for module in self.modules:
+            if hasattr(module, "ft_compute_sample_grad"):
+                del module.ft_compute_sample_grad
