@@ -713,6 +713,7 @@ def test_missing_rank_the_waiting_silo_gets_one_line(missing_rank) -> None:
     error_line(output, "aggregator")
 
 
+@pytest.mark.slow  # 30 s: three processes; the other mismatched-settings refusals stay in the default run
 def test_wrong_world_size_is_refused_naming_the_key(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, reaper
 ) -> None:
