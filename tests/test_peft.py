@@ -221,10 +221,12 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_models) -> None:
 # -- the federation: simulate == run, the wire, the artifact ---------------------------------------------
 @pytest.fixture(scope="module")
 def lora_federation(tmp_path_factory, tiny_models, sentiment_csv) -> dict[str, Any]:
-    """The same LoRA federation of the tiny BERT, simulated and as `fedsilo run` (three processes)."""
+    """The same LoRA federation of the tiny BERT, simulated and as `fedsilo run` (three processes),
+    with dropout on the adapters: its draws must be seeded alike in both."""
     work = tmp_path_factory.mktemp("lora")
     (work / "run").mkdir()
-    outcome = sim.simulate(settings_for(work / "sim", tiny_models["bert"], sentiment_csv, peft="lora"), lambda _: None)
+    settings = settings_for(work / "sim", tiny_models["bert"], sentiment_csv, peft="lora", lora_dropout=0.05)
+    outcome = sim.simulate(settings, lambda _: None)
     result = run(
         "run",
         "--silos",
@@ -238,6 +240,8 @@ def lora_federation(tmp_path_factory, tiny_models, sentiment_csv) -> dict[str, A
         *TRAIN_FLAGS,
         "--peft",
         "lora",
+        "--lora-dropout",
+        "0.05",
         "--checkpoint-dir",
         "ckpt",
         cwd=work / "run",
