@@ -22,6 +22,10 @@ Per layer, from X and G:
 
 A module called more than once in a forward (ALBERT's shared layers) is one layer: its calls'
 positions are concatenated, so the per-example gradient is the sum over every call, as it must be.
+
+Every trainable weight is seen through the forward of the module that holds it. A weight that some
+other module reads directly (a language-model head tied to the word embeddings) would be missed;
+the sequence classifiers fedsilo builds have none.
 """
 
 from __future__ import annotations
