@@ -189,8 +189,7 @@ def private_train(
         with cls_only_last_layer(model) if fast_paths else contextlib.nullcontext():
             for step in range(plan.steps_per_round):
                 rows = np.flatnonzero(generator.random(len(data)) < plan.sample_rate)
-                summed = [torch.zeros_like(p) for p in params]
-                if len(rows):  # an empty Poisson batch is a step of noise alone
+                if len(rows):
                     batch = {k: v.to(device) for k, v in collate(data, rows, attention_mask).items()}
                     labels = batch.pop("labels")
                     batch.update(_per_example_ids(model, batch["input_ids"]))
@@ -200,6 +199,8 @@ def private_train(
                     summed = clipped_sum(loss, len(rows), plan.max_grad_norm)
                     loss_sum += float(loss.detach())
                     seen += len(rows)
+                else:  # an empty Poisson batch is a step of noise alone
+                    summed = [torch.zeros_like(p) for p in params]
                 # noise, and the average over the expected batch size (not the drawn one: that would leak it)
                 for total, p in zip(summed, params, strict=True):
                     if plan.noise_multiplier > 0:
