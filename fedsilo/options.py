@@ -314,11 +314,7 @@ def stop_on_sigterm() -> Iterator[None]:
     (simulate, sweep), whose time goes to Python and torch operators that return often; a rank
     blocked inside a collective would see it only when the collective returns.
     """
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         yield
     finally:
