@@ -207,10 +207,6 @@ def encode(update: torch.Tensor, bits: int, scaled: torch.Tensor, out: torch.Ten
     return out.copy_(scaled)
 
 
-def decode(summed: torch.Tensor, bits: int) -> torch.Tensor:
-    return summed.to(torch.float64) * 2.0**-bits
-
-
 def mask_(
     encoded: torch.Tensor, rank: int, secrets: Mapping[int, bytes], others: Iterable[int], round_: int, sign: int = 1
 ) -> None:
